@@ -1,0 +1,336 @@
+"""Typed run configuration: dataclasses loaded from YAML with `key.sub=value` overrides.
+
+Every key is declared here, so a misspelt key in a YAML file or on the command line is an error
+that names it and suggests the closest valid one, instead of a silently ignored setting.
+A YAML file may start from another with `base: other.yaml` (a path relative to that file); keys in
+the file then override the base's, section by section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation; each probability 0 switches that transform off."""
+
+    scale: tuple[float, float] = (0.5, 2.0)  # random rescale before the crop
+    hflip: float = 0.5
+    vflip: float = 0.0
+    brightness_contrast: float = 0.2  # probability of RandomBrightnessContrast
+    affine: float = 0.3  # probability of a small Affine (translate, rotate)
+    rotate: float = 10.0  # degrees, for the Affine
+
+
+@dataclass
+class DataConfig:
+    root: str = "shards/synthetic"  # a shard directory holding manifest.json
+    train_split: str = "train"
+    val_split: str = "val"
+    image_size: int = 64  # square training crop; validation uses val_size
+    val_size: int = 0  # 0: validate at the original resolution (batch must then be 1 or sizes equal)
+    # Taken from the manifest when unset.
+    num_classes: int | None = None
+    ignore_index: int | None = None
+    class_names: list[str] | None = None
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    shuffle_buffer: int = 256
+    # On 2 cores 0 workers beats 2 (moving batches between processes costs more than decoding).
+    workers: int = 0
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    prefetch_factor: int = 2
+    val_batch_size: int = 0  # 0: same as train.batch_size
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "unet"  # unet | smp_unet
+    width: int = 64  # base channels; 64 is the classic U-Net
+    depth: int = 4
+    in_channels: int = 3
+    bilinear: bool = False
+    encoder: str = "resnet34"  # smp_unet only
+    encoder_weights: str | None = None  # smp_unet only: a local state-dict file; nothing downloads
+
+
+@dataclass
+class LossConfig:
+    ce_weight: float = 1.0
+    dice_weight: float = 1.0
+    class_weights: str = "none"  # none | inverse | median (from the manifest's pixel histogram)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "poly"  # poly | cosine | plateau | constant
+    warmup_iters: int = 0  # linear warmup for poly and cosine
+    power: float = 0.9  # poly
+    min_lr: float = 0.0
+    plateau_factor: float = 0.5
+    plateau_patience: int = 2
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 8  # per rank
+    steps_per_epoch: int = 0  # 0: derived from the manifest so one epoch sees the train split once
+    accum_steps: int = 1
+    amp: str = "auto"  # off | bf16 | fp16 | auto
+    grad_clip: float = 0.0  # 0: off
+    sync_bn: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    cudnn_benchmark: bool = True
+    seed: int = 0
+    resume: str = "auto"  # auto | never | PATH
+    val_every: int = 1  # epochs
+    max_nonfinite: int = 20  # consecutive non-finite losses before the run stops
+    max_steps: int = 0  # stop after this many optimiser steps in total (0: no limit)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # also write last.pt every N steps (0: only at epoch end)
+    keep_last: int = 3  # step/epoch snapshots kept beside last.pt and best.pt
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    log_every: int = 10  # steps between train scalars (each costs one host sync)
+    overlays: int = 4  # validation overlays written to TensorBoard each validation
+    progress: bool = True  # tqdm on rank 0
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+AMP_MODES = ("off", "bf16", "fp16", "auto")
+SCHEDULES = ("poly", "cosine", "plateau", "constant")
+CLASS_WEIGHTS = ("none", "inverse", "median")
+
+
+def _check_choices(cfg: Config) -> None:
+    choices = [
+        ("train.amp", cfg.train.amp, AMP_MODES),
+        ("schedule.name", cfg.schedule.name, SCHEDULES),
+        ("loss.class_weights", cfg.loss.class_weights, CLASS_WEIGHTS),
+    ]
+    for key, value, allowed in choices:
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
+    positive = [
+        ("train.batch_size", cfg.train.batch_size),
+        ("train.accum_steps", cfg.train.accum_steps),
+        ("data.image_size", cfg.data.image_size),
+        ("model.width", cfg.model.width),
+        ("model.depth", cfg.model.depth),
+    ]
+    for key, value in positive:
+        if value < 1:
+            raise ConfigError(f"{key}={value}: must be at least 1")
+
+
+# --- typed conversion ---------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`, converting only where it is lossless."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list ({_type_name(tp)})")
+        args = typing.get_args(tp)
+        if origin is tuple:
+            if len(args) != len(value):
+                raise ConfigError(f"{key}={value!r}: expected {len(args)} values ({_type_name(tp)})")
+            pairs = enumerate(zip(value, args, strict=True))
+            return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in pairs)
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads `3e-4` (no dot) as a string.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r}: expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        # YAML reads `resume=42` or `root=2024` as numbers; a string field takes them as written.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r}: expected a string")
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _unknown_key(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1, cutoff=0.5)
+    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (valid: {', '.join(valid)})"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    for key in data:
+        if key not in names:
+            raise _unknown_key(f"{prefix}{key}", names)
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name] or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(f"{prefix}{name}", data[name], tp)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: `base` chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = data.pop("base", None)
+    if base is not None:
+        data = _merge(_read_yaml(path.parent / base, (*seen, path)), data)
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=3e-4` -> (["train", "lr"], 0.0003); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file (and its `base` chain), then `key.sub=value` overrides."""
+    data = _read_yaml(Path(path)) if path is not None else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {k} is not a section")
+        node[keys[-1]] = value
+    cfg = _build(Config, data)
+    _check_choices(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain data (lists, not tuples) that YAML, JSON and `torch.load(weights_only=True)` accept."""
+
+    def plain(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    return _build(Config, data)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,185 @@
+"""Ranks, devices and process groups: the only module that reads launcher environment variables.
+
+Understands torchrun (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE), tasks started directly by
+SLURM's `srun` (SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, with MASTER_ADDR taken from the first
+host of SLURM_NODELIST), and neither (a single process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    launcher: str = "none"  # torchrun | slurm | none
+    restart_count: int = 0  # torchrun --max-restarts or a SLURM requeue
+    job_id: str = ""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM hostlist: `gpu[003-005,010],cpu1` -> `gpu003`."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise ValueError(f"cannot parse SLURM_NODELIST {nodelist!r}")
+    prefix, ranges = m.group(1), m.group(2)
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """The process's place in the job, from whichever launcher started it."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(
+            rank=int(env["RANK"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            world_size=int(env["WORLD_SIZE"]),
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)),
+            launcher="torchrun",
+            restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)),
+            job_id=env.get("TORCHELASTIC_RUN_ID", env.get("SLURM_JOB_ID", "")),
+        )
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
+        return DistEnv(
+            rank=int(env["SLURM_PROCID"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_world_size=int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]),
+            launcher="slurm",
+            restart_count=int(env.get("SLURM_RESTART_COUNT", 0)),
+            job_id=env.get("SLURM_JOB_ID", ""),
+        )
+    return DistEnv(restart_count=int(env.get("SLURM_RESTART_COUNT", 0)), job_id=env.get("SLURM_JOB_ID", ""))
+
+
+def rendezvous_env(denv: DistEnv, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """MASTER_ADDR/PORT that env:// needs but `srun` does not set (torchrun always does)."""
+    env = os.environ if environ is None else environ
+    out: dict[str, str] = {}
+    if denv.launcher == "slurm":
+        if "MASTER_ADDR" not in env:
+            out["MASTER_ADDR"] = first_host(env.get("SLURM_STEP_NODELIST", env.get("SLURM_NODELIST", "")))
+        if "MASTER_PORT" not in env:
+            # Derived from the job id so concurrent jobs on one node do not collide.
+            out["MASTER_PORT"] = str(15000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 20000)
+    return out
+
+
+def pick_device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise RuntimeError(f"local rank {local_rank} has no GPU: only {count} visible on this node")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+@contextlib.contextmanager
+def setup(timeout_minutes: float = 30.0) -> Iterator[tuple[DistEnv, torch.device]]:
+    """Join the process group (if there is more than one process) and pick this rank's device.
+
+    The group is destroyed on exit, also when the body raises, so a failing rank does not leave
+    the others blocked on a half-torn-down group.
+    """
+    denv = read_env()
+    device = pick_device(denv.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if denv.distributed and not dist.is_initialized():
+        os.environ.update(rendezvous_env(denv))
+        kwargs: dict[str, Any] = {}
+        if device.type == "cuda":
+            kwargs["device_id"] = device  # binds NCCL to this GPU and avoids a guess at the first collective
+        dist.init_process_group(
+            backend=backend_for(device),
+            init_method="env://",
+            rank=denv.rank,
+            world_size=denv.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            **kwargs,
+        )
+    try:
+        yield denv, device
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# --- collectives that are no-ops in a single process -----------------------------------------------
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (sum, max or min); returns the tensor for chaining."""
+    if is_initialized():
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        dist.all_reduce(tensor, op=ops[op])
+    return tensor
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when it is true on any rank: how ranks agree to stop at the same step."""
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    return bool(all_reduce_(t, "max").item())
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    if not is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

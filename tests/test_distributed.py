@@ -1,0 +1,91 @@
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from seg_dist import distributed as D
+
+
+def test_single_process_when_no_launcher():
+    denv = D.read_env({})
+    assert (denv.rank, denv.world_size, denv.launcher, denv.distributed) == (0, 1, "none", False)
+
+
+def test_torchrun_env():
+    env = {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4",
+           "TORCHELASTIC_RESTART_COUNT": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}
+    denv = D.read_env(env)
+    # torchrun's variables win over SLURM's when torchrun runs inside a SLURM allocation.
+    assert (denv.rank, denv.local_rank, denv.world_size, denv.launcher) == (5, 1, 8, "torchrun")
+    assert denv.restart_count == 2
+
+
+def test_slurm_srun_env():
+    env = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2(x2)",
+           "SLURM_NODELIST": "gpu[007-008]", "SLURM_JOB_ID": "123", "SLURM_RESTART_COUNT": "1"}
+    denv = D.read_env(env)
+    assert (denv.rank, denv.local_rank, denv.world_size, denv.local_world_size) == (3, 1, 4, 2)
+    assert denv.launcher == "slurm" and denv.restart_count == 1
+    rdv = D.rendezvous_env(denv, env)
+    assert rdv == {"MASTER_ADDR": "gpu007", "MASTER_PORT": str(15000 + 123)}
+    # A single SLURM task (e.g. the batch shell running torchrun itself) is not a process group.
+    assert D.read_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).world_size == 1
+
+
+@pytest.mark.parametrize(
+    ("nodelist", "host"),
+    [("node1", "node1"), ("gpu[003-005,010]", "gpu003"), ("a[1,4],b2", "a1"), ("x-1,y", "x-1")],
+)
+def test_first_host(nodelist, host):
+    assert D.first_host(nodelist) == host
+
+
+def test_device_is_cpu_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    assert D.pick_device(0).type == "cpu" and D.backend_for(D.pick_device(0)) == "gloo"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    with D.setup() as (_, device):
+        assert D.is_initialized() and D.world_size() == 2 and D.rank() == rank
+        t = D.all_reduce_(torch.tensor([rank + 1.0]))
+        agreed = D.any_rank(rank == 1)
+        obj = D.broadcast_object({"from": rank})
+        gathered = D.all_gather_objects(rank * 10)
+        with open(f"{out}.{rank}", "w") as f:
+            f.write(f"{t.item()} {agreed} {obj['from']} {gathered} {device.type}")
+    assert not D.is_initialized()
+
+
+def test_two_real_processes(tmp_path):
+    out = str(tmp_path / "r")
+    mp.spawn(_worker, args=(_free_port(), out), nprocs=2)
+    for rank in range(2):
+        with open(f"{out}.{rank}") as f:
+            assert f.read() == "3.0 True 0 [0, 10] cpu"
+
+
+def _failing_worker(rank: int, port: int) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    try:
+        with D.setup():
+            raise RuntimeError("boom")
+    except RuntimeError:
+        # The group was torn down on the way out, also on error.
+        assert not D.is_initialized()
+
+
+def test_group_destroyed_on_error():
+    mp.spawn(_failing_worker, args=(_free_port(),), nprocs=2)
