@@ -1,0 +1,113 @@
+"""Checkpoints: rank 0 writes atomically, every rank reads with `weights_only=True`.
+
+A checkpoint holds only plain data and tensors (the config as a dict, not a dataclass), so it loads
+in a fresh process without unpickling arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under DDP and torch.compile, whose state dict has no `module.`/`_orig_mod.`."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def versions() -> dict[str, str]:
+    import numpy
+
+    import seg_dist
+
+    return {
+        "seg_dist": seg_dist.__version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+        "cuda": str(torch.version.cuda),
+    }
+
+
+def save(path: str | Path, state: dict[str, Any]) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def copy(src: str | Path, dst: str | Path) -> None:
+    """Atomic copy (a hard link where the file system allows): `dst` is whole or absent."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)  # last.pt is later replaced by rename, so the link keeps this content
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from e
+
+
+def resume_path(resume: str, run_dir: str | Path) -> Path | None:
+    """`auto`: last.pt in the run directory if there is one; `never`: none; else the given file."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        last = Path(run_dir) / CHECKPOINT_DIR / LAST
+        return last if last.is_file() else None
+    path = Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"train.resume={resume}: checkpoint not found")
+    return path
+
+
+def snapshot_name(epoch: int, step: int) -> str:
+    return f"epoch{epoch:04d}-step{step:08d}.pt"
+
+
+def prune_snapshots(folder: str | Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` step snapshots; last.pt and best.pt are never touched."""
+    pattern = re.compile(r"epoch\d+-step(\d+)\.pt$")
+    snaps = sorted(
+        (p for p in Path(folder).glob("epoch*-step*.pt") if pattern.match(p.name)),
+        key=lambda p: int(pattern.match(p.name).group(1)),  # type: ignore[union-attr]
+    )
+    for old in snaps[: max(0, len(snaps) - keep_last)]:
+        old.unlink(missing_ok=True)

@@ -1,0 +1,137 @@
+"""Segmentation losses: cross-entropy + soft Dice, both in fp32 and safe with ignored pixels.
+
+All reductions are done on device without `.item()` so the training loop never syncs the host.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CLASS_WEIGHT_MODES = ("none", "inverse", "median")
+
+
+def class_weights(histogram: list[int] | np.ndarray, mode: str) -> torch.Tensor | None:
+    """Per-class CE weights from a pixel-count histogram (index = class id).
+
+    - "none": None (unweighted CE).
+    - "inverse": 1 / freq_c, scaled so the weights average to 1 over present classes.
+    - "median": median frequency balancing, median(freq) / freq_c, the median taken over present
+      classes (frequencies are global pixel fractions, not the per-image variant of Eigen & Fergus).
+
+    Classes with zero pixels get weight 0: they never occur as targets in the data the histogram
+    describes, and a finite value keeps CE free of inf/nan.
+    """
+    if mode not in CLASS_WEIGHT_MODES:
+        raise ValueError(f"unknown class-weight mode {mode!r}; valid: {', '.join(CLASS_WEIGHT_MODES)}")
+    if mode == "none":
+        return None
+    counts = np.asarray(histogram, dtype=np.float64)
+    if counts.ndim != 1 or (counts < 0).any():
+        raise ValueError("histogram must be a 1-D array of non-negative pixel counts")
+    present = counts > 0
+    if not present.any():
+        raise ValueError("histogram has no pixels; cannot derive class weights")
+    freq = counts / counts.sum()
+    weights = np.zeros_like(freq)
+    if mode == "inverse":
+        weights[present] = 1.0 / freq[present]
+        weights[present] /= weights[present].mean()
+    else:
+        weights[present] = np.median(freq[present]) / freq[present]
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255, eps: float = 1.0
+) -> torch.Tensor:
+    """Soft multi-class Dice loss, 1 - mean_c dice_c, for logits (N, C, H, W) and target (N, H, W).
+
+    dice_c = (2 * sum(p_c * y_c) + eps) / (sum(p_c) + sum(y_c) + eps), sums over batch and space,
+    with ignored pixels removed from both the probabilities and the one-hot target. The mean runs
+    over classes present in this batch's (valid) target only: a class absent from the target has
+    no overlap to reward, and the probability mass it wrongly receives is already penalised
+    through the lower dice of the classes present. With no valid pixel at all the loss is 0 and
+    still attached to the graph (DDP expects every rank's backward to touch the parameters).
+    """
+    num_classes = logits.shape[1]
+    target = target.long()
+    logits = logits.float()  # softmax and large sums in fp16/bf16 lose too much precision
+    valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
+    # The ignore value (e.g. 255) must never reach one_hot as an index.
+    safe_target = torch.where(valid, target, torch.zeros_like(target))
+    mask = valid.unsqueeze(1).float()
+    probs = logits.softmax(dim=1) * mask
+    onehot = F.one_hot(safe_target, num_classes).permute(0, 3, 1, 2).float() * mask
+
+    dims = (0, 2, 3)
+    intersection = (probs * onehot).sum(dims)
+    gt_count = onehot.sum(dims)
+    cardinality = probs.sum(dims) + gt_count
+    dice = (2.0 * intersection + eps) / (cardinality + eps)
+
+    present = (gt_count > 0).float()
+    n_present = present.sum()
+    # clamp avoids 0/0 when nothing is valid; the numerator is then 0 too, so the loss is 0.
+    return (present * (1.0 - dice)).sum() / n_present.clamp_min(1.0)
+
+
+class SegLoss(nn.Module):
+    """`ce_weight * CE + dice_weight * Dice`, both computed in fp32.
+
+    `forward` returns `(total, {"ce": ce, "dice": dice})` with the parts detached, for logging.
+    CE is the (class-weighted) mean over valid pixels, as `F.cross_entropy`, except that a target
+    with every pixel ignored yields 0 instead of nan.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        ignore_index: int = 255,
+        ce_weight: float = 1.0,
+        dice_weight: float = 1.0,
+        class_weights: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if class_weights is not None and class_weights.numel() != num_classes:
+            raise ValueError(f"class_weights has {class_weights.numel()} entries, expected {num_classes}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.ce_weight = ce_weight
+        self.dice_weight = dice_weight
+        self.class_weights: torch.Tensor | None
+        # A buffer follows .to(device); non-persistent since it is config, not learned state.
+        self.register_buffer(
+            "class_weights",
+            None if class_weights is None else class_weights.detach().float().clone(),
+            persistent=False,
+        )
+
+    def cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        per_pixel = F.cross_entropy(
+            logits.float(),
+            target,
+            weight=self.class_weights,
+            ignore_index=self.ignore_index,
+            reduction="none",
+        )
+        valid = target != self.ignore_index
+        if self.class_weights is None:
+            denom = valid.sum().float()
+        else:
+            safe_target = torch.where(valid, target, torch.zeros_like(target))
+            denom = (self.class_weights[safe_target] * valid).sum()
+        # When denom is 0 every per-pixel term is 0 as well; dividing by 1 then gives 0, not nan, and
+        # keeps the backward finite (a tiny clamp would overflow once GradScaler scales the grad).
+        return per_pixel.sum() / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+    def forward(
+        self, logits: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        target = target.long()  # masks often arrive as uint8
+        ce = self.cross_entropy(logits, target)
+        dice = dice_loss(logits, target, self.ignore_index)
+        total = self.ce_weight * ce + self.dice_weight * dice
+        return total, {"ce": ce.detach(), "dice": dice.detach()}

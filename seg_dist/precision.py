@@ -1,0 +1,43 @@
+"""Mixed precision with `torch.amp`: which dtype to autocast to, and whether fp16 needs a scaler."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def cpu_supports_bf16() -> bool:
+    # Without native bf16 instructions autocast emulates it and runs slower than fp32.
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(check()) if check is not None else False
+
+
+def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
+    """`auto`: bf16 where supported, else fp16 on CUDA and off on CPU. None means full fp32."""
+    if mode == "off":
+        return None
+    if mode == "bf16":
+        return torch.bfloat16
+    if mode == "fp16":
+        return torch.float16
+    if mode != "auto":
+        raise ValueError(f"train.amp={mode!r}: expected off, bf16, fp16 or auto")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_supports_bf16() else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """Only fp16 can underflow gradients; bf16 has fp32's range. A disabled scaler is a no-op."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def name(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))

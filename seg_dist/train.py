@@ -1,0 +1,417 @@
+"""Train a segmentation model with DDP on WebDataset shards.
+
+    torchrun --nproc_per_node=8 -m seg_dist.train --config configs/voc_unet_8gpu.yaml [key=value ...]
+    python -m seg_dist.train --config configs/default.yaml          # one process, same code
+
+Reads top to bottom: config and process group, data, model, loss, optimiser, resume, then the
+loop. Every rank takes the same number of optimiser steps per epoch (the train loader guarantees
+it), validates its exact-once share of the validation split, and joins one all-reduce for the
+metrics. Rank 0 writes checkpoints, TensorBoard and metrics.jsonl. A stop request (SIGUSR1 or
+SIGTERM, as SLURM sends before preemption) is honoured at a step boundary that all ranks agree on:
+they write last.pt there and exit, and `train.resume=auto` continues from that exact step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from . import checkpoint, data, distributed, precision, shards
+from .config import Config, ConfigError, load_config, to_dict
+from .evaluate import Validation, validate
+from .log import RunLog, setup_logging
+from .losses import SegLoss, class_weights
+from .metrics import confusion_matrix_figure
+from .models import build_model, count_parameters
+from .schedule import build_scheduler, is_per_iteration
+
+log = logging.getLogger("seg_dist.train")
+
+EXIT_STOPPED = 0  # a stop request was honoured and last.pt written; the launcher may requeue
+
+
+class StopRequest:
+    """Set by a signal handler; read only at step boundaries, where ranks agree on it."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def install(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
+        for sig in signals:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signal = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+
+def resolve_classes(cfg: Config, manifest: dict[str, Any]) -> tuple[int, int, list[str]]:
+    """Class count, ignore index and names: the manifest's unless the config overrides them."""
+    num_classes = cfg.data.num_classes or manifest["num_classes"]
+    ignore_index = cfg.data.ignore_index if cfg.data.ignore_index is not None else manifest["ignore_index"]
+    names = cfg.data.class_names or manifest.get("class_names") or []
+    if len(names) != num_classes:
+        names = [f"class_{i}" for i in range(num_classes)]
+    return num_classes, ignore_index, names
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "python": torch.tensor(random.getstate()[1], dtype=torch.int64),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    random.setstate((3, tuple(int(x) for x in state["python"].tolist()), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def train(cfg: Config, denv: distributed.DistEnv, device: torch.device, stop: StopRequest | None = None) -> dict:
+    """The whole run on this rank. Returns the last validation metrics (every rank gets them)."""
+    stop = stop or StopRequest()
+    run_dir = Path(cfg.run.dir)
+    ckpt_dir = run_dir / checkpoint.CHECKPOINT_DIR
+    main = denv.is_main
+
+    # ---- data ---------------------------------------------------------------------------------
+    manifest = shards.load_manifest(cfg.data.root)
+    num_classes, ignore_index, class_names = resolve_classes(cfg, manifest)
+    micro_per_epoch = data.steps_per_epoch(manifest, cfg, denv.world_size)
+    accum = cfg.train.accum_steps
+    steps_per_epoch = max(1, micro_per_epoch // accum)  # optimiser steps
+    total_steps = steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    val_loader = data.val_loader(cfg, manifest, cfg.data.root, denv.rank, denv.world_size)
+    val_expected = shards.split_count(manifest, cfg.data.val_split)
+
+    # ---- model, loss, optimiser ---------------------------------------------------------------
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+    model: nn.Module = build_model(
+        cfg.model.name, num_classes, cfg.model.in_channels, cfg.model.width, cfg.model.depth,
+        cfg.model.bilinear, cfg.model.encoder, cfg.model.encoder_weights,
+    )
+    if cfg.train.sync_bn and distributed.is_initialized():
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    raw_model = model
+
+    histogram = manifest["splits"][cfg.data.train_split]["class_histogram"]
+    weights = class_weights(histogram, cfg.loss.class_weights)
+    loss_fn = SegLoss(
+        num_classes, ignore_index, cfg.loss.ce_weight, cfg.loss.dice_weight,
+        weights.to(device) if weights is not None else None,
+    )
+    optimizer = torch.optim.AdamW(
+        raw_model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas
+    )
+    scheduler = build_scheduler(optimizer, cfg.schedule, total_steps)
+    amp_dtype = precision.resolve_amp(cfg.train.amp, device)
+    scaler = precision.grad_scaler(device, amp_dtype)
+
+    # ---- resume -------------------------------------------------------------------------------
+    epoch, epoch_step, global_step, best_miou = 0, 0, 0, -1.0
+    resume_from = checkpoint.resume_path(cfg.train.resume, run_dir)
+    if resume_from is None and cfg.train.resume == "never" and (ckpt_dir / checkpoint.LAST).exists():
+        raise ConfigError(
+            f"{ckpt_dir / checkpoint.LAST} exists and train.resume=never would overwrite it: "
+            "choose another run.dir or resume"
+        )
+    if resume_from is not None:
+        state = checkpoint.load(resume_from, map_location=device)
+        raw_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        epoch, epoch_step, global_step = state["epoch"], state["epoch_step"], state["global_step"]
+        best_miou = state["best_miou"]
+        rngs = state.get("rng", [])
+        if len(rngs) == denv.world_size:
+            set_rng_state(rngs[denv.rank])
+        if state.get("manifest_digest") != shards.manifest_digest(manifest):
+            log.warning("the shards changed since %s was written", resume_from)
+        log.info("resumed from %s at epoch %d, step %d (global step %d)", resume_from, epoch, epoch_step,
+                 global_step)
+
+    if cfg.train.compile:
+        model = torch.compile(model)  # before DDP, so DDP's bucketing sees the compiled graph
+    if denv.distributed:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    runlog = RunLog(run_dir, enabled=main, tensorboard=cfg.logging.tensorboard)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = to_dict(cfg)
+        resolved["data"].update(num_classes=num_classes, ignore_index=ignore_index, class_names=class_names)
+        shards.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        runlog.text("config", "    " + json.dumps(resolved, indent=2).replace("\n", "\n    "), global_step)
+        log.info(
+            "%s: %s parameters, %d classes, %d ranks on %s, amp %s, %d steps/epoch x %d epochs, "
+            "global batch %d",
+            cfg.model.name, f"{count_parameters(raw_model):,}", num_classes, denv.world_size, device.type,
+            precision.name(amp_dtype), steps_per_epoch, cfg.train.epochs,
+            cfg.train.batch_size * accum * denv.world_size,
+        )
+
+    def save_checkpoint(is_best: bool = False, snapshot: bool = False) -> None:
+        # Every rank contributes its RNG state (a collective), rank 0 writes.
+        rngs = distributed.all_gather_objects(rng_state())
+        if not main:
+            return
+        state = {
+            "model": raw_model.state_dict(),  # the bare module: no `module.`/`_orig_mod.` prefixes
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epoch": epoch,
+            "epoch_step": epoch_step,
+            "global_step": global_step,
+            "best_miou": best_miou,
+            "rng": rngs,
+            "config": to_dict(cfg),
+            "num_classes": num_classes,
+            "ignore_index": ignore_index,
+            "class_names": class_names,
+            "manifest_digest": shards.manifest_digest(manifest),
+            "versions": checkpoint.versions(),
+        }
+        checkpoint.save(ckpt_dir / checkpoint.LAST, state)
+        if is_best:
+            checkpoint.copy(ckpt_dir / checkpoint.LAST, ckpt_dir / checkpoint.BEST)
+        if snapshot and cfg.checkpoint.keep_last > 0:
+            checkpoint.copy(ckpt_dir / checkpoint.LAST, ckpt_dir / checkpoint.snapshot_name(epoch, global_step))
+            checkpoint.prune_snapshots(ckpt_dir, cfg.checkpoint.keep_last)
+
+    def run_validation() -> Validation:
+        bar = tqdm(total=val_expected, desc="val", leave=False, disable=not (main and cfg.logging.progress))
+        result = validate(
+            raw_model, val_loader, num_classes, ignore_index, device, amp_dtype, cfg.train.channels_last,
+            keep=cfg.logging.overlays if main else 0, progress=bar,
+        )
+        bar.close()
+        if result.samples_seen != val_expected:
+            raise RuntimeError(
+                f"validation saw {result.samples_seen} samples over all ranks, the manifest lists "
+                f"{val_expected} for split {cfg.data.val_split!r}"
+            )
+        return result
+
+    # ---- the loop -----------------------------------------------------------------------------
+    nonfinite_in_a_row = 0
+    metrics: dict[str, Any] = {}
+    sums = torch.zeros(4, device=device)  # loss, ce, dice, grad norm since the last log line
+    logged_at, log_timer, data_wait = global_step, time.perf_counter(), 0.0
+    stopped = global_step >= total_steps
+    while epoch < cfg.train.epochs and not stopped:
+        model.train()
+        loader = data.train_loader(
+            cfg, manifest, cfg.data.root, denv.rank, denv.world_size, epoch, skip_steps=epoch_step * accum
+        )
+        batches = iter(loader)
+        bar = tqdm(total=steps_per_epoch, initial=epoch_step, desc=f"epoch {epoch}", leave=False,
+                   disable=not (main and cfg.logging.progress))
+        epoch_loss = torch.zeros(2, device=device)  # loss sum, steps
+        while epoch_step < steps_per_epoch:
+            for micro in range(accum):
+                t0 = time.perf_counter()
+                images, masks = next(batches)
+                data_wait += time.perf_counter() - t0
+                images = images.to(device, non_blocking=True)
+                masks = masks.to(device, non_blocking=True)
+                if cfg.train.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                # Only the last micro-step all-reduces gradients.
+                sync = micro == accum - 1 or not denv.distributed
+                with (contextlib.nullcontext() if sync else model.no_sync()), precision.autocast(device, amp_dtype):
+                    logits = model(images)
+                    loss, parts = loss_fn(logits, masks)
+                scaler.scale(loss / accum).backward()
+            scaler.unscale_(optimizer)
+            max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
+            # Gradients are already all-reduced, so every rank reaches the same verdict. This is the
+            # one host sync per step, the same one GradScaler makes for fp16.
+            finite = bool(torch.isfinite(grad_norm))
+            if finite or scaler.is_enabled():
+                scaler.step(optimizer)  # with fp16 the scaler skips non-finite steps itself
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if is_per_iteration(scheduler):
+                scheduler.step()
+            epoch_step += 1
+            global_step += 1
+            bar.update(1)
+            if finite:
+                nonfinite_in_a_row = 0
+                sums += torch.stack([loss.detach(), parts["ce"], parts["dice"], grad_norm.detach()]).float()
+                epoch_loss += torch.stack([loss.detach().float(), torch.ones((), device=device)])
+            else:
+                nonfinite_in_a_row += 1
+                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", global_step,
+                            nonfinite_in_a_row)
+                if nonfinite_in_a_row >= cfg.train.max_nonfinite:
+                    raise RuntimeError(
+                        f"{nonfinite_in_a_row} non-finite steps in a row at step {global_step}: the run "
+                        "diverged; lower optim.lr, set train.grad_clip, or try train.amp=bf16/off"
+                    )
+
+            at_log = global_step % cfg.logging.log_every == 0
+            if at_log:
+                n = max(1, global_step - logged_at)
+                loss_avg, ce_avg, dice_avg, norm_avg = (sums / n).tolist()  # one sync per log line
+                elapsed = time.perf_counter() - log_timer
+                images_per_s = n * accum * cfg.train.batch_size * denv.world_size / max(elapsed, 1e-9)
+                runlog.scalars({
+                    "train/loss": loss_avg, "train/ce": ce_avg, "train/dice": dice_avg,
+                    "train/grad_norm": norm_avg, "train/lr": optimizer.param_groups[0]["lr"],
+                    "train/images_per_s": images_per_s, "train/data_wait_fraction": data_wait / elapsed,
+                    "train/memory_mb": memory_mb(device),
+                    **({"train/grad_scale": scaler.get_scale()} if scaler.is_enabled() else {}),
+                }, global_step)
+                bar.set_postfix(loss=f"{loss_avg:.3f}", img_s=f"{images_per_s:.0f}")
+                sums.zero_()
+                logged_at, log_timer, data_wait = global_step, time.perf_counter(), 0.0
+
+            if global_step >= total_steps:
+                stopped = True
+                break
+            # Ranks agree on a stop at the same step: the check is a collective at a fixed cadence.
+            if at_log and distributed.any_rank(stop.requested, device):
+                log.info("stop requested (signal %s): checkpointing at global step %d", stop.signal, global_step)
+                save_checkpoint()
+                bar.close()
+                runlog.close()
+                return {"stopped_at": global_step, **metrics}
+            if cfg.checkpoint.every_steps and global_step % cfg.checkpoint.every_steps == 0:
+                save_checkpoint(snapshot=True)
+        bar.close()
+
+        # ---- end of epoch: validate, schedule, checkpoint ------------------------------------
+        train_loss = (epoch_loss[0] / epoch_loss[1].clamp(min=1)).item()
+        finished_epoch = epoch
+        if epoch_step >= steps_per_epoch:
+            epoch, epoch_step = epoch + 1, 0
+        is_last = stopped or epoch >= cfg.train.epochs
+        is_best = False
+        if is_last or epoch % cfg.train.val_every == 0:
+            result = run_validation()
+            metrics = result.metrics
+            if not is_per_iteration(scheduler):
+                scheduler.step(metrics["loss"])  # all-reduced: every rank decides the same
+            is_best = metrics["miou"] > best_miou
+            best_miou = max(best_miou, metrics["miou"])
+            log.info("Epoch %d: train loss=%.4f, val loss=%.4f, val mIoU=%.4f, pixel acc=%.4f",
+                     finished_epoch, train_loss, metrics["loss"], metrics["miou"], metrics["pixel_accuracy"])
+            if main:
+                write_validation_logs(runlog, result, class_names, cfg, finished_epoch, global_step, train_loss)
+        else:
+            log.info("Epoch %d: train loss=%.4f", finished_epoch, train_loss)
+        save_checkpoint(is_best=is_best, snapshot=True)
+        if not stopped and distributed.any_rank(stop.requested, device):
+            log.info("stop requested (signal %s) at the end of an epoch, global step %d", stop.signal, global_step)
+            runlog.close()
+            return {"stopped_at": global_step, **metrics}
+
+    if main and metrics:
+        log.info("done: best val mIoU %.4f; checkpoints in %s, TensorBoard in %s", best_miou, ckpt_dir,
+                 run_dir / "tb")
+    runlog.close()
+    return metrics
+
+
+def write_validation_logs(
+    runlog: RunLog, result: Validation, class_names: list[str], cfg: Config, epoch: int, step: int,
+    train_loss: float,
+) -> None:
+    from .visualize import denormalize, overlay_triptych
+
+    m = result.metrics
+    runlog.scalars({"val/loss": m["loss"], "val/miou": m["miou"], "val/pixel_accuracy": m["pixel_accuracy"],
+                    "val/mean_dice": m["mean_dice"]}, step)
+    runlog.scalars({f"val_iou/{name}": iou for name, iou in zip(class_names, m["per_class_iou"], strict=True)
+                    if not math.isnan(iou)}, step)
+    runlog.image("val/confusion_matrix", confusion_matrix_figure(result.matrix, class_names), step)
+    n = len(class_names)
+    ignore = cfg.data.ignore_index if cfg.data.ignore_index is not None else 255
+    for i, (image, target, pred) in enumerate(result.examples):
+        rgb = denormalize(image, cfg.data.mean, cfg.data.std)
+        runlog.image(f"val_overlay/{i}", overlay_triptych(rgb, target.numpy(), pred.numpy(), n, ignore), step)
+    runlog.jsonl({
+        "epoch": epoch, "step": step, "train_loss": train_loss, "val_loss": m["loss"], "miou": m["miou"],
+        "pixel_accuracy": m["pixel_accuracy"], "mean_dice": m["mean_dice"],
+        "per_class_iou": dict(zip(class_names, m["per_class_iou"], strict=True)),
+        "samples": result.samples_seen,
+    })
+    runlog.flush()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m seg_dist.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="YAML config (default: built-in defaults)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.epochs=5 model.width=32")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    stop = StopRequest()
+    stop.install()
+    with distributed.setup() as (denv, device):
+        setup_logging(denv.rank)
+        if device.type == "cpu":
+            # N CPU ranks on one node would otherwise each start a thread per core and thrash.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // denv.local_world_size))
+        try:
+            result = train(cfg, denv, device, stop)
+        except (ConfigError, FileNotFoundError, ValueError) as e:
+            log.error("%s", e)
+            return 2
+    return EXIT_STOPPED if "stopped_at" in result else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
