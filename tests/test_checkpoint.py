@@ -1,0 +1,68 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from seg_dist import checkpoint
+
+
+def test_unwrap_strips_compile_and_ddp_like_wrappers():
+    class Wrapper(nn.Module):  # what DDP looks like from the outside: the model under `.module`
+        def __init__(self, module: nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+    bare = nn.Linear(2, 2)
+    assert checkpoint.unwrap(Wrapper(bare)) is bare
+    assert list(checkpoint.unwrap(Wrapper(bare)).state_dict()) == ["weight", "bias"]
+
+
+def test_save_is_atomic_and_loads_weights_only_in_a_fresh_process(tmp_path):
+    path = tmp_path / "ck" / "last.pt"
+    state = {"model": nn.Linear(3, 2).state_dict(), "step": 7, "config": {"a": [1, 2]}, "rng": [torch.get_rng_state()]}
+    checkpoint.save(path, state)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]  # no temporary left behind
+    code = (
+        "import torch, sys; s = torch.load(sys.argv[1], weights_only=True); "
+        "assert s['step'] == 7 and s['config'] == {'a': [1, 2]}; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
+
+
+def test_failed_save_keeps_the_old_file(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoint.save(path, {"step": 1})
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    with pytest.raises(RuntimeError):
+        checkpoint.save(path, {"step": 2, "bad": Unpicklable()})
+    assert checkpoint.load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_resume_path_and_pruning(tmp_path):
+    assert checkpoint.resume_path("auto", tmp_path) is None
+    assert checkpoint.resume_path("never", tmp_path) is None
+    with pytest.raises(FileNotFoundError, match=r"missing\.pt"):
+        checkpoint.resume_path(str(tmp_path / "missing.pt"), tmp_path)
+    ck = tmp_path / checkpoint.CHECKPOINT_DIR
+    checkpoint.save(ck / checkpoint.LAST, {"step": 3})
+    assert checkpoint.resume_path("auto", tmp_path) == ck / checkpoint.LAST
+    for step in (5, 10, 15, 20):
+        checkpoint.copy(ck / checkpoint.LAST, ck / checkpoint.snapshot_name(1, step))
+    checkpoint.prune_snapshots(ck, keep_last=2)
+    assert sorted(p.name for p in ck.iterdir()) == [
+        "epoch0001-step00000015.pt", "epoch0001-step00000020.pt", "last.pt"]
+
+
+def test_load_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match=r"bad\.pt"):
+        checkpoint.load(bad)
