@@ -40,8 +40,8 @@ def versions() -> dict[str, str]:
 
     return {
         "seg_dist": seg_dist.__version__,
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
+        "torch": str(torch.__version__),
+        "numpy": str(numpy.__version__),
         "python": platform.python_version(),
         "cuda": str(torch.version.cuda),
     }

@@ -8,6 +8,7 @@ the file then override the base's, section by section.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -225,8 +226,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        # YAML 1.1 reads `amp: off` as false: for a string field that means "off" (and true "on").
+        if isinstance(value, bool):
+            return "on" if value else "off"
         # YAML reads `resume=42` or `root=2024` as numbers; a string field takes them as written.
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)):
             return str(value)
         raise ConfigError(f"{key}={value!r}: expected a string")
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
@@ -301,7 +305,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file (and its `base` chain), then `key.sub=value` overrides."""
-    data = _read_yaml(Path(path)) if path is not None else {}
+    return load_config_dict(_read_yaml(Path(path)) if path is not None else {}, overrides)
+
+
+def load_config_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A config from plain data (a checkpoint's, say) with `key.sub=value` overrides applied."""
+    data = copy.deepcopy(data)
     for text in overrides:
         keys, value = parse_override(text)
         node = data

@@ -183,3 +183,15 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def sync_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy `src`'s buffers (BatchNorm running statistics) to every rank.
+
+    DDP broadcasts buffers at the start of each forward, so after the last training step each rank
+    holds statistics from its own last batch. Validation and checkpoints must all see rank 0's.
+    """
+    if not is_initialized():
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf.data, src=src)

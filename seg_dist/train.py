@@ -24,6 +24,7 @@ import resource
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from .evaluate import Validation, validate
 from .log import RunLog, setup_logging
 from .losses import SegLoss, class_weights
 from .metrics import confusion_matrix_figure
-from .models import build_model, count_parameters
+from .models import count_parameters, model_from_config
 from .schedule import build_scheduler, is_per_iteration
 
 log = logging.getLogger("seg_dist.train")
@@ -101,8 +102,19 @@ def memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def train(cfg: Config, denv: distributed.DistEnv, device: torch.device, stop: StopRequest | None = None) -> dict:
-    """The whole run on this rank. Returns the last validation metrics (every rank gets them)."""
+@dataclass
+class TrainResult:
+    model: nn.Module  # the bare trained model on this rank
+    global_step: int
+    stopped: bool  # True when a stop request ended the run early
+    metrics: dict[str, Any]  # the last validation's (identical on every rank)
+    history: list[dict[str, Any]]  # per validation: epoch, step, lr, val loss, mIoU, this rank's train loss
+
+
+def train(
+    cfg: Config, denv: distributed.DistEnv, device: torch.device, stop: StopRequest | None = None
+) -> TrainResult:
+    """The whole run on this rank."""
     stop = stop or StopRequest()
     run_dir = Path(cfg.run.dir)
     ckpt_dir = run_dir / checkpoint.CHECKPOINT_DIR
@@ -124,10 +136,7 @@ def train(cfg: Config, denv: distributed.DistEnv, device: torch.device, stop: St
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
-    model: nn.Module = build_model(
-        cfg.model.name, num_classes, cfg.model.in_channels, cfg.model.width, cfg.model.depth,
-        cfg.model.bilinear, cfg.model.encoder, cfg.model.encoder_weights,
-    )
+    model: nn.Module = model_from_config(cfg.model, num_classes)
     if cfg.train.sync_bn and distributed.is_initialized():
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
@@ -169,8 +178,9 @@ def train(cfg: Config, denv: distributed.DistEnv, device: torch.device, stop: St
             set_rng_state(rngs[denv.rank])
         if state.get("manifest_digest") != shards.manifest_digest(manifest):
             log.warning("the shards changed since %s was written", resume_from)
-        log.info("resumed from %s at epoch %d, step %d (global step %d)", resume_from, epoch, epoch_step,
-                 global_step)
+        log.info("resumed from %s at epoch %d, step %d (global step %d), lr %.6g, grad scale %s (growth tracker %s)",
+                 resume_from, epoch, epoch_step, global_step, optimizer.param_groups[0]["lr"],
+                 state["scaler"].get("scale", "off"), state["scaler"].get("_growth_tracker", "off"))
 
     if cfg.train.compile:
         model = torch.compile(model)  # before DDP, so DDP's bucketing sees the compiled graph
@@ -238,6 +248,7 @@ def train(cfg: Config, denv: distributed.DistEnv, device: torch.device, stop: St
     # ---- the loop -----------------------------------------------------------------------------
     nonfinite_in_a_row = 0
     metrics: dict[str, Any] = {}
+    history: list[dict[str, Any]] = []
     sums = torch.zeros(4, device=device)  # loss, ce, dice, grad norm since the last log line
     logged_at, log_timer, data_wait = global_step, time.perf_counter(), 0.0
     stopped = global_step >= total_steps
@@ -317,15 +328,17 @@ def train(cfg: Config, denv: distributed.DistEnv, device: torch.device, stop: St
             # Ranks agree on a stop at the same step: the check is a collective at a fixed cadence.
             if at_log and distributed.any_rank(stop.requested, device):
                 log.info("stop requested (signal %s): checkpointing at global step %d", stop.signal, global_step)
+                distributed.sync_buffers(raw_model)
                 save_checkpoint()
                 bar.close()
                 runlog.close()
-                return {"stopped_at": global_step, **metrics}
+                return TrainResult(raw_model, global_step, True, metrics, history)
             if cfg.checkpoint.every_steps and global_step % cfg.checkpoint.every_steps == 0:
                 save_checkpoint(snapshot=True)
         bar.close()
 
         # ---- end of epoch: validate, schedule, checkpoint ------------------------------------
+        distributed.sync_buffers(raw_model)  # the weights checkpointed and validated are rank 0's
         train_loss = (epoch_loss[0] / epoch_loss[1].clamp(min=1)).item()
         finished_epoch = epoch
         if epoch_step >= steps_per_epoch:
@@ -337,44 +350,67 @@ def train(cfg: Config, denv: distributed.DistEnv, device: torch.device, stop: St
             metrics = result.metrics
             if not is_per_iteration(scheduler):
                 scheduler.step(metrics["loss"])  # all-reduced: every rank decides the same
+            history.append({"epoch": finished_epoch, "step": global_step, "lr": optimizer.param_groups[0]["lr"],
+                            "val_loss": metrics["loss"], "miou": metrics["miou"], "train_loss": train_loss})
             is_best = metrics["miou"] > best_miou
             best_miou = max(best_miou, metrics["miou"])
             log.info("Epoch %d: train loss=%.4f, val loss=%.4f, val mIoU=%.4f, pixel acc=%.4f",
                      finished_epoch, train_loss, metrics["loss"], metrics["miou"], metrics["pixel_accuracy"])
             if main:
-                write_validation_logs(runlog, result, class_names, cfg, finished_epoch, global_step, train_loss)
+                pictures = example_pictures(result, cfg, num_classes, ignore_index)
+                write_validation_logs(runlog, result, class_names, pictures, finished_epoch, global_step, train_loss)
+                if is_last:
+                    save_overlays(run_dir / "overlays", pictures)
         else:
             log.info("Epoch %d: train loss=%.4f", finished_epoch, train_loss)
         save_checkpoint(is_best=is_best, snapshot=True)
         if not stopped and distributed.any_rank(stop.requested, device):
             log.info("stop requested (signal %s) at the end of an epoch, global step %d", stop.signal, global_step)
             runlog.close()
-            return {"stopped_at": global_step, **metrics}
+            return TrainResult(raw_model, global_step, True, metrics, history)
 
     if main and metrics:
         log.info("done: best val mIoU %.4f; checkpoints in %s, TensorBoard in %s", best_miou, ckpt_dir,
                  run_dir / "tb")
     runlog.close()
-    return metrics
+    return TrainResult(raw_model, global_step, False, metrics, history)
+
+
+def example_pictures(
+    result: Validation, cfg: Config, num_classes: int, ignore_index: int
+) -> list[np.ndarray]:
+    """image | ground truth | prediction, side by side, for each kept validation example."""
+    from .visualize import denormalize, grid, overlay
+
+    pictures = []
+    for image, target, pred in result.examples:
+        rgb = denormalize(image, cfg.data.mean, cfg.data.std)
+        panels = [rgb, overlay(rgb, target.numpy(), num_classes, ignore_index),
+                  overlay(rgb, pred.numpy(), num_classes, ignore_index)]
+        pictures.append(grid(panels, cols=3))
+    return pictures
+
+
+def save_overlays(folder: Path, pictures: list[np.ndarray]) -> None:
+    from .visualize import save_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, picture in enumerate(pictures):
+        save_png(folder / f"val_{i:03d}.png", picture)
 
 
 def write_validation_logs(
-    runlog: RunLog, result: Validation, class_names: list[str], cfg: Config, epoch: int, step: int,
+    runlog: RunLog, result: Validation, class_names: list[str], pictures: list[np.ndarray], epoch: int, step: int,
     train_loss: float,
 ) -> None:
-    from .visualize import denormalize, overlay_triptych
-
     m = result.metrics
     runlog.scalars({"val/loss": m["loss"], "val/miou": m["miou"], "val/pixel_accuracy": m["pixel_accuracy"],
                     "val/mean_dice": m["mean_dice"]}, step)
     runlog.scalars({f"val_iou/{name}": iou for name, iou in zip(class_names, m["per_class_iou"], strict=True)
                     if not math.isnan(iou)}, step)
     runlog.image("val/confusion_matrix", confusion_matrix_figure(result.matrix, class_names), step)
-    n = len(class_names)
-    ignore = cfg.data.ignore_index if cfg.data.ignore_index is not None else 255
-    for i, (image, target, pred) in enumerate(result.examples):
-        rgb = denormalize(image, cfg.data.mean, cfg.data.std)
-        runlog.image(f"val_overlay/{i}", overlay_triptych(rgb, target.numpy(), pred.numpy(), n, ignore), step)
+    for i, picture in enumerate(pictures):
+        runlog.image(f"val_overlay/{i}", picture, step)
     runlog.jsonl({
         "epoch": epoch, "step": step, "train_loss": train_loss, "val_loss": m["loss"], "miou": m["miou"],
         "pixel_accuracy": m["pixel_accuracy"], "mean_dice": m["mean_dice"],
@@ -410,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigError, FileNotFoundError, ValueError) as e:
             log.error("%s", e)
             return 2
-    return EXIT_STOPPED if "stopped_at" in result else 0
+    return EXIT_STOPPED if result.stopped else 0
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ def test_defaults_and_overrides_are_typed():
     assert cfg.optim.lr == pytest.approx(3e-4)
     assert cfg.data.augment.scale == (0.7, 1.3)
     # An int where a float is expected is widened; a number where a string is expected is kept.
-    cfg = load_config(None, ["optim.lr=1", "run.dir=2024"])
+    cfg = load_config(None, ["optim.lr=1", "run.dir=2024", "train.amp=off"])
     assert isinstance(cfg.optim.lr, float) and cfg.run.dir == "2024"
+    assert cfg.train.amp == "off"  # YAML 1.1 reads a bare `off` as false
 
 
 @pytest.mark.parametrize(

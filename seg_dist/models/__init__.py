@@ -7,9 +7,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from seg_dist.config import ModelConfig
 from seg_dist.models.unet import DoubleConv, Down, OutConv, UNet, Up
 
-__all__ = ["MODEL_NAMES", "DoubleConv", "Down", "OutConv", "UNet", "Up", "build_model", "count_parameters"]
+__all__ = [
+    "MODEL_NAMES", "DoubleConv", "Down", "OutConv", "UNet", "Up",
+    "build_model", "count_parameters", "model_from_config",
+]
 
 MODEL_NAMES = ("unet", "smp_unet")
 
@@ -67,3 +71,11 @@ def _build_smp_unet(
         state = torch.load(encoder_weights, map_location="cpu", weights_only=True)
         model.encoder.load_state_dict(state)
     return model
+
+
+def model_from_config(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """The model a run's `model:` section describes (the trainer, evaluate and predict share it)."""
+    return build_model(
+        cfg.name, num_classes, in_channels=cfg.in_channels, width=cfg.width, depth=cfg.depth,
+        bilinear=cfg.bilinear, encoder=cfg.encoder, encoder_weights=cfg.encoder_weights,
+    )

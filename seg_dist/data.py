@@ -1,0 +1,354 @@
+"""Shards -> per-rank batches: augmentation, resampled training streams, exact validation splits.
+
+Training streams resample shards (weighted by their sample counts) forever and are cut to exactly
+`steps_per_epoch` batches, so every rank takes the same number of steps whatever the shard layout
+and no all-reduce can hang on a rank that ran dry. Validation instead partitions the split by
+global sample index, so each sample is seen exactly once over all ranks and workers.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+# Importing albumentations otherwise asks PyPI for a newer version (in every worker, and offline
+# clusters wait for the timeout).
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from albumentations.pytorch import ToTensorV2
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.filters import shuffle as wds_shuffle
+from webdataset.tariterators import tarfile_samples
+
+from .config import Config, DataConfig
+from .shards import IMAGE_EXTS, MASK_FIELD, META_FIELD, decode_image, decode_mask, shard_counts, shard_urls
+
+__all__ = [
+    "build_transforms",
+    "iter_samples",
+    "pad_collate",
+    "preprocess",
+    "steps_per_epoch",
+    "train_loader",
+    "val_loader",
+    "val_share",
+]
+
+TRANSLATE = 0.1  # Affine shift, as a fraction of the crop size
+
+
+# --- transforms --------------------------------------------------------------------------------
+
+
+def _normalize_ops(data_cfg: DataConfig) -> list[Any]:
+    return [A.Normalize(mean=tuple(data_cfg.mean), std=tuple(data_cfg.std), max_pixel_value=255.0), ToTensorV2()]
+
+
+def build_transforms(data_cfg: DataConfig, train: bool, ignore_index: int) -> A.Compose:
+    """Image+mask augmentation (train) or resize/normalise (val); masks always use nearest.
+
+    Every op that can introduce pixels fills the mask with `ignore_index`: albumentations fills
+    masks with 0, a real class, unless told otherwise.
+    """
+    if not train:
+        ops: list[Any] = []
+        if data_cfg.val_size > 0:
+            ops.append(A.Resize(data_cfg.val_size, data_cfg.val_size, mask_interpolation=cv2.INTER_NEAREST))
+        return A.Compose(ops + _normalize_ops(data_cfg))
+    aug = data_cfg.augment
+    size = data_cfg.image_size
+    ops = []
+    lo, hi = aug.scale
+    if (lo, hi) != (1.0, 1.0):
+        # RandomScale samples from (1 + low, 1 + high).
+        ops.append(A.RandomScale(scale_limit=(lo - 1.0, hi - 1.0), mask_interpolation=cv2.INTER_NEAREST, p=1.0))
+    ops += [
+        A.PadIfNeeded(size, size, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=ignore_index),
+        A.RandomCrop(size, size),
+    ]
+    if aug.hflip > 0:
+        ops.append(A.HorizontalFlip(p=aug.hflip))
+    if aug.vflip > 0:
+        ops.append(A.VerticalFlip(p=aug.vflip))
+    if aug.brightness_contrast > 0:
+        ops.append(A.RandomBrightnessContrast(p=aug.brightness_contrast))
+    if aug.affine > 0:
+        ops.append(A.Affine(
+            translate_percent=(-TRANSLATE, TRANSLATE), rotate=(-aug.rotate, aug.rotate),
+            border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=ignore_index,
+            mask_interpolation=cv2.INTER_NEAREST, p=aug.affine,
+        ))
+    return A.Compose(ops + _normalize_ops(data_cfg))
+
+
+@functools.lru_cache(maxsize=8)
+def _normalizer(mean: tuple[float, ...], std: tuple[float, ...]) -> A.Compose:
+    return A.Compose([A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()])
+
+
+def preprocess(image: np.ndarray, data_cfg: DataConfig) -> torch.Tensor:
+    """uint8 HxWx3 RGB -> 3xHxW float normalised as validation does, at the original resolution."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected a uint8 HxWx3 image, got {image.dtype} {image.shape}")
+    return _normalizer(tuple(data_cfg.mean), tuple(data_cfg.std))(image=image)["image"]
+
+
+def _apply(transform: A.Compose, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    out = transform(image=image, mask=mask)
+    # ToTensorV2 keeps the mask dtype albumentations worked in (int32 for int64 input).
+    return out["image"], out["mask"].long()
+
+
+# --- raw samples -------------------------------------------------------------------------------
+
+
+def _decode(raw: dict[str, Any]) -> dict[str, Any]:
+    key, url = raw["__key__"], raw.get("__url__", "?")
+    ext = next((e for e in IMAGE_EXTS if e in raw), None)
+    if ext is None or MASK_FIELD not in raw:
+        fields = sorted(k for k in raw if not k.startswith("__"))
+        raise ValueError(f"{url}: sample {key!r} needs an image ({'/'.join(IMAGE_EXTS)}) and {MASK_FIELD}; "
+                         f"has {fields}")
+    image = decode_image(raw[ext])
+    mask = decode_mask(raw[MASK_FIELD])
+    if image.shape[:2] != mask.shape:
+        raise ValueError(f"{url}: sample {key!r}: image {image.shape[:2]} and mask {mask.shape} differ in size")
+    meta = json.loads(raw[META_FIELD]) if META_FIELD in raw else {}
+    return {"key": key, "image": image, "mask": mask, "meta": meta, "url": url}
+
+
+def _raw_samples(url: str) -> Iterator[dict[str, Any]]:
+    return tarfile_samples([{"url": url}])
+
+
+def iter_samples(urls: Sequence[str]) -> Iterator[dict[str, Any]]:
+    """Decoded samples in shard order, no augmentation: dicts of key, image (uint8 HxWx3),
+    mask (int64 HxW), meta (dict) and url."""
+    for url in urls:
+        for raw in _raw_samples(url):
+            yield _decode(raw)
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def _ignore_index(cfg: Config, manifest: dict[str, Any]) -> int:
+    return cfg.data.ignore_index if cfg.data.ignore_index is not None else int(manifest["ignore_index"])
+
+
+def _seeds(*parts: int, n: int = 3) -> list[int]:
+    # SeedSequence mixes the parts well, unlike sums or webdataset's make_seed.
+    return [int(s) for s in np.random.SeedSequence([p % 2**64 for p in parts]).generate_state(n)]
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _resampled(urls: list[str], weights: list[int], rng: random.Random) -> Iterator[dict[str, str]]:
+    # webdataset's ResampledShards picks shards uniformly and seeds itself from RANK/WORLD_SIZE or
+    # torch.distributed (and pid/time unless deterministic); weighting by sample count keeps a
+    # small last shard from being oversampled, and the caller owns the seed.
+    while True:
+        yield {"url": rng.choices(urls, weights)[0]}
+
+
+class _TrainStream(IterableDataset):
+    """Endless augmented (image, mask) pairs; the seed depends on (seed, epoch, rank, worker, skip)."""
+
+    def __init__(self, urls: list[str], counts: list[int], transform: A.Compose, shuffle_buffer: int,
+                 seed: int, epoch: int, rank: int, skip_steps: int) -> None:
+        if not urls or sum(counts) == 0:
+            raise ValueError("training split has no samples")
+        self.urls, self.counts, self.transform = urls, counts, transform
+        self.shuffle_buffer = shuffle_buffer
+        self.seed_parts = (seed, epoch, rank, skip_steps)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        worker, num_workers = _worker()
+        if num_workers > 1:
+            cv2.setNumThreads(1)  # workers already use the cores; OpenCV threads would oversubscribe
+        shard_seed, shuffle_seed, aug_seed = _seeds(*self.seed_parts, worker)
+        # One shared generator pair: Compose(seed=...) would give every transform an identical
+        # stream, so e.g. hflip and vflip would always fire together.
+        self.transform.set_random_state(np.random.default_rng(aug_seed), random.Random(aug_seed))
+        raw = tarfile_samples(_resampled(self.urls, self.counts, random.Random(shard_seed)))
+        if self.shuffle_buffer > 1:
+            raw = wds_shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
+                              rng=random.Random(shuffle_seed))(raw)
+        for sample in raw:
+            s = _decode(sample)
+            yield _apply(self.transform, s["image"], s["mask"])
+
+
+def steps_per_epoch(manifest: dict[str, Any], cfg: Config, world_size: int) -> int:
+    """Batches per rank per epoch: the config's, or enough for all ranks to cover the split once."""
+    if cfg.train.steps_per_epoch > 0:
+        return cfg.train.steps_per_epoch
+    n = sum(shard_counts(manifest, cfg.data.train_split))
+    return max(1, math.ceil(n / (world_size * cfg.train.batch_size)))
+
+
+def _loader_kwargs(cfg: Config) -> dict[str, Any]:
+    d = cfg.data
+    kw: dict[str, Any] = {"num_workers": d.workers, "pin_memory": d.pin_memory and torch.cuda.is_available()}
+    if d.workers > 0:
+        kw.update(persistent_workers=d.persistent_workers, prefetch_factor=d.prefetch_factor)
+    return kw
+
+
+class TrainBatches:
+    """Exactly `len(self)` batches of (images Bx3xHxW float, masks BxHxW int64); re-iterable, and
+    iterating again repeats the same batches."""
+
+    def __init__(self, dataset: _TrainStream, batch_size: int, steps: int, loader_kwargs: dict[str, Any],
+                 seed: int) -> None:
+        self.dataset, self.batch_size, self.steps = dataset, batch_size, steps
+        self.loader_kwargs, self.seed = loader_kwargs, seed
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.steps == 0:
+            return
+        # The stream is endless, so the epoch ends here and every worker's batches are full.
+        # Our own generator keeps the DataLoader from drawing on the global torch RNG.
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, drop_last=True,
+                            generator=torch.Generator().manual_seed(self.seed), **self.loader_kwargs)
+        it = iter(loader)
+        for _ in range(self.steps):
+            yield next(it)
+        # Dropping the iterator now (not at garbage collection) stops the workers' prefetching.
+        del it, loader
+
+
+def train_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, world_size: int, epoch: int,
+                 skip_steps: int = 0) -> TrainBatches:
+    """This rank's batches for `epoch`: exactly steps_per_epoch - skip_steps of them on every rank.
+
+    Same (train.seed, epoch, rank, skip_steps) -> same batches. A resumed epoch (skip_steps > 0)
+    draws fresh samples rather than replaying the skipped ones, which would cost their decoding.
+    """
+    if skip_steps < 0:
+        raise ValueError(f"skip_steps={skip_steps} must be >= 0")
+    split = cfg.data.train_split
+    steps = max(0, steps_per_epoch(manifest, cfg, world_size) - skip_steps)
+    transform = build_transforms(cfg.data, train=True, ignore_index=_ignore_index(cfg, manifest))
+    dataset = _TrainStream(shard_urls(root, manifest, split), shard_counts(manifest, split), transform,
+                           cfg.data.shuffle_buffer, cfg.train.seed, epoch, rank, skip_steps)
+    kw = _loader_kwargs(cfg)
+    # A new loader comes each epoch, so persistent workers would only outlive their use.
+    kw.pop("persistent_workers", None)
+    return TrainBatches(dataset, cfg.train.batch_size, steps, kw, _seeds(cfg.train.seed, epoch, rank, n=1)[0])
+
+
+# --- validation --------------------------------------------------------------------------------
+
+
+def _share(n: int, part: int, parts: int) -> tuple[int, int]:
+    return part * n // parts, (part + 1) * n // parts
+
+
+def val_share(manifest: dict[str, Any], split: str, rank: int, world_size: int) -> int:
+    """How many samples of `split` rank `rank` validates."""
+    lo, hi = _share(sum(shard_counts(manifest, split)), rank, world_size)
+    return hi - lo
+
+
+class _ValStream(IterableDataset):
+    """This rank's contiguous range of global sample indices, split again between workers; each
+    worker opens only the shards overlapping its range and decodes only its own samples."""
+
+    def __init__(self, urls: list[str], counts: list[int], transform: A.Compose, start: int, stop: int) -> None:
+        self.urls, self.counts, self.transform = urls, counts, transform
+        self.start, self.stop = start, stop
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, str]]:
+        worker, num_workers = _worker()
+        if num_workers > 1:
+            cv2.setNumThreads(1)
+        lo, hi = _share(self.stop - self.start, worker, num_workers)
+        start, stop = self.start + lo, self.start + hi
+        first = 0  # global index of the shard's first sample
+        for url, count in zip(self.urls, self.counts, strict=True):
+            if first >= stop:
+                break
+            if first + count > start:
+                yield from self._shard(url, count, first, start, stop)
+            first += count
+
+    def _shard(self, url: str, count: int, first: int, start: int, stop: int) -> Iterator[Any]:
+        read = 0
+        for i, raw in enumerate(_raw_samples(url)):
+            # A shard that disagrees with the manifest would shift every later index: fail loudly.
+            if i >= count:
+                raise ValueError(f"{url}: more samples than the manifest's {count}")
+            read = i + 1
+            if first + i >= stop:
+                return
+            if first + i < start:
+                continue  # another reader's sample: skipped before decoding
+            s = _decode(raw)
+            image, mask = _apply(self.transform, s["image"], s["mask"])
+            yield image, mask, s["key"]
+        if read != count:
+            raise ValueError(f"{url}: {read} samples, the manifest lists {count}")
+
+
+def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor, str]], ignore_index: int
+                ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Stack samples of different sizes: pad to the largest H and W (bottom/right), images with 0
+    and masks with `ignore_index`, so padded pixels never count."""
+    h = max(img.shape[1] for img, _, _ in batch)
+    w = max(img.shape[2] for img, _, _ in batch)
+    images = batch[0][0].new_zeros((len(batch), batch[0][0].shape[0], h, w))
+    masks = torch.full((len(batch), h, w), ignore_index, dtype=torch.int64)
+    for i, (img, mask, _) in enumerate(batch):
+        images[i, :, : img.shape[1], : img.shape[2]] = img
+        masks[i, : mask.shape[0], : mask.shape[1]] = mask
+    return images, masks, [key for _, _, key in batch]
+
+
+class ValBatches:
+    """(images, masks, keys) batches of this rank's share; iterating again restarts (with
+    persistent workers the same worker processes are reused)."""
+
+    def __init__(self, loader: DataLoader, num_samples: int, num_batches: int) -> None:
+        self.loader, self.num_samples, self.num_batches = loader, num_samples, num_batches
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        return iter(self.loader)
+
+
+def val_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, world_size: int,
+               split: str | None = None) -> ValBatches:
+    """Every sample of `split` (default data.val_split) exactly once over all ranks and workers,
+    never padded or repeated; ranks may get unequal counts (see `val_share`)."""
+    split = split or cfg.data.val_split
+    counts = shard_counts(manifest, split)
+    start, stop = _share(sum(counts), rank, world_size)
+    ignore = _ignore_index(cfg, manifest)
+    dataset = _ValStream(shard_urls(root, manifest, split), counts,
+                         build_transforms(cfg.data, train=False, ignore_index=ignore), start, stop)
+    batch_size = cfg.data.val_batch_size or cfg.train.batch_size
+    # Each worker batches its own samples, so each worker's last batch may be partial.
+    workers = max(1, cfg.data.workers)
+    num_batches = sum(math.ceil((hi - lo) / batch_size) for lo, hi in
+                      (_share(stop - start, w, workers) for w in range(workers)))
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=functools.partial(pad_collate, ignore_index=ignore),
+                        **_loader_kwargs(cfg))
+    return ValBatches(loader, stop - start, num_batches)

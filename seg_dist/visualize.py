@@ -1,0 +1,110 @@
+"""Masks and images as pictures: class colours, overlays, grids and atomic PNG writes (no matplotlib)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .shards import atomic_write_bytes
+from .shards import palette as _palette
+
+__all__ = ["colorize", "denormalize", "grid", "overlay", "overlay_triptych", "palette", "save_png"]
+
+IGNORE_COLOUR = (255, 255, 255)
+
+
+def palette(num_classes: int) -> np.ndarray:
+    """num_classes x 3 uint8: ~20 fixed distinct colours (class 0 black), then deterministic hues.
+
+    The same table the packer uses for palette-mode mask PNGs, so colours agree everywhere.
+    """
+    return _palette(num_classes)
+
+
+def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def colorize(mask: np.ndarray | torch.Tensor, num_classes: int, ignore_index: int = 255) -> np.ndarray:
+    """HxW class ids -> HxWx3 uint8; the ignore index (and any id outside the classes) is white."""
+    mask = _as_numpy(mask).astype(np.int64, copy=False)
+    if mask.ndim != 2:
+        raise ValueError(f"expected an HxW mask, got shape {mask.shape}")
+    # One extra row for everything that is not a class, so a single lookup colours all pixels.
+    table = np.concatenate([palette(num_classes), np.array([IGNORE_COLOUR], np.uint8)])
+    valid = (mask >= 0) & (mask < num_classes)
+    return table[np.where(valid, mask, num_classes)]
+
+
+def overlay(image: np.ndarray, mask: np.ndarray | torch.Tensor, num_classes: int, ignore_index: int = 255,
+            alpha: float = 0.5) -> np.ndarray:
+    """Blend the mask's colours over a uint8 HxWx3 image (alpha = weight of the colours)."""
+    image = _as_numpy(image)
+    colours = colorize(mask, num_classes, ignore_index)
+    if image.shape != colours.shape:
+        raise ValueError(f"image {image.shape} and mask {colours.shape[:2]} differ in size")
+    out = (1.0 - alpha) * image.astype(np.float32) + alpha * colours.astype(np.float32)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def denormalize(tensor: torch.Tensor | np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """A normalised 3xHxW image back to HxWx3 uint8 (inverse of albumentations' Normalize)."""
+    x = _as_numpy(tensor).astype(np.float32)
+    if x.ndim != 3 or x.shape[0] != 3:
+        raise ValueError(f"expected a 3xHxW tensor, got shape {x.shape}")
+    m = np.asarray(mean, np.float32).reshape(3, 1, 1)
+    s = np.asarray(std, np.float32).reshape(3, 1, 1)
+    x = (x * s + m) * 255.0
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8).transpose(1, 2, 0).copy()
+
+
+def _rgb(a: np.ndarray) -> np.ndarray:
+    a = _as_numpy(a)
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
+        raise ValueError(f"expected uint8 HxW or HxWx3 images, got {a.dtype} {a.shape}")
+    return a
+
+
+def grid(images: Sequence[np.ndarray], cols: int, pad: int = 2, fill: int = 255) -> np.ndarray:
+    """Tile uint8 images row by row, `cols` per row, in cells of the largest size, `pad` px apart."""
+    if not images:
+        raise ValueError("grid needs at least one image")
+    if cols < 1 or pad < 0:
+        raise ValueError(f"cols={cols} must be >= 1 and pad={pad} >= 0")
+    tiles = [_rgb(a) for a in images]
+    cols = min(cols, len(tiles))
+    rows = -(-len(tiles) // cols)
+    h = max(t.shape[0] for t in tiles)
+    w = max(t.shape[1] for t in tiles)
+    out = np.full((rows * h + (rows + 1) * pad, cols * w + (cols + 1) * pad, 3), fill, np.uint8)
+    for i, t in enumerate(tiles):
+        y = pad + (i // cols) * (h + pad)
+        x = pad + (i % cols) * (w + pad)
+        out[y : y + t.shape[0], x : x + t.shape[1]] = t
+    return out
+
+
+def overlay_triptych(image: np.ndarray, target: np.ndarray | torch.Tensor, pred: np.ndarray | torch.Tensor,
+                     num_classes: int, ignore_index: int = 255, alpha: float = 0.5) -> np.ndarray:
+    """image | target overlay | prediction overlay, side by side (validation examples)."""
+    return grid([_rgb(image), overlay(image, target, num_classes, ignore_index, alpha),
+                 overlay(image, pred, num_classes, ignore_index, alpha)], cols=3)
+
+
+def save_png(path: str | Path, array: np.ndarray) -> None:
+    """Write a uint8 HxW or HxWx3 array as PNG; readers never see a half-written file."""
+    a = _as_numpy(array)
+    if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)):
+        raise ValueError(f"expected a uint8 HxW or HxWx3 array, got {a.dtype} {a.shape}")
+    path = Path(path)
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(a)).save(buf, format="PNG")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny packed synthetic datasets and a torchrun helper."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from seg_dist import pack
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """80 synthetic 32 px samples (64 train, 16 val) in uneven shards of 12."""
+    out = tmp_path_factory.mktemp("shards") / "synthetic"
+    args = [
+        "--synthetic",
+        "--out",
+        str(out),
+        "--n",
+        "80",
+        "--size",
+        "32",
+        "--samples-per-shard",
+        "12",
+        "--workers",
+        "1",
+    ]
+    assert pack.main(args) == 0
+    return out
+
+
+def tiny_overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    """A model and schedule small enough for 2 CPU processes to train in seconds."""
+    return [
+        f"data.root={shards}",
+        f"run.dir={run_dir}",
+        "data.image_size=32",
+        "data.workers=0",
+        "model.width=8",
+        "model.depth=3",
+        "train.batch_size=4",
+        "train.epochs=3",
+        "optim.lr=3e-3",
+        "schedule.warmup_iters=0",
+        "logging.progress=false",
+        "logging.log_every=2",
+        "logging.overlays=2",
+        *extra,
+    ]
+
+
+def torchrun(
+    nproc: int, module: str, *args: str, timeout: float = 300, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    cmd = torchrun_cmd(nproc, module, *args)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env or child_env())
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+def torchrun_cmd(nproc: int, module: str, *args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        module,
+        *args,
+    ]
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    return env

@@ -1,0 +1,293 @@
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import webdataset as wds
+from PIL import Image
+
+from seg_dist import data
+from seg_dist.config import load_config
+from seg_dist.shards import palette
+
+NUM_CLASSES, IGNORE = 6, 255
+
+
+def _png(array: np.ndarray, palette_mode: bool = False) -> bytes:
+    im = Image.fromarray(array.astype(np.uint8))
+    if palette_mode:
+        im = im.convert("P")
+        im.putpalette(palette(256).tobytes())
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpg(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def make_shards(root: Path, splits: dict[str, list[int]], seed: int = 0, size: tuple[int, int] = (32, 48)) -> dict:
+    """Tiny shards of random images (32-48 px, mixed sizes, png and jpg) and a manifest."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "format": "seg_dist-shards/1",
+        "num_classes": NUM_CLASSES,
+        "ignore_index": IGNORE,
+        "class_names": [f"c{i}" for i in range(NUM_CLASSES)],
+        "splits": {},
+    }
+    for split, counts in splits.items():
+        entries = []
+        for s, count in enumerate(counts):
+            name = f"{split}-{s:06d}.tar"
+            with wds.TarWriter(str(root / name)) as sink:
+                for i in range(count):
+                    h, w = (int(v) for v in rng.integers(size[0], size[1] + 1, 2))
+                    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                    mask = rng.integers(0, NUM_CLASSES, (h, w)).astype(np.uint8)
+                    mask[0, :] = IGNORE
+                    key = f"{split}_{s}_{i:04d}"
+                    ext = "png" if i % 2 else "jpg"
+                    sink.write(
+                        {
+                            "__key__": key,
+                            ext: _png(image) if ext == "png" else _jpg(image),
+                            "mask.png": _png(mask, palette_mode=i % 3 == 0),
+                            "json": json.dumps({"key": key, "h": h, "w": w}).encode(),
+                        }
+                    )
+            entries.append(
+                {"name": name, "num_samples": count, "bytes": (root / name).stat().st_size, "sha256": "0" * 64}
+            )
+        manifest["splits"][split] = {
+            "num_samples": sum(counts),
+            "shards": entries,
+            "class_histogram": [0] * NUM_CLASSES,
+            "ignored_pixels": 0,
+            "image_size": {},
+            "rejects": [],
+        }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def _cfg(root: Path, *overrides: str):
+    base = [
+        f"data.root={root}",
+        "data.image_size=32",
+        "train.batch_size=2",
+        "data.shuffle_buffer=8",
+        "data.augment.scale=[0.75, 1.5]",
+        "data.augment.affine=0.5",
+        "data.augment.vflip=0.5",
+    ]
+    return load_config(None, [*base, *overrides])
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    manifest = make_shards(root, {"train": [5, 1, 7], "val": [5, 1, 7], "one": [9]})
+    return root, manifest
+
+
+def _val_keys(cfg, manifest, root, split, world, **kw) -> list[list[str]]:
+    return [
+        [k for _, _, keys in data.val_loader(cfg, manifest, str(root), r, world, split=split, **kw) for k in keys]
+        for r in range(world)
+    ]
+
+
+def _all_keys(manifest, split: str) -> set[str]:
+    counts = [s["num_samples"] for s in manifest["splits"][split]["shards"]]
+    return {f"{split}_{s}_{i:04d}" for s, c in enumerate(counts) for i in range(c)}
+
+
+# --- transforms --------------------------------------------------------------------------------
+
+
+def test_train_transforms_leave_out_p0_and_use_affine(dataset):
+    root, _ = dataset
+    cfg = _cfg(root, "data.augment.vflip=0", "data.augment.brightness_contrast=0")
+    names = [type(t).__name__ for t in data.build_transforms(cfg.data, True, IGNORE).transforms]
+    assert names == ["RandomScale", "PadIfNeeded", "RandomCrop", "HorizontalFlip", "Affine", "Normalize", "ToTensorV2"]
+    val = [type(t).__name__ for t in data.build_transforms(cfg.data, False, IGNORE).transforms]
+    assert val == ["Normalize", "ToTensorV2"]
+
+
+def test_padding_and_affine_fill_mask_with_ignore(dataset):
+    root, _ = dataset
+    # Shrink a 32 px image to 16 px inside a 48 px crop and rotate it: most pixels are new.
+    cfg = _cfg(
+        root,
+        "data.image_size=48",
+        "data.augment.scale=[0.5, 0.5]",
+        "data.augment.affine=1.0",
+        "data.augment.rotate=45",
+        "data.augment.brightness_contrast=0",
+    )
+    t = data.build_transforms(cfg.data, True, IGNORE)
+    t.set_random_seed(0)
+    for _ in range(5):
+        out = t(image=np.full((32, 32, 3), 200, np.uint8), mask=np.ones((32, 32), np.int64))
+        mask = out["mask"].long()
+        assert out["image"].shape == (3, 48, 48) and out["image"].dtype == torch.float32
+        values = set(mask.unique().tolist())
+        assert values == {1, IGNORE}, values  # 0 would be a real class invented by padding
+        assert (mask == IGNORE).sum() > 48 * 48 // 2
+
+
+def test_val_resize_keeps_labels_and_preprocess_matches_val(dataset):
+    root, manifest = dataset
+    cfg = _cfg(root)
+    sample = next(data.iter_samples([str(root / "val-000000.tar")]))
+    assert sample["image"].dtype == np.uint8 and sample["mask"].dtype == np.int64
+    assert sample["meta"]["key"] == sample["key"]
+    val = data.build_transforms(cfg.data, False, IGNORE)(image=sample["image"], mask=sample["mask"])
+    assert torch.equal(data.preprocess(sample["image"], cfg.data), val["image"])
+    assert torch.equal(val["mask"].long(), torch.from_numpy(sample["mask"]))
+    resized = data.build_transforms(_cfg(root, "data.val_size=40").data, False, IGNORE)(
+        image=sample["image"], mask=sample["mask"]
+    )
+    assert resized["image"].shape == (3, 40, 40)
+    assert set(resized["mask"].unique().tolist()) <= set(np.unique(sample["mask"]).tolist())
+
+
+def test_steps_per_epoch(dataset):
+    root, manifest = dataset
+    assert data.steps_per_epoch(manifest, _cfg(root), 2) == 4  # ceil(13 / (2 * 2))
+    assert data.steps_per_epoch(manifest, _cfg(root, "train.batch_size=64"), 2) == 1
+    assert data.steps_per_epoch(manifest, _cfg(root, "train.steps_per_epoch=7"), 2) == 7
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def _batches(cfg, manifest, root, rank, epoch, skip=0):
+    return list(data.train_loader(cfg, manifest, str(root), rank, 2, epoch, skip_steps=skip))
+
+
+def test_train_batches_shapes_and_determinism(dataset):
+    root, manifest = dataset
+    cfg = _cfg(root, "train.steps_per_epoch=3")
+    a = _batches(cfg, manifest, root, 0, 0)
+    assert len(a) == 3
+    for images, masks in a:
+        assert images.shape == (2, 3, 32, 32) and images.dtype == torch.float32
+        assert masks.shape == (2, 32, 32) and masks.dtype == torch.int64
+        assert set(masks.unique().tolist()) <= {*range(NUM_CLASSES), IGNORE}
+
+    def same(x, y):
+        return all(torch.equal(i, j) and torch.equal(m, n) for (i, m), (j, n) in zip(x, y, strict=True))
+
+    assert same(a, _batches(cfg, manifest, root, 0, 0))
+    loader = data.train_loader(cfg, manifest, str(root), 0, 2, 0)
+    assert same(list(loader), list(loader))  # re-iterating repeats the epoch
+    assert not same(a, _batches(cfg, manifest, root, 1, 0))
+    assert not same(a, _batches(cfg, manifest, root, 0, 1))
+    assert not same(a, _batches(_cfg(root, "train.steps_per_epoch=3", "train.seed=1"), manifest, root, 0, 0))
+    assert len(_batches(cfg, manifest, root, 0, 0, skip=2)) == 1
+    assert _batches(cfg, manifest, root, 0, 0, skip=5) == []
+
+
+def test_train_loader_leaves_global_rng_alone(dataset):
+    root, manifest = dataset
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    list(data.train_loader(_cfg(root, "train.steps_per_epoch=1"), manifest, str(root), 0, 1, 0))
+    assert torch.equal(before, torch.get_rng_state())
+
+
+# --- validation --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("split", "world", "workers"), [("val", 3, 0), ("one", 4, 0), ("val", 1, 2)])
+def test_val_sees_every_sample_once(dataset, split, world, workers):
+    root, manifest = dataset
+    cfg = _cfg(root, f"data.workers={workers}", "data.val_batch_size=3")
+    per_rank = _val_keys(cfg, manifest, root, split, world)
+    flat = [k for keys in per_rank for k in keys]
+    assert len(flat) == len(set(flat)) and set(flat) == _all_keys(manifest, split)
+    assert [len(k) for k in per_rank] == [data.val_share(manifest, split, r, world) for r in range(world)]
+
+
+def test_val_collate_pads_with_ignore_and_loader_restarts(dataset):
+    root, manifest = dataset
+    cfg = _cfg(root, "data.val_batch_size=4")
+    loader = data.val_loader(cfg, manifest, str(root), 0, 1)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 4 and loader.num_samples == 13
+    originals = {s["key"]: s for s in data.iter_samples([str(root / f"val-{i:06d}.tar") for i in range(3)])}
+    padded = 0
+    for images, masks, keys in batches:
+        assert masks.dtype == torch.int64 and images.shape[0] == masks.shape[0] == len(keys)
+        for img, mask, key in zip(images, masks, keys, strict=True):
+            s = originals[key]
+            h, w = s["mask"].shape
+            assert torch.equal(mask[:h, :w], torch.from_numpy(s["mask"]))
+            assert torch.equal(img[:, :h, :w], data.preprocess(s["image"], cfg.data))
+            assert (mask[h:] == IGNORE).all() and (mask[:, w:] == IGNORE).all()
+            assert (img[:, h:] == 0).all() and (img[:, :, w:] == 0).all()
+            padded += int(mask.shape[0] > h or mask.shape[1] > w)
+    assert padded > 0
+    again = [keys for _, _, keys in loader]
+    assert again == [keys for _, _, keys in batches]
+
+
+def test_shard_disagreeing_with_manifest_is_an_error(dataset, tmp_path):
+    root, manifest = dataset
+    bad = json.loads(json.dumps(manifest))
+    bad["splits"]["val"]["shards"][2]["num_samples"] = 8  # the shard holds 7
+    bad["splits"]["val"]["num_samples"] = 14
+    with pytest.raises(ValueError, match="7 samples, the manifest lists 8"):
+        _val_keys(_cfg(root), bad, root, "val", 1)
+    bad["splits"]["val"]["shards"][2]["num_samples"] = 6
+    with pytest.raises(ValueError, match="more samples than the manifest"):
+        _val_keys(_cfg(root), bad, root, "val", 1)
+
+
+# --- two real processes ------------------------------------------------------------------------
+
+
+def _rank_main(rank: int, tmp: str, root: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=2)
+    try:
+        cfg = _cfg(Path(root), "data.workers=2", "data.val_batch_size=2")
+        manifest = json.loads(Path(root, "manifest.json").read_text())
+        steps = 0
+        for images, _masks in data.train_loader(cfg, manifest, root, rank, 2, epoch=0):
+            # Like DDP's gradient all-reduce: a rank with fewer batches would hang the other.
+            t = images.sum().reshape(1)
+            dist.all_reduce(t)
+            steps += 1
+        resumed = len(list(data.train_loader(cfg, manifest, root, rank, 2, epoch=0, skip_steps=3)))
+        loader = data.val_loader(cfg, manifest, root, rank, 2)
+        keys = [[k for _, _, ks in loader for k in ks] for _ in range(2)]  # twice: persistent workers
+        Path(tmp, f"rank{rank}.json").write_text(
+            json.dumps(
+                {"steps": steps, "resumed": resumed, "keys": keys, "share": data.val_share(manifest, "val", rank, 2)}
+            )
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_two_workers_uneven_shards(dataset, tmp_path):
+    root, manifest = dataset
+    mp.spawn(_rank_main, args=(str(tmp_path), str(root)), nprocs=2)
+    out = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [o["steps"] for o in out] == [4, 4]  # ceil(13 / (2 ranks * 2)) on both ranks
+    assert [o["resumed"] for o in out] == [1, 1]
+    for o in out:
+        assert o["keys"][0] == o["keys"][1] and len(o["keys"][0]) == o["share"]
+    flat = out[0]["keys"][0] + out[1]["keys"][0]
+    assert len(flat) == len(set(flat)) == 13 and set(flat) == _all_keys(manifest, "val")
+

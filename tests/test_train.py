@@ -1,0 +1,208 @@
+"""The trainer end to end, with 2 real gloo processes where ranks matter."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import REPO, child_env, tiny_overrides, torchrun, torchrun_cmd
+
+from seg_dist import checkpoint, distributed, pack
+from seg_dist.config import load_config
+from seg_dist.train import train
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_worker(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    with distributed.setup() as (denv, device):
+        result = train(load_config(REPO / "configs" / "default.yaml", overrides), denv, device)
+        torch.save({"model": result.model.state_dict(), "history": result.history, "step": result.global_step},
+                   f"{out}.{rank}")
+
+
+def _spawn_train(world: int, overrides: list[str], tmp_path: Path) -> list[dict]:
+    out = str(tmp_path / "rank")
+    mp.spawn(_rank_worker, args=(world, _free_port(), overrides, out), nprocs=world)
+    return [torch.load(f"{out}.{r}", weights_only=True) for r in range(world)]
+
+
+def test_two_ranks_converge_agree_and_leave_artifacts(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    ranks = _spawn_train(2, tiny_overrides(tiny_shards, run, "train.epochs=8", "optim.lr=1e-2"), tmp_path)
+
+    # All ranks hold identical weights after training (DDP kept them in step).
+    for key, value in ranks[0]["model"].items():
+        assert torch.equal(value, ranks[1]["model"][key]), key
+    # Validation metrics are all-reduced, so every rank reports the same numbers.
+    assert [h["miou"] for h in ranks[0]["history"]] == [h["miou"] for h in ranks[1]["history"]]
+
+    history = ranks[0]["history"]
+    assert len(history) == 8
+    assert history[-1]["miou"] > history[0]["miou"] + 0.15, history
+    assert history[-1]["miou"] > 0.45, history
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == list(range(8))
+    assert lines[-1]["samples"] == 16 and set(lines[-1]["per_class_iou"]) >= {"background", "disc"}
+    ck = run / "checkpoints"
+    assert (ck / "last.pt").is_file() and (ck / "best.pt").is_file()
+    assert len(list(ck.glob("epoch*-step*.pt"))) == 3  # keep_last
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert len(list((run / "overlays").glob("*.png"))) == 2
+    assert load_config(run / "config.yaml").data.num_classes == 6  # the resolved config
+
+    best = checkpoint.load(ck / "best.pt")
+    assert best["best_miou"] == pytest.approx(max(h["miou"] for h in history))
+
+
+def test_plateau_scheduler_stays_in_step_across_ranks(tiny_shards, tmp_path):
+    # A tiny lr keeps the validation loss flat, so the plateau rule fires; it is fed the all-reduced
+    # validation loss, so both ranks cut the rate at the same epochs although their train losses differ.
+    overrides = tiny_overrides(tiny_shards, tmp_path / "run", "train.epochs=4", "schedule.name=plateau",
+                               "schedule.plateau_patience=0", "optim.lr=1e-7")
+    ranks = _spawn_train(2, overrides, tmp_path)
+    lrs = [[h["lr"] for h in r["history"]] for r in ranks]
+    assert lrs[0] == lrs[1]
+    assert lrs[0][-1] < lrs[0][0]  # it did fire
+    assert [h["train_loss"] for h in ranks[0]["history"]] != [h["train_loss"] for h in ranks[1]["history"]]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Child processes, read from /proc (torchrun starts workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _last_step(path: Path) -> int:
+    try:
+        return checkpoint.load(path)["global_step"]
+    except (FileNotFoundError, RuntimeError):
+        return -1
+
+
+def test_killed_run_resumes_at_the_saved_step(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    # fp16 so the GradScaler's state is part of what must survive.
+    args = ["--config", "configs/default.yaml",
+            *tiny_overrides(tiny_shards, run, "train.epochs=30", "train.val_every=10", "train.amp=fp16",
+                            "checkpoint.every_steps=3", "schedule.warmup_iters=5")]
+    proc = subprocess.Popen(torchrun_cmd(2, "seg_dist.train", *args), cwd=REPO, env=child_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run / "checkpoints" / "last.pt"
+    try:
+        deadline = time.monotonic() + 120
+        while _last_step(last) < 6 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        for pid in [*_descendants(proc.pid), proc.pid]:  # no chance to clean up: like a node failure
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    saved = checkpoint.load(last)
+    total = 30 * (64 // (2 * 4))
+    assert 6 <= saved["global_step"] < total, "the run finished before it could be killed"
+
+    out = torchrun(2, "seg_dist.train", *args)
+    log = out.stdout + out.stderr
+    lr = saved["optimizer"]["param_groups"][0]["lr"]
+    assert f"(global step {saved['global_step']}), lr {lr:.6g}" in log, log[-2000:]
+    assert f"grad scale {saved['scaler']['scale']} (growth tracker {saved['scaler']['_growth_tracker']})" in log
+    assert saved["scaler"]["_growth_tracker"] > 0 or saved["scaler"]["scale"] != 65536.0
+    final = checkpoint.load(last)
+    assert final["global_step"] == total  # it continued, it did not start over or overshoot
+    assert final["epoch"] == 30
+
+
+def test_validation_is_identical_for_one_and_two_ranks(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    assert torchrun(1, "seg_dist.train", "--config", "configs/default.yaml",
+                    *tiny_overrides(tiny_shards, run, "train.epochs=2")).returncode == 0
+    ck = run / "checkpoints" / "last.pt"
+    reports = []
+    # fp32, so that the batch composition cannot flip an argmax through bf16 rounding: what is
+    # under test is the reduction, not the convolution's numerics.
+    for nproc, extra in ((1, []), (2, []), (2, ["data.val_batch_size=3", "data.workers=2"])):
+        out = tmp_path / f"eval{nproc}-{len(extra)}.json"
+        torchrun(nproc, "seg_dist.evaluate", "--checkpoint", str(ck), "--out", str(out), "train.amp=off", *extra)
+        reports.append(json.loads(out.read_text()))
+    for other in reports[1:]:
+        assert other["samples"] == reports[0]["samples"] == 16
+        assert other["confusion_matrix"] == reports[0]["confusion_matrix"]
+        assert other["miou"] == reports[0]["miou"] and other["pixel_accuracy"] == reports[0]["pixel_accuracy"]
+        # Summation order differs with the split, so the float loss agrees to rounding only.
+        assert other["loss"] == pytest.approx(reports[0]["loss"], rel=1e-6)
+
+
+def test_checkpoint_is_plain_and_loads_weights_only_in_a_fresh_process(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "seg_dist.train", "--config", "configs/default.yaml",
+                    *tiny_overrides(tiny_shards, run, "train.epochs=1")],
+                   cwd=REPO, env=child_env(), check=True, capture_output=True)
+    code = (
+        "import sys, torch\n"
+        "s = torch.load(sys.argv[1], weights_only=True)\n"
+        "assert not any(k.startswith(('module.', '_orig_mod.')) for k in s['model'])\n"
+        "assert s['config']['model']['width'] == 8 and s['global_step'] == 16 and s['epoch'] == 1\n"
+        "assert {'optimizer', 'scheduler', 'scaler', 'rng', 'manifest_digest', 'versions'} <= set(s)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(run / "checkpoints" / "last.pt")],
+                         capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_odd_image_sizes_train_and_validate(tmp_path):
+    shards = tmp_path / "odd"
+    assert pack.main(["--synthetic", "--out", str(shards), "--n", "20", "--size", "45", "--workers", "1"]) == 0
+    run = tmp_path / "run"
+    cfg = load_config(REPO / "configs" / "default.yaml",
+                      tiny_overrides(shards, run, "train.epochs=1", "data.image_size=37", "model.depth=4"))
+    result = train(cfg, distributed.DistEnv(), torch.device("cpu"))
+    assert result.history and result.metrics["miou"] >= 0  # validated at the original 45 x 45
+
+
+def test_diverging_run_stops_with_a_clear_message(tiny_shards, tmp_path):
+    cfg = load_config(REPO / "configs" / "default.yaml",
+                      tiny_overrides(tiny_shards, tmp_path / "run", "optim.lr=1e30", "train.max_nonfinite=3",
+                                     "train.amp=off"))
+    with pytest.raises(RuntimeError, match="non-finite steps in a row"):
+        train(cfg, distributed.DistEnv(), torch.device("cpu"))
+
+
+def test_fresh_run_refuses_to_overwrite_checkpoints(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    cfg = load_config(REPO / "configs" / "default.yaml", tiny_overrides(tiny_shards, run, "train.epochs=1"))
+    train(cfg, distributed.DistEnv(), torch.device("cpu"))
+    cfg.train.resume = "never"
+    with pytest.raises(ValueError, match="would overwrite"):
+        train(cfg, distributed.DistEnv(), torch.device("cpu"))
