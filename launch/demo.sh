@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # The main job on the embedded default data, from a fresh clone:
-#   set up .venv, generate the synthetic dataset, pack it into shards/synthetic, train with DDP
+#   set up .venv, generate the synthetic dataset, pack it into shards/synth, train with DDP
 #   (2 CPU processes, or one per GPU), leaving checkpoints, TensorBoard logs and overlays.
 # Extra arguments are config overrides, e.g. `bash launch/demo.sh train.epochs=3`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . launch/setup.sh
 
-if [ ! -f shards/synthetic/manifest.json ]; then
-    python -m seg_dist.pack --synthetic --out shards/synthetic
+if [ ! -f shards/synth/manifest.json ]; then
+    python -m seg_dist.pack --synthetic --out shards/synth
 fi
-python -m seg_dist.preview --config configs/default.yaml --out shards/synthetic/preview.png
+python -m seg_dist.preview --config configs/default.yaml --out shards/synth/preview.png
 
 # One process per GPU where there are GPUs, else 2 CPU processes.
 nproc=$(python -c "import torch; print(torch.cuda.device_count() or 2)")
@@ -23,4 +23,4 @@ echo "checkpoints: $run_dir/checkpoints/{last,best}.pt"
 echo "metrics:     $run_dir/metrics.jsonl"
 echo "overlays:    $run_dir/overlays/ (image | ground truth | prediction)"
 echo "TensorBoard: tensorboard --logdir $run_dir/tb"
-echo "augmentation preview: shards/synthetic/preview.png"
+echo "augmentation preview: shards/synth/preview.png"

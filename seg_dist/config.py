@@ -38,7 +38,7 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    root: str = "shards/synthetic"  # a shard directory holding manifest.json
+    root: str = "shards/synth"  # a shard directory holding manifest.json
     train_split: str = "train"
     val_split: str = "val"
     image_size: int = 64  # square training crop; validation uses val_size

@@ -1,5 +1,6 @@
 import io
 import json
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -146,7 +147,7 @@ def test_padding_and_affine_fill_mask_with_ignore(dataset):
 
 
 def test_val_resize_keeps_labels_and_preprocess_matches_val(dataset):
-    root, manifest = dataset
+    root, _ = dataset
     cfg = _cfg(root)
     sample = next(data.iter_samples([str(root / "val-000000.tar")]))
     assert sample["image"].dtype == np.uint8 and sample["mask"].dtype == np.int64
@@ -258,6 +259,9 @@ def test_shard_disagreeing_with_manifest_is_an_error(dataset, tmp_path):
 
 
 def _rank_main(rank: int, tmp: str, root: str) -> None:
+    # mp.spawn children default to spawning their own DataLoader workers (seconds of imports each);
+    # torchrun's ranks fork them, so do that here too.
+    multiprocessing.set_start_method("fork", force=True)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=2)
     try:
         cfg = _cfg(Path(root), "data.workers=2", "data.val_batch_size=2")
