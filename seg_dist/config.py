@@ -107,6 +107,7 @@ class TrainConfig:
     compile: bool = False
     cudnn_benchmark: bool = True
     seed: int = 0
+    device: str = "auto"  # auto (cuda:LOCAL_RANK when CUDA is there, else cpu) | cpu | cuda
     resume: str = "auto"  # auto | never | PATH
     val_every: int = 1  # epochs
     max_nonfinite: int = 20  # consecutive non-finite losses before the run stops
@@ -148,6 +149,7 @@ class Config:
 AMP_MODES = ("off", "bf16", "fp16", "auto")
 SCHEDULES = ("poly", "cosine", "plateau", "constant")
 CLASS_WEIGHTS = ("none", "inverse", "median")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def _check_choices(cfg: Config) -> None:
@@ -155,6 +157,7 @@ def _check_choices(cfg: Config) -> None:
         ("train.amp", cfg.train.amp, AMP_MODES),
         ("schedule.name", cfg.schedule.name, SCHEDULES),
         ("loss.class_weights", cfg.loss.class_weights, CLASS_WEIGHTS),
+        ("train.device", cfg.train.device, DEVICES),
     ]
     for key, value, allowed in choices:
         if value not in allowed:

@@ -91,8 +91,11 @@ def rendezvous_env(denv: DistEnv, environ: Mapping[str, str] | None = None) -> d
     return out
 
 
-def pick_device(local_rank: int) -> torch.device:
-    if torch.cuda.is_available():
+def pick_device(local_rank: int, kind: str = "auto") -> torch.device:
+    """`cuda:LOCAL_RANK` (never the global rank: ranks on other nodes have their own GPUs) or cpu."""
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but CUDA is not available")
+    if kind in ("auto", "cuda") and torch.cuda.is_available():
         count = torch.cuda.device_count()
         if local_rank >= count:
             raise RuntimeError(f"local rank {local_rank} has no GPU: only {count} visible on this node")
@@ -105,23 +108,23 @@ def backend_for(device: torch.device) -> str:
 
 
 @contextlib.contextmanager
-def setup(timeout_minutes: float = 30.0) -> Iterator[tuple[DistEnv, torch.device]]:
+def setup(device: str = "auto", timeout_minutes: float = 30.0) -> Iterator[tuple[DistEnv, torch.device]]:
     """Join the process group (if there is more than one process) and pick this rank's device.
 
     The group is destroyed on exit, also when the body raises, so a failing rank does not leave
     the others blocked on a half-torn-down group.
     """
     denv = read_env()
-    device = pick_device(denv.local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    dev = pick_device(denv.local_rank, device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     if denv.distributed and not dist.is_initialized():
         os.environ.update(rendezvous_env(denv))
         kwargs: dict[str, Any] = {}
-        if device.type == "cuda":
-            kwargs["device_id"] = device  # binds NCCL to this GPU and avoids a guess at the first collective
+        if dev.type == "cuda":
+            kwargs["device_id"] = dev  # binds NCCL to this GPU and avoids a guess at the first collective
         dist.init_process_group(
-            backend=backend_for(device),
+            backend=backend_for(dev),
             init_method="env://",
             rank=denv.rank,
             world_size=denv.world_size,
@@ -129,7 +132,7 @@ def setup(timeout_minutes: float = 30.0) -> Iterator[tuple[DistEnv, torch.device
             **kwargs,
         )
     try:
-        yield denv, device
+        yield denv, dev
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

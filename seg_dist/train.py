@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     stop = StopRequest()
     stop.install()
-    with distributed.setup() as (denv, device):
+    with distributed.setup(cfg.train.device) as (denv, device):
         setup_logging(denv.rank)
         if device.type == "cpu":
             # N CPU ranks on one node would otherwise each start a thread per core and thrash.
