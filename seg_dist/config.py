@@ -34,6 +34,7 @@ class AugmentConfig:
     brightness_contrast: float = 0.2  # probability of RandomBrightnessContrast
     affine: float = 0.3  # probability of a small Affine (translate, rotate)
     rotate: float = 10.0  # degrees, for the Affine
+    translate: float = 0.1  # fraction of the crop size, for the Affine
 
 
 @dataclass
@@ -42,7 +43,7 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     image_size: int = 64  # square training crop; validation uses val_size
-    val_size: int = 0  # 0: validate at the original resolution (batch must then be 1 or sizes equal)
+    val_size: int = 0  # 0: validate at the original resolution (batches padded with the ignore label)
     # Taken from the manifest when unset.
     num_classes: int | None = None
     ignore_index: int | None = None

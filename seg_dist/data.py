@@ -27,10 +27,20 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import shuffle as wds_shuffle
-from webdataset.tariterators import tarfile_samples
+from webdataset.gopen import gopen
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .config import Config, DataConfig
-from .shards import IMAGE_EXTS, MASK_FIELD, META_FIELD, decode_image, decode_mask, shard_counts, shard_urls
+from .shards import (
+    IMAGE_EXTS,
+    MASK_FIELD,
+    META_FIELD,
+    decode_image,
+    decode_mask,
+    shard_counts,
+    shard_urls,
+    split_count,
+)
 
 __all__ = [
     "build_transforms",
@@ -43,7 +53,6 @@ __all__ = [
     "val_share",
 ]
 
-TRANSLATE = 0.1  # Affine shift, as a fraction of the crop size
 
 
 # --- transforms --------------------------------------------------------------------------------
@@ -83,7 +92,7 @@ def build_transforms(data_cfg: DataConfig, train: bool, ignore_index: int) -> A.
         ops.append(A.RandomBrightnessContrast(p=aug.brightness_contrast))
     if aug.affine > 0:
         ops.append(A.Affine(
-            translate_percent=(-TRANSLATE, TRANSLATE), rotate=(-aug.rotate, aug.rotate),
+            translate_percent=(-aug.translate, aug.translate), rotate=(-aug.rotate, aug.rotate),
             border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=ignore_index,
             mask_interpolation=cv2.INTER_NEAREST, p=aug.affine,
         ))
@@ -127,7 +136,14 @@ def _decode(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _raw_samples(url: str) -> Iterator[dict[str, Any]]:
-    return tarfile_samples([{"url": url}])
+    """Undecoded samples of one shard (dicts of bytes by extension, plus __key__ and __url__)."""
+    # webdataset's tarfile_samples leaves the file open when a reader stops mid-shard; closing it
+    # here also covers abandoned train streams and validation readers that stop at their range end.
+    stream = gopen(url, "rb")
+    try:
+        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+    finally:
+        stream.close()
 
 
 def iter_samples(urls: Sequence[str]) -> Iterator[dict[str, Any]]:
@@ -151,16 +167,25 @@ def _seeds(*parts: int, n: int = 3) -> list[int]:
 
 
 def _worker() -> tuple[int, int]:
+    # (No cv2.setNumThreads(1) in workers: called in a worker forked after the parent used OpenCV's
+    # thread pool, it deadlocks.)
     info = get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def _resampled(urls: list[str], weights: list[int], rng: random.Random) -> Iterator[dict[str, str]]:
+def _resampled(urls: list[str], weights: list[int], rng: random.Random) -> Iterator[dict[str, Any]]:
+    """Raw samples of shards drawn with replacement, forever."""
     # webdataset's ResampledShards picks shards uniformly and seeds itself from RANK/WORLD_SIZE or
     # torch.distributed (and pid/time unless deterministic); weighting by sample count keeps a
     # small last shard from being oversampled, and the caller owns the seed.
     while True:
-        yield {"url": rng.choices(urls, weights)[0]}
+        url = rng.choices(urls, weights)[0]
+        empty = True
+        for raw in _raw_samples(url):
+            empty = False
+            yield raw
+        if empty:  # drawing it again and again would loop forever without a sample
+            raise ValueError(f"{url}: no samples in the shard, the manifest lists some")
 
 
 class _TrainStream(IterableDataset):
@@ -175,14 +200,12 @@ class _TrainStream(IterableDataset):
         self.seed_parts = (seed, epoch, rank, skip_steps)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        worker, num_workers = _worker()
-        if num_workers > 1:
-            cv2.setNumThreads(1)  # workers already use the cores; OpenCV threads would oversubscribe
+        worker, _ = _worker()
         shard_seed, shuffle_seed, aug_seed = _seeds(*self.seed_parts, worker)
         # One shared generator pair: Compose(seed=...) would give every transform an identical
         # stream, so e.g. hflip and vflip would always fire together.
         self.transform.set_random_state(np.random.default_rng(aug_seed), random.Random(aug_seed))
-        raw = tarfile_samples(_resampled(self.urls, self.counts, random.Random(shard_seed)))
+        raw = _resampled(self.urls, self.counts, random.Random(shard_seed))
         if self.shuffle_buffer > 1:
             raw = wds_shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
                               rng=random.Random(shuffle_seed))(raw)
@@ -195,7 +218,7 @@ def steps_per_epoch(manifest: dict[str, Any], cfg: Config, world_size: int) -> i
     """Batches per rank per epoch: the config's, or enough for all ranks to cover the split once."""
     if cfg.train.steps_per_epoch > 0:
         return cfg.train.steps_per_epoch
-    n = sum(shard_counts(manifest, cfg.data.train_split))
+    n = split_count(manifest, cfg.data.train_split)
     return max(1, math.ceil(n / (world_size * cfg.train.batch_size)))
 
 
@@ -276,8 +299,6 @@ class _ValStream(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, str]]:
         worker, num_workers = _worker()
-        if num_workers > 1:
-            cv2.setNumThreads(1)
         lo, hi = _share(self.stop - self.start, worker, num_workers)
         start, stop = self.start + lo, self.start + hi
         first = 0  # global index of the shard's first sample

@@ -166,7 +166,8 @@ def train(
             "choose another run.dir or resume"
         )
     if resume_from is not None:
-        state = checkpoint.load(resume_from, map_location=device)
+        # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest to the device.
+        state = checkpoint.load(resume_from, map_location="cpu")
         raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -9,7 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from seg_dist import pack
+# The suite is about behaviour on CPU with gloo (what CI has). On a GPU machine, 2 ranks would each
+# want a GPU of their own; hide CUDA unless asked, for this process and every process it starts.
+if not os.environ.get("SEG_DIST_TEST_CUDA"):
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+from seg_dist import pack  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

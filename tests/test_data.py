@@ -1,6 +1,7 @@
 import io
 import json
 import multiprocessing
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +200,16 @@ def test_train_batches_shapes_and_determinism(dataset):
     assert _batches(cfg, manifest, root, 0, 0, skip=5) == []
 
 
+def test_train_batches_with_workers_are_reproducible(dataset):
+    root, manifest = dataset
+    cfg = _cfg(root, "train.steps_per_epoch=4", "data.workers=2")
+    a, b = _batches(cfg, manifest, root, 0, 0), _batches(cfg, manifest, root, 0, 0)
+    assert len(a) == 4
+    assert all(torch.equal(i, j) and torch.equal(m, n) for (i, m), (j, n) in zip(a, b, strict=True))
+    # Each worker has its own stream: the two workers' batches differ.
+    assert not torch.equal(a[0][0], a[1][0])
+
+
 def test_train_loader_leaves_global_rng_alone(dataset):
     root, manifest = dataset
     torch.manual_seed(3)
@@ -253,6 +264,13 @@ def test_shard_disagreeing_with_manifest_is_an_error(dataset, tmp_path):
     bad["splits"]["val"]["shards"][2]["num_samples"] = 6
     with pytest.raises(ValueError, match="more samples than the manifest"):
         _val_keys(_cfg(root), bad, root, "val", 1)
+
+
+def test_empty_train_shard_is_an_error_not_a_hang(tmp_path):
+    manifest = make_shards(tmp_path, {"train": [3]})
+    tarfile.open(tmp_path / "train-000000.tar", "w").close()
+    with pytest.raises(ValueError, match="no samples in the shard"):
+        list(data.train_loader(_cfg(tmp_path), manifest, str(tmp_path), 0, 1, 0))
 
 
 # --- two real processes ------------------------------------------------------------------------

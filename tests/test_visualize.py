@@ -1,0 +1,113 @@
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from seg_dist import preview
+from seg_dist.config import load_config
+from seg_dist.data import preprocess
+from seg_dist.visualize import colorize, denormalize, grid, overlay, overlay_triptych, palette, save_png
+
+
+def test_palette_is_fixed_distinct_and_starts_dark():
+    p = palette(40)
+    assert p.shape == (40, 3) and p.dtype == np.uint8
+    assert p[0].sum() < 100
+    assert len({tuple(c) for c in p}) == 40
+    assert np.array_equal(palette(40), p) and np.array_equal(palette(6), p[:6])
+
+
+def test_colorize_and_overlay():
+    mask = np.array([[0, 1], [2, 255]])
+    c = colorize(mask, 3, 255)
+    assert c.shape == (2, 2, 3) and c.dtype == np.uint8
+    assert np.array_equal(c[0, 0], palette(3)[0]) and np.array_equal(c[1, 0], palette(3)[2])
+    assert np.array_equal(c[1, 1], [255, 255, 255])
+    assert np.array_equal(colorize(torch.from_numpy(mask), 3), c)
+    image = np.full((2, 2, 3), 100, np.uint8)
+    assert np.array_equal(overlay(image, mask, 3, alpha=0.0), image)
+    assert np.array_equal(overlay(image, mask, 3, alpha=1.0), c)
+    assert overlay_triptych(image, mask, mask, 3).shape == (2 + 4, 3 * 2 + 8, 3)
+    with pytest.raises(ValueError):
+        overlay(np.zeros((3, 2, 3), np.uint8), mask, 3)
+
+
+def test_denormalize_inverts_preprocess():
+    cfg = load_config(None, [])
+    image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    back = denormalize(preprocess(image, cfg.data), cfg.data.mean, cfg.data.std)
+    assert back.dtype == np.uint8 and np.abs(back.astype(int) - image).max() <= 1
+
+
+def test_grid_layout():
+    tiles = [np.full((4, 6, 3), i, np.uint8) for i in range(5)] + [np.zeros((2, 3), np.uint8)]
+    g = grid(tiles, cols=4, pad=1, fill=255)
+    assert g.shape == (2 * 4 + 3, 4 * 6 + 5, 3)
+    assert (g[1:5, 1:7] == 0).all() and (g[1:5, 8:14] == 1).all() and (g[6:10, 1:7] == 4).all()
+    assert (g[0] == 255).all()
+
+
+def test_save_png_is_atomic_and_round_trips(tmp_path):
+    a = np.random.default_rng(1).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    out = tmp_path / "sub" / "x.png"
+    save_png(out, a)
+    save_png(out, a)  # replaces
+    with Image.open(out) as im:
+        assert np.array_equal(np.array(im), a)
+    assert [p.name for p in out.parent.iterdir()] == ["x.png"]  # no temp files left behind
+    with pytest.raises(ValueError):
+        save_png(tmp_path / "bad.png", a.astype(np.float32))
+
+
+def _png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def shard_root(tmp_path):
+    rng = np.random.default_rng(0)
+    with wds.TarWriter(str(tmp_path / "train-000000.tar")) as sink:
+        for i in range(6):
+            sink.write({"__key__": f"s{i}", "png": _png(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)),
+                        "mask.png": _png(rng.integers(0, 4, (40, 36), dtype=np.uint8))})
+    manifest = {"format": "seg_dist-shards/1", "num_classes": 4, "ignore_index": 255, "class_names": list("abcd"),
+                "splits": {"train": {"num_samples": 6, "shards": [{"name": "train-000000.tar", "num_samples": 6}]}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    return tmp_path
+
+
+def test_preview_writes_a_grid(shard_root, tmp_path):
+    out = tmp_path / "p.png"
+    rc = preview.main(["--out", str(out), "--n", "5", "--cols", "2", f"data.root={shard_root}",
+                       "data.image_size=32", "data.augment.affine=1.0"])
+    assert rc == 0
+    with Image.open(out) as f:
+        im = np.array(f)
+    # 5 samples, 2 per row, each image | overlay of 32 px, 2 px apart.
+    assert im.shape == (3 * 32 + 4 * 2, 4 * 32 + 5 * 2, 3)
+
+
+def test_preview_errors_are_one_line(tmp_path, capsys):
+    assert preview.main(["--out", str(tmp_path / "p.png"), f"data.root={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json" in err and err.count("\n") == 1
+    assert preview.main(["--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_preview_module_runs(shard_root, tmp_path):
+    out = tmp_path / "cli.png"
+    r = subprocess.run([sys.executable, "-m", "seg_dist.preview", "--out", str(out), "--n", "2",
+                        f"data.root={shard_root}", "data.image_size=32"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    with Image.open(out) as im:
+        assert im.size[0] > 0
