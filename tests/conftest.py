@@ -14,7 +14,7 @@ import pytest
 if not os.environ.get("SEG_DIST_TEST_CUDA"):
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
-from seg_dist import pack  # noqa: E402
+from seg_dist import pack
 
 REPO = Path(__file__).resolve().parents[1]
 
