@@ -66,6 +66,9 @@ class StopRequest:
     def requested(self) -> bool:
         return self.signal is not None
 
+    def describe(self) -> str:
+        return signal.Signals(self.signal).name if self.signal is not None else "signalled on another rank"
+
 
 def resolve_classes(cfg: Config, manifest: dict[str, Any]) -> tuple[int, int, list[str]]:
     """Class count, ignore index and names: the manifest's unless the config overrides them."""
@@ -328,7 +331,7 @@ def train(
                 break
             # Ranks agree on a stop at the same step: the check is a collective at a fixed cadence.
             if at_log and distributed.any_rank(stop.requested, device):
-                log.info("stop requested (signal %s): checkpointing at global step %d", stop.signal, global_step)
+                log.info("stop requested (%s): checkpointing at global step %d", stop.describe(), global_step)
                 distributed.sync_buffers(raw_model)
                 save_checkpoint()
                 bar.close()
@@ -366,7 +369,7 @@ def train(
             log.info("Epoch %d: train loss=%.4f", finished_epoch, train_loss)
         save_checkpoint(is_best=is_best, snapshot=True)
         if not stopped and distributed.any_rank(stop.requested, device):
-            log.info("stop requested (signal %s) at the end of an epoch, global step %d", stop.signal, global_step)
+            log.info("stop requested (%s) at the end of an epoch, global step %d", stop.describe(), global_step)
             runlog.close()
             return TrainResult(raw_model, global_step, True, metrics, history)
 
@@ -381,15 +384,13 @@ def example_pictures(
     result: Validation, cfg: Config, num_classes: int, ignore_index: int
 ) -> list[np.ndarray]:
     """image | ground truth | prediction, side by side, for each kept validation example."""
-    from .visualize import denormalize, grid, overlay
+    from .visualize import denormalize, enlarge, overlay_triptych
 
-    pictures = []
-    for image, target, pred in result.examples:
-        rgb = denormalize(image, cfg.data.mean, cfg.data.std)
-        panels = [rgb, overlay(rgb, target.numpy(), num_classes, ignore_index),
-                  overlay(rgb, pred.numpy(), num_classes, ignore_index)]
-        pictures.append(grid(panels, cols=3))
-    return pictures
+    return [
+        enlarge(overlay_triptych(denormalize(image, cfg.data.mean, cfg.data.std), target.numpy(), pred.numpy(),
+                                 num_classes, ignore_index))
+        for image, target, pred in result.examples
+    ]
 
 
 def save_overlays(folder: Path, pictures: list[np.ndarray]) -> None:

@@ -108,3 +108,11 @@ def save_png(path: str | Path, array: np.ndarray) -> None:
     Image.fromarray(np.ascontiguousarray(a)).save(buf, format="PNG")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def enlarge(image: np.ndarray, min_side: int = 160) -> np.ndarray:
+    """Repeat pixels (nearest, so label edges stay sharp) until the shorter side is >= min_side."""
+    factor = max(1, -(-min_side // max(1, min(image.shape[:2]))))
+    if factor == 1:
+        return image
+    return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)

@@ -206,3 +206,48 @@ def test_fresh_run_refuses_to_overwrite_checkpoints(tiny_shards, tmp_path):
     cfg.train.resume = "never"
     with pytest.raises(ValueError, match="would overwrite"):
         train(cfg, distributed.DistEnv(), torch.device("cpu"))
+
+
+def _rank_pid(root: int, rank: int) -> int | None:
+    for pid in _descendants(root):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"GROUP_RANK=0" in env:
+            return pid
+    return None
+
+
+def test_stop_signal_to_one_rank_stops_all_at_the_same_step(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    args = ["--config", "configs/default.yaml",
+            *tiny_overrides(tiny_shards, run, "train.epochs=30", "train.val_every=10", "checkpoint.every_steps=2")]
+    proc = subprocess.Popen(torchrun_cmd(2, "seg_dist.train", *args), cwd=REPO, env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last = run / "checkpoints" / "last.pt"
+    try:
+        deadline = time.monotonic() + 120
+        while _last_step(last) < 4 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pid = _rank_pid(proc.pid, 1)
+        assert pid is not None, "rank 1 not found"
+        os.kill(pid, signal.SIGUSR1)  # only rank 1 hears it, as when SLURM signals one node first
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            for child in [*_descendants(proc.pid), proc.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out[-3000:]
+    # Rank 0 never got the signal; it stopped because rank 1 did.
+    assert "stop requested (signalled on another rank): checkpointing at global step" in out, out[-3000:]
+    saved = checkpoint.load(last)
+    stopped_at = saved["global_step"]
+    assert stopped_at < 30 * 8 and stopped_at % 2 == 0  # at an agreed logging step, not the end
+    assert (saved["epoch"], saved["epoch_step"]) == divmod(stopped_at, 8)
+
+    resumed = torchrun(2, "seg_dist.train", *args)
+    assert f"(global step {stopped_at})" in resumed.stdout + resumed.stderr
+    assert checkpoint.load(last)["global_step"] == 30 * 8

@@ -111,3 +111,13 @@ def test_preview_module_runs(shard_root, tmp_path):
     assert r.returncode == 0, r.stderr
     with Image.open(out) as im:
         assert im.size[0] > 0
+
+
+def test_enlarge_repeats_pixels():
+    from seg_dist.visualize import enlarge
+
+    img = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    big = enlarge(img, min_side=5)  # factor 3
+    assert big.shape == (6, 9, 3)
+    assert (big[::3, ::3] == img).all() and (big[2, 8] == img[0, 2]).all()
+    assert enlarge(img, min_side=2) is img
