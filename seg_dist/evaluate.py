@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s", e)
             return 2
         amp_dtype = precision.resolve_amp(cfg.train.amp, device)
-        bar = tqdm(total=expected, desc=f"evaluate {split}", disable=not denv.is_main)
+        bar = tqdm(total=data.val_share(manifest, split, denv.rank, denv.world_size), desc=f"evaluate {split}",
+                   disable=not denv.is_main)
         result = validate(trained.model, loader, trained.num_classes, trained.ignore_index, device, amp_dtype,
                           cfg.train.channels_last, progress=bar)
         bar.close()

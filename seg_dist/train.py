@@ -111,7 +111,7 @@ class TrainResult:
     global_step: int
     stopped: bool  # True when a stop request ended the run early
     metrics: dict[str, Any]  # the last validation's (identical on every rank)
-    history: list[dict[str, Any]]  # per validation: epoch, step, lr, val loss, mIoU, this rank's train loss
+    history: list[dict[str, Any]]  # per validation: epoch, step, lr, val loss, mIoU, train loss
 
 
 def train(
@@ -134,6 +134,7 @@ def train(
         total_steps = min(total_steps, cfg.train.max_steps)
     val_loader = data.val_loader(cfg, manifest, cfg.data.root, denv.rank, denv.world_size)
     val_expected = shards.split_count(manifest, cfg.data.val_split)
+    val_on_this_rank = data.val_share(manifest, cfg.data.val_split, denv.rank, denv.world_size)
 
     # ---- model, loss, optimiser ---------------------------------------------------------------
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -236,7 +237,7 @@ def train(
             checkpoint.prune_snapshots(ckpt_dir, cfg.checkpoint.keep_last)
 
     def run_validation() -> Validation:
-        bar = tqdm(total=val_expected, desc="val", leave=False, disable=not (main and cfg.logging.progress))
+        bar = tqdm(total=val_on_this_rank, desc="val", leave=False, disable=not (main and cfg.logging.progress))
         result = validate(
             raw_model, val_loader, num_classes, ignore_index, device, amp_dtype, cfg.train.channels_last,
             keep=cfg.logging.overlays if main else 0, progress=bar,
@@ -343,6 +344,7 @@ def train(
 
         # ---- end of epoch: validate, schedule, checkpoint ------------------------------------
         distributed.sync_buffers(raw_model)  # the weights checkpointed and validated are rank 0's
+        distributed.all_reduce_(epoch_loss)  # the train loss reported is over all ranks
         train_loss = (epoch_loss[0] / epoch_loss[1].clamp(min=1)).item()
         finished_epoch = epoch
         if epoch_step >= steps_per_epoch:

@@ -76,14 +76,13 @@ def test_two_ranks_converge_agree_and_leave_artifacts(tiny_shards, tmp_path):
 
 def test_plateau_scheduler_stays_in_step_across_ranks(tiny_shards, tmp_path):
     # A tiny lr keeps the validation loss flat, so the plateau rule fires; it is fed the all-reduced
-    # validation loss, so both ranks cut the rate at the same epochs although their train losses differ.
+    # validation loss, so both ranks cut the rate at the same epochs although their batches differ.
     overrides = tiny_overrides(tiny_shards, tmp_path / "run", "train.epochs=4", "schedule.name=plateau",
                                "schedule.plateau_patience=0", "optim.lr=1e-7")
     ranks = _spawn_train(2, overrides, tmp_path)
     lrs = [[h["lr"] for h in r["history"]] for r in ranks]
     assert lrs[0] == lrs[1]
     assert lrs[0][-1] < lrs[0][0]  # it did fire
-    assert [h["train_loss"] for h in ranks[0]["history"]] != [h["train_loss"] for h in ranks[1]["history"]]
 
 
 def _descendants(pid: int) -> list[int]:
