@@ -142,7 +142,10 @@ def train(
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     model: nn.Module = model_from_config(cfg.model, num_classes)
     if cfg.train.sync_bn and distributed.is_initialized():
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:  # DDP refuses SyncBatchNorm on CPU modules
+            log.warning("train.sync_bn needs CUDA: keeping per-rank BatchNorm on %s", device.type)
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)

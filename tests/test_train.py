@@ -46,7 +46,8 @@ def _spawn_train(world: int, overrides: list[str], tmp_path: Path) -> list[dict]
 
 def test_two_ranks_converge_agree_and_leave_artifacts(tiny_shards, tmp_path):
     run = tmp_path / "run"
-    ranks = _spawn_train(2, tiny_overrides(tiny_shards, run, "train.epochs=8", "optim.lr=1e-2"), tmp_path)
+    ranks = _spawn_train(2, tiny_overrides(tiny_shards, run, "train.epochs=8", "optim.lr=1e-2", "train.grad_clip=5.0"),
+                         tmp_path)
 
     # All ranks hold identical weights after training (DDP kept them in step).
     for key, value in ranks[0]["model"].items():
@@ -185,9 +186,11 @@ def test_odd_image_sizes_train_and_validate(tmp_path):
     assert pack.main(["--synthetic", "--out", str(shards), "--n", "20", "--size", "45", "--workers", "1"]) == 0
     run = tmp_path / "run"
     cfg = load_config(REPO / "configs" / "default.yaml",
-                      tiny_overrides(shards, run, "train.epochs=1", "data.image_size=37", "model.depth=4"))
+                      tiny_overrides(shards, run, "train.epochs=1", "data.image_size=37", "model.depth=4",
+                                     "train.accum_steps=2"))
     result = train(cfg, distributed.DistEnv(), torch.device("cpu"))
     assert result.history and result.metrics["miou"] >= 0  # validated at the original 45 x 45
+    assert result.global_step == 16 // 4 // 2  # 4 micro-batches, 2 optimiser steps
 
 
 def test_diverging_run_stops_with_a_clear_message(tiny_shards, tmp_path):
@@ -245,7 +248,8 @@ def test_stop_signal_to_one_rank_stops_all_at_the_same_step(tiny_shards, tmp_pat
     saved = checkpoint.load(last)
     stopped_at = saved["global_step"]
     assert stopped_at < 30 * 8 and stopped_at % 2 == 0  # at an agreed logging step, not the end
-    assert (saved["epoch"], saved["epoch_step"]) == divmod(stopped_at, 8)
+    # A stop on an epoch's last step is saved before that epoch's validation: (epoch, 8), not (epoch + 1, 0).
+    assert saved["epoch"] * 8 + saved["epoch_step"] == stopped_at
 
     resumed = torchrun(2, "seg_dist.train", *args)
     assert f"(global step {stopped_at})" in resumed.stdout + resumed.stderr
