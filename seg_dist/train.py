@@ -134,6 +134,7 @@ def train(
         total_steps = min(total_steps, cfg.train.max_steps)
     val_loader = data.val_loader(cfg, manifest, cfg.data.root, denv.rank, denv.world_size)
     val_expected = shards.split_count(manifest, cfg.data.val_split)
+    manifest_digest = shards.manifest_digest(manifest)
     val_on_this_rank = data.val_share(manifest, cfg.data.val_split, denv.rank, denv.world_size)
 
     # ---- model, loss, optimiser ---------------------------------------------------------------
@@ -184,7 +185,7 @@ def train(
         rngs = state.get("rng", [])
         if len(rngs) == denv.world_size:
             set_rng_state(rngs[denv.rank])
-        if state.get("manifest_digest") != shards.manifest_digest(manifest):
+        if state.get("manifest_digest") != manifest_digest:
             log.warning("the shards changed since %s was written", resume_from)
         log.info("resumed from %s at epoch %d, step %d (global step %d), lr %.6g, grad scale %s (growth tracker %s)",
                  resume_from, epoch, epoch_step, global_step, optimizer.param_groups[0]["lr"],
@@ -229,7 +230,7 @@ def train(
             "num_classes": num_classes,
             "ignore_index": ignore_index,
             "class_names": class_names,
-            "manifest_digest": shards.manifest_digest(manifest),
+            "manifest_digest": manifest_digest,
             "versions": checkpoint.versions(),
         }
         checkpoint.save(ckpt_dir / checkpoint.LAST, state)

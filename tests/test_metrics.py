@@ -100,7 +100,7 @@ def test_distributed_reduce_equals_single_process(tmp_path: Path, split: list[li
     accumulate(single, make_batches(4))
     expected = single.compute()
     for rank in range(2):
-        out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert out["mat"].dtype == torch.int64
         assert torch.equal(out["mat"], single.mat)
         assert out["res"] == expected  # exact, not approximately
