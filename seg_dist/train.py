@@ -364,8 +364,9 @@ def train(
                             "val_loss": metrics["loss"], "miou": metrics["miou"], "train_loss": train_loss})
             is_best = metrics["miou"] > best_miou
             best_miou = max(best_miou, metrics["miou"])
-            log.info("Epoch %d: train loss=%.4f, val loss=%.4f, val mIoU=%.4f, pixel acc=%.4f",
-                     finished_epoch, train_loss, metrics["loss"], metrics["miou"], metrics["pixel_accuracy"])
+            log.info("Epoch %d: train loss=%.4f, val loss=%.4f, val mIoU=%.4f, pixel acc=%.4f (%d val samples)",
+                     finished_epoch, train_loss, metrics["loss"], metrics["miou"], metrics["pixel_accuracy"],
+                     result.samples_seen)
             if main:
                 pictures = example_pictures(result, cfg, num_classes, ignore_index)
                 write_validation_logs(runlog, result, class_names, pictures, finished_epoch, global_step, train_loss)
