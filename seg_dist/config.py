@@ -111,7 +111,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda:LOCAL_RANK when CUDA is there, else cpu) | cpu | cuda
     resume: str = "auto"  # auto | never | PATH
     val_every: int = 1  # epochs
-    max_nonfinite: int = 20  # consecutive non-finite losses before the run stops
+    max_nonfinite: int = 20  # consecutive skipped (non-finite) steps that stop the run; checked per log line
     max_steps: int = 0  # stop after this many optimiser steps in total (0: no limit)
 
 

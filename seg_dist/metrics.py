@@ -43,10 +43,13 @@ class ConfusionMatrix:
         n = self.num_classes
         pred = pred.flatten().to(self.device, torch.int64)
         target = target.flatten().to(self.device, torch.int64)
-        # Boolean indexing keeps everything on device (no host sync).
+        # No boolean indexing and no bincount: on CUDA both size their output on the host, a sync per
+        # batch. Invalid pixels go to an extra bin that is dropped.
         valid = (target != self.ignore_index) & (target >= 0) & (target < n)
-        idx = n * target[valid] + pred[valid]
-        self.mat += torch.bincount(idx, minlength=n * n).reshape(n, n)
+        idx = torch.where(valid, n * target + pred, n * n)
+        counts = torch.zeros(n * n + 1, dtype=torch.int64, device=self.device)
+        counts.scatter_add_(0, idx, torch.ones_like(idx))
+        self.mat += counts[:-1].view(n, n)
 
     @torch.no_grad()
     def update_loss(self, loss: torch.Tensor | float, weight: torch.Tensor | float = 1.0) -> None:

@@ -158,8 +158,10 @@ def train(
         num_classes, ignore_index, cfg.loss.ce_weight, cfg.loss.dice_weight,
         weights.to(device) if weights is not None else None,
     )
+    # Fused: it can skip a non-finite step on the device (`found_inf`), so no step waits on the host.
     optimizer = torch.optim.AdamW(
-        raw_model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas
+        raw_model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,
+        fused=True,
     )
     scheduler = build_scheduler(optimizer, cfg.schedule, total_steps)
     amp_dtype = precision.resolve_amp(cfg.train.amp, device)
@@ -255,10 +257,10 @@ def train(
         return result
 
     # ---- the loop -----------------------------------------------------------------------------
-    nonfinite_in_a_row = 0
+    nonfinite_run = torch.zeros((), device=device)  # consecutive skipped steps
     metrics: dict[str, Any] = {}
     history: list[dict[str, Any]] = []
-    sums = torch.zeros(4, device=device)  # loss, ce, dice, grad norm since the last log line
+    sums = torch.zeros(6, device=device)  # loss, ce, dice, grad norm, steps taken, steps skipped since the last log
     logged_at, log_timer, data_wait = global_step, time.perf_counter(), 0.0
     stopped = global_step >= total_steps
     while epoch < cfg.train.epochs and not stopped:
@@ -288,11 +290,14 @@ def train(
             scaler.unscale_(optimizer)
             max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
-            # Gradients are already all-reduced, so every rank reaches the same verdict. This is the
-            # one host sync per step, the same one GradScaler makes for fp16.
-            finite = bool(torch.isfinite(grad_norm))
-            if finite or scaler.is_enabled():
-                scaler.step(optimizer)  # with fp16 the scaler skips non-finite steps itself
+            # Gradients are already all-reduced, so every rank reaches the same verdict, on the device.
+            skipped = (~torch.isfinite(grad_norm)).float()
+            if scaler.is_enabled():
+                scaler.step(optimizer)  # fp16: the scaler hands its own found_inf to the fused optimiser
+            else:
+                optimizer.found_inf, optimizer.grad_scale = skipped, None
+                optimizer.step()
+                del optimizer.found_inf, optimizer.grad_scale
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if is_per_iteration(scheduler):
@@ -300,24 +305,27 @@ def train(
             epoch_step += 1
             global_step += 1
             bar.update(1)
-            if finite:
-                nonfinite_in_a_row = 0
-                sums += torch.stack([loss.detach(), parts["ce"], parts["dice"], grad_norm.detach()]).float()
-                epoch_loss += torch.stack([loss.detach().float(), torch.ones((), device=device)])
-            else:
-                nonfinite_in_a_row += 1
-                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", global_step,
-                            nonfinite_in_a_row)
-                if nonfinite_in_a_row >= cfg.train.max_nonfinite:
-                    raise RuntimeError(
-                        f"{nonfinite_in_a_row} non-finite steps in a row at step {global_step}: the run "
-                        "diverged; lower optim.lr, set train.grad_clip, or try train.amp=bf16/off"
-                    )
+            # Running sums stay on the device; a skipped step adds to the counts only.
+            values = torch.stack([loss.detach(), parts["ce"], parts["dice"], grad_norm.detach()]).float()
+            sums[:4] += torch.where(skipped.bool(), torch.zeros_like(values), values)
+            sums[4:] += torch.stack([1 - skipped, skipped])
+            nonfinite_run = (nonfinite_run + 1) * skipped
+            epoch_loss += torch.where(skipped.bool(), torch.zeros(2, device=device),
+                                      torch.stack([values[0], torch.ones((), device=device)]))
 
             at_log = global_step % cfg.logging.log_every == 0
             if at_log:
+                *totals, n_ok, n_skipped, in_a_row = torch.cat([sums, nonfinite_run.view(1)]).tolist()  # one sync
+                if n_skipped:
+                    log.warning("%d non-finite step(s) skipped before step %d (%d in a row)", n_skipped,
+                                global_step, in_a_row)
+                if in_a_row >= cfg.train.max_nonfinite:
+                    raise RuntimeError(
+                        f"{int(in_a_row)} non-finite steps in a row at step {global_step}: the run "
+                        "diverged; lower optim.lr, set train.grad_clip, or try train.amp=bf16/off"
+                    )
                 n = max(1, global_step - logged_at)
-                loss_avg, ce_avg, dice_avg, norm_avg = (sums / n).tolist()  # one sync per log line
+                loss_avg, ce_avg, dice_avg, norm_avg = (t / max(1.0, n_ok) for t in totals)
                 elapsed = time.perf_counter() - log_timer
                 images_per_s = n * accum * cfg.train.batch_size * denv.world_size / max(elapsed, 1e-9)
                 runlog.scalars({
