@@ -49,6 +49,10 @@ log = logging.getLogger("seg_dist.train")
 EXIT_STOPPED = 0  # a stop request was honoured and last.pt written; the launcher may requeue
 
 
+class Diverged(RuntimeError):
+    """Too many non-finite steps in a row; reported as one line, not a traceback."""
+
+
 class StopRequest:
     """Set by a signal handler; read only at step boundaries, where ranks agree on it."""
 
@@ -320,7 +324,7 @@ def train(
                     log.warning("%d non-finite step(s) skipped before step %d (%d in a row)", n_skipped,
                                 global_step, in_a_row)
                 if in_a_row >= cfg.train.max_nonfinite:
-                    raise RuntimeError(
+                    raise Diverged(
                         f"{int(in_a_row)} non-finite steps in a row at step {global_step}: the run "
                         "diverged; lower optim.lr, set train.grad_clip, or try train.amp=bf16/off"
                     )
@@ -463,6 +467,9 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigError, FileNotFoundError, ValueError) as e:
             log.error("%s", e)
             return 2
+        except Diverged as e:
+            log.error("%s", e)
+            return 1
     return EXIT_STOPPED if result.stopped else 0
 
 
