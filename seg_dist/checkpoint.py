@@ -6,16 +6,15 @@ in a fresh process without unpickling arbitrary objects.
 
 from __future__ import annotations
 
-import os
 import platform
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from . import atomic
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
@@ -48,31 +47,14 @@ def versions() -> dict[str, str]:
 
 
 def save(path: str | Path, state: dict[str, Any]) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomic: a crash leaves the previous file or the new one, never a torn checkpoint."""
+    with atomic.writer(path) as f:
+        torch.save(state, f)
 
 
 def copy(src: str | Path, dst: str | Path) -> None:
-    """Atomic copy (a hard link where the file system allows): `dst` is whole or absent."""
-    src, dst = Path(src), Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)  # last.pt is later replaced by rename, so the link keeps this content
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    """`dst` is whole or absent (a hard link where the file system allows)."""
+    atomic.copy(src, dst)
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint, data, distributed, precision, shards
+from . import atomic, checkpoint, data, distributed, precision, shards
 from .config import Config, ConfigError, load_config_dict
 from .log import setup_logging
 from .metrics import ConfusionMatrix
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                       "class_names": trained.class_names, "confusion_matrix": result.matrix.tolist()}
             text = json.dumps(report, indent=2)
             if args.out:
-                shards.atomic_write_text(args.out, text + "\n")
+                atomic.write_text(args.out, text + "\n")
             print(json.dumps({k: report[k] for k in ("split", "samples", "miou", "pixel_accuracy", "loss")}))
     return 0
 

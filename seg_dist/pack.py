@@ -32,7 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import seg_dist
-from seg_dist import shards
+from seg_dist import atomic, shards
 
 __all__ = [
     "DEFAULT_SAMPLES_PER_SHARD",
@@ -483,7 +483,7 @@ class _ShardWriter:
     def add(self, members: list[tuple[str, bytes]]) -> None:
         if self._tar is None:
             final = self.out / f"{self.split}-{len(self.entries):06d}.tar"
-            tmp = shards.temp_path(final)
+            tmp = atomic.temp_path(final)
             self.temps.append((tmp, final))
             # Both stay open across add() calls; closed in _finish_shard.
             self._file = open(tmp, "xb")  # noqa: SIM115
@@ -766,7 +766,7 @@ def _write(
         for writer in writers:
             for tmp, final in writer.temps:
                 os.replace(tmp, final)
-        shards.fsync_dir(out)
+        atomic.fsync_dir(out)
     except BaseException:
         for writer in writers:
             writer.abort()
@@ -781,7 +781,7 @@ def _write(
         "class_names": names,
         "splits": _ordered_splits(splits),
     }
-    shards.atomic_write_text(out / shards.MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    atomic.write_text(out / shards.MANIFEST, json.dumps(manifest, indent=2) + "\n")
     for split in split_names:
         # Shards of the replaced split that the new one did not overwrite (it has fewer now).
         current = {s["name"] for s in new_splits[split]["shards"]}

@@ -5,12 +5,9 @@ A packed dataset is a folder of WebDataset tar shards plus `manifest.json`; see 
 
 from __future__ import annotations
 
-import colorsys
 import hashlib
 import io
 import json
-import os
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +21,13 @@ __all__ = [
     "MANIFEST",
     "MASK_FIELD",
     "META_FIELD",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "decode_image",
     "decode_mask",
     "load_manifest",
     "manifest_digest",
-    "palette",
     "shard_counts",
     "shard_urls",
     "split_count",
-    "temp_path",
 ]
 
 MANIFEST = "manifest.json"
@@ -50,15 +43,6 @@ _SHARD_KEYS = ("name", "num_samples")
 
 # Single-channel PIL modes whose pixel values are the labels themselves ("P": palette indices).
 LABEL_MODES = ("P", "L", "I;16", "I;16L", "I;16B", "I", "1")
-
-# Fixed first colours, chosen to be far apart; the synthetic dataset's classes use the first six.
-_BASE_COLOURS = (
-    (0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (240, 50, 230),
-    (70, 240, 240), (245, 130, 48), (145, 30, 180), (210, 245, 60), (250, 190, 212), (0, 128, 128),
-    (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0),
-    (255, 215, 180), (0, 0, 128), (128, 128, 128),
-)  # fmt: skip
-
 
 def load_manifest(root: str | Path) -> dict[str, Any]:
     """Read and sanity-check `root/manifest.json`; errors are one line naming the file."""
@@ -118,49 +102,6 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def temp_path(path: str | Path) -> Path:
-    """A unique hidden sibling of `path` (same directory, so os.replace is atomic)."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` so readers see either the old file or the complete new one, never a torn one."""
-    path = Path(path)
-    tmp = temp_path(path)
-    # os.open with 0o666 honours the umask (mkstemp would leave the final file 0600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """UTF-8 text version of `atomic_write_bytes`."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def fsync_dir(path: str | Path) -> None:
-    """Persist renames in `path`; best effort (not every platform can open a directory)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def decode_mask(data: bytes) -> np.ndarray:
     """Single-channel mask bytes -> writable int64 HxW labels (palette PNGs give their indices)."""
     with Image.open(io.BytesIO(data)) as im:
@@ -174,21 +115,3 @@ def decode_image(data: bytes) -> np.ndarray:
     """Image bytes -> writable uint8 HxWx3 RGB (grey, palette and alpha images are converted)."""
     with Image.open(io.BytesIO(data)) as im:
         return np.array(im.convert("RGB"))
-
-
-def palette(num_classes: int) -> np.ndarray:
-    """`num_classes` x 3 uint8 colours: fixed distinct ones first, then golden-ratio hues.
-
-    Deterministic, so overlays of the same class look the same everywhere; the ignore index is not
-    included (callers draw it separately).
-    """
-    colours = list(_BASE_COLOURS[:num_classes])
-    i = 0
-    while len(colours) < num_classes:
-        # Golden-ratio hue steps spread hues evenly; cycling value/saturation separates near-equal hues.
-        hue = (i * 0.618033988749895) % 1.0
-        sat = (0.9, 0.6, 0.75)[i % 3]
-        val = (0.95, 0.7, 0.5)[(i // 3) % 3]
-        colours.append(tuple(round(255 * c) for c in colorsys.hsv_to_rgb(hue, sat, val)))
-        i += 1
-    return np.array(colours, dtype=np.uint8).reshape(num_classes, 3)

@@ -16,14 +16,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from seg_dist.shards import palette
+from seg_dist.visualize import IGNORE_COLOUR, palette
 
 __all__ = ["CLASS_NAMES", "IGNORE_COLOUR", "IGNORE_INDEX", "PALETTE", "generate", "main", "palette", "render"]
 
 CLASS_NAMES = ("background", "disc", "square", "triangle", "ring", "blob")
 PALETTE = [tuple(int(v) for v in c) for c in palette(len(CLASS_NAMES))]
 IGNORE_INDEX = 255
-IGNORE_COLOUR = (224, 224, 192)
 
 # Per object class: hue centre (jittered by _HUE_JITTER, so red discs and yellow rings overlap a little and
 # shape has to break the tie) and how often an object is of that class (blob is the rare one).

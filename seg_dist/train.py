@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from . import checkpoint, data, distributed, precision, shards
+from . import atomic, checkpoint, data, distributed, precision, shards
 from .config import Config, ConfigError, load_config, to_dict
 from .evaluate import Validation, validate
 from .log import RunLog, setup_logging
@@ -207,7 +207,7 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
         resolved = to_dict(cfg)
         resolved["data"].update(num_classes=num_classes, ignore_index=ignore_index, class_names=class_names)
-        shards.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        atomic.write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
         runlog.text("config", "    " + json.dumps(resolved, indent=2).replace("\n", "\n    "), global_step)
         log.info(
             "%s: %s parameters, %d classes, %d ranks on %s, amp %s, %d steps/epoch x %d epochs, "

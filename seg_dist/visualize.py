@@ -1,7 +1,12 @@
-"""Masks and images as pictures: class colours, overlays, grids and atomic PNG writes (no matplotlib)."""
+"""Pictures: the class palette, colourised masks, overlays, grids, the confusion matrix, PNG writes.
+
+The one home of class colours: training overlays, previews, the synthetic dataset's palette PNGs
+and predictions all draw with `palette()` and paint ignored pixels `IGNORE_COLOUR`. No matplotlib.
+"""
 
 from __future__ import annotations
 
+import colorsys
 import io
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,20 +15,37 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .shards import atomic_write_bytes
-from .shards import palette as _palette
+from . import atomic
 
-__all__ = ["colorize", "denormalize", "grid", "overlay", "overlay_triptych", "palette", "save_png"]
+__all__ = ["IGNORE_COLOUR", "colorize", "denormalize", "grid", "overlay", "overlay_triptych", "palette", "save_png"]
 
 IGNORE_COLOUR = (255, 255, 255)
 
+# Fixed first colours, chosen to be far apart; the synthetic dataset's classes use the first six.
+_BASE_COLOURS = (
+    (0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (240, 50, 230),
+    (70, 240, 240), (245, 130, 48), (145, 30, 180), (210, 245, 60), (250, 190, 212), (0, 128, 128),
+    (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0),
+    (255, 215, 180), (0, 0, 128), (128, 128, 128),
+)  # fmt: skip
+
 
 def palette(num_classes: int) -> np.ndarray:
-    """num_classes x 3 uint8: ~20 fixed distinct colours (class 0 black), then deterministic hues.
+    """`num_classes` x 3 uint8 colours: ~20 fixed distinct ones first (class 0 black), then golden-ratio hues.
 
-    The same table the packer uses for palette-mode mask PNGs, so colours agree everywhere.
+    Deterministic, so the same class has the same colour everywhere; the ignore index is not
+    included (it is drawn in `IGNORE_COLOUR`).
     """
-    return _palette(num_classes)
+    colours = list(_BASE_COLOURS[:num_classes])
+    i = 0
+    while len(colours) < num_classes:
+        # Golden-ratio hue steps spread hues evenly; cycling value/saturation separates near-equal hues.
+        hue = (i * 0.618033988749895) % 1.0
+        sat = (0.9, 0.6, 0.75)[i % 3]
+        val = (0.95, 0.7, 0.5)[(i // 3) % 3]
+        colours.append(tuple(round(255 * c) for c in colorsys.hsv_to_rgb(hue, sat, val)))
+        i += 1
+    return np.array(colours, dtype=np.uint8).reshape(num_classes, 3)
 
 
 def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -107,7 +129,7 @@ def save_png(path: str | Path, array: np.ndarray) -> None:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(a)).save(buf, format="PNG")
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic.write_bytes(path, buf.getvalue())
 
 
 def enlarge(image: np.ndarray, min_side: int = 160) -> np.ndarray:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from seg_dist import data
 from seg_dist.config import load_config
-from seg_dist.shards import palette
+from seg_dist.visualize import palette
 
 NUM_CLASSES, IGNORE = 6, 255
 

@@ -16,7 +16,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from seg_dist import pack, shards
+from seg_dist import atomic, pack, shards
+from seg_dist.visualize import palette
 
 
 def _save_image(path: Path, hw: tuple[int, int] = (6, 8), seed: int = 0, mode: str = "RGB") -> bytes:
@@ -37,7 +38,7 @@ def _save_mask(path: Path, labels: np.ndarray, palette_png: bool = False) -> Non
     path.parent.mkdir(parents=True, exist_ok=True)
     im = Image.fromarray(labels)
     if palette_png:
-        im.putpalette(shards.palette(256).tobytes())
+        im.putpalette(palette(256).tobytes())
     im.save(path)
 
 
@@ -357,10 +358,10 @@ def test_cli_subprocess(tmp_path: Path) -> None:
 def test_manifest_helpers(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"manifest\.json"):
         shards.load_manifest(tmp_path)
-    shards.atomic_write_text(tmp_path / shards.MANIFEST, "{not json")
+    atomic.write_text(tmp_path / shards.MANIFEST, "{not json")
     with pytest.raises(ValueError, match=r"manifest\.json: unreadable"):
         shards.load_manifest(tmp_path)
-    shards.atomic_write_text(tmp_path / shards.MANIFEST, json.dumps({"format": shards.FORMAT}))
+    atomic.write_text(tmp_path / shards.MANIFEST, json.dumps({"format": shards.FORMAT}))
     with pytest.raises(ValueError, match="lacks keys"):
         shards.load_manifest(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [shards.MANIFEST]
@@ -376,9 +377,9 @@ def test_manifest_helpers(tmp_path: Path) -> None:
     image = shards.decode_image(_png(np.zeros((2, 3), np.uint8)))
     assert image.shape == (2, 3, 3) and image.dtype == np.uint8 and image.flags.writeable
 
-    colours = shards.palette(40)
+    colours = palette(40)
     assert colours.shape == (40, 3) and colours.dtype == np.uint8
-    assert len({tuple(c) for c in colours}) == 40 and np.array_equal(colours[:6], shards.palette(6))
+    assert len({tuple(c) for c in colours}) == 40 and np.array_equal(colours[:6], palette(6))
 
 
 def _png(array: np.ndarray) -> bytes:

@@ -1,0 +1,87 @@
+"""Atomic file writes: readers see the old file or the complete new one, never a torn one.
+
+Every file seg_dist writes that someone may read while it is being written (manifests, shards,
+checkpoints, PNGs, JSON reports) goes through here: a unique temporary sibling, fsync, rename,
+then an fsync of the directory so the rename itself survives a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = ["copy", "fsync_dir", "temp_path", "write_bytes", "write_text", "writer"]
+
+
+def temp_path(path: str | Path) -> Path:
+    """A unique hidden sibling of `path` (same directory, so os.replace is atomic)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Persist renames in `path`; best effort (not every platform can open a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def writer(path: str | Path) -> Iterator[BinaryIO]:
+    """Yield a binary file that replaces `path` when the block ends without an exception.
+
+    On an exception the temporary file is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    # os.open with 0o666 honours the umask (mkstemp would leave the final file 0600).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with writer(path) as f:
+        f.write(data)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """UTF-8 text version of `write_bytes`."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def copy(src: str | Path, dst: str | Path) -> None:
+    """`dst` becomes a whole copy of `src` (a hard link where the file system allows)."""
+    src, dst = Path(src), Path(dst)
+    tmp = temp_path(dst)
+    try:
+        try:
+            os.link(src, tmp)  # files we replace by rename keep the linked content, so a link is a copy
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(dst.parent)
