@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,12 @@ __all__ = [
     "META_FIELD",
     "decode_image",
     "decode_mask",
+    "existing_shards",
     "load_manifest",
     "manifest_digest",
     "shard_counts",
+    "shard_name",
+    "shard_name_pattern",
     "shard_urls",
     "split_count",
 ]
@@ -43,6 +47,26 @@ _SHARD_KEYS = ("name", "num_samples")
 
 # Single-channel PIL modes whose pixel values are the labels themselves ("P": palette indices).
 LABEL_MODES = ("P", "L", "I;16", "I;16L", "I;16B", "I", "1")
+
+
+def shard_name(split: str, index: int) -> str:
+    """File name of shard `index` of `split`: `train-000000.tar`, ... (sorts in shard order)."""
+    return f"{split}-{index:06d}.tar"
+
+
+def shard_name_pattern(split: str) -> re.Pattern[str]:
+    """Matches (fullmatch) exactly the names `shard_name(split, i)` gives."""
+    return re.compile(rf"{re.escape(split)}-\d{{6}}\.tar")
+
+
+def existing_shards(root: str | Path, split: str) -> list[Path]:
+    """Shard files of `split` in `root`, sorted, whether or not a manifest lists them."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    pattern = shard_name_pattern(split)
+    return sorted(p for p in root.iterdir() if pattern.fullmatch(p.name))
+
 
 def load_manifest(root: str | Path) -> dict[str, Any]:
     """Read and sanity-check `root/manifest.json`; errors are one line naming the file."""

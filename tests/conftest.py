@@ -23,20 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """80 synthetic 32 px samples (64 train, 16 val) in uneven shards of 12."""
     out = tmp_path_factory.mktemp("shards") / "synthetic"
-    args = [
-        "--synthetic",
-        "--out",
-        str(out),
-        "--n",
-        "80",
-        "--size",
-        "32",
-        "--samples-per-shard",
-        "12",
-        "--workers",
-        "1",
-    ]
-    assert pack.main(args) == 0
+    pack.pack_synthetic(out, n=80, size=32, samples_per_shard=12, workers=1)
     return out
 
 

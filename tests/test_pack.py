@@ -1,4 +1,4 @@
-"""seg_dist.pack / seg_dist.shards: real files in tmp_path, read back with stock webdataset and tarfile."""
+"""seg_dist.pack (library and command), seg_dist.shards: real files, read back with stock webdataset and tarfile."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from seg_dist import atomic, pack, shards
+from seg_dist import atomic, cli, shards
+from seg_dist.pack import PackError, PackOptions, pack, pack_synthetic
+from seg_dist.pack.__main__ import main as pack_main
 from seg_dist.visualize import palette
 
 
@@ -55,7 +57,7 @@ def _dataset(root: Path, stems: list[str], ext: str = "png") -> dict[str, tuple[
 
 def _run(root: Path, *extra: str, out: str = "out") -> int:
     argv = ["--images", str(root / "images"), "--masks", str(root / "masks"), "--out", str(root / out)]
-    return pack.main([*argv, "--num-classes", "3", "--workers", "1", *extra])
+    return pack_main([*argv, "--num-classes", "3", "--workers", "1", *extra])
 
 
 def _samples(out: Path, split: str) -> list[dict]:
@@ -288,7 +290,7 @@ def test_second_split_appended_and_repack_refused(tmp_path: Path, capsys: pytest
     assert _run(tmp_path) == 2
     assert "split 'train' is in the manifest; pass --overwrite" in capsys.readouterr().err
     args = ["--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks"), "--out", str(out)]
-    assert pack.main([*args, "--num-classes", "4", "--split", "val", "--workers", "1"]) == 2
+    assert pack_main([*args, "--num-classes", "4", "--split", "val", "--workers", "1"]) == 2
     assert "num_classes is 3" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
@@ -336,7 +338,7 @@ def test_max_size_resizes_image_and_mask(tmp_path: Path) -> None:
 
 def test_synthetic(tmp_path: Path) -> None:
     out = tmp_path / "synth"
-    assert pack.main(["--synthetic", "--n", "20", "--size", "32", "--out", str(out), "--workers", "1"]) == 0
+    assert pack_main(["--synthetic", "--n", "20", "--size", "32", "--out", str(out), "--workers", "1"]) == 0
     manifest = shards.load_manifest(out)
     assert manifest["class_names"][:2] == ["background", "disc"] and manifest["num_classes"] == 6
     assert shards.split_count(manifest, "train") == 16 and shards.split_count(manifest, "val") == 4
@@ -353,6 +355,61 @@ def test_cli_subprocess(tmp_path: Path) -> None:
     bad = subprocess.run([*cmd, "--out", str(tmp_path / "bad")], capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "masks/b.png: label values 7" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_library_without_argparse(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = _dataset(tmp_path, ["a", "b", "c"])
+    options = PackOptions(
+        images=str(tmp_path / "images"),  # str or Path
+        masks=tmp_path / "masks",
+        out=tmp_path / "out",
+        num_classes=3,
+        class_names=["x", "y", "z"],
+        samples_per_shard=2,
+        workers=1,
+    )
+    assert options.out == tmp_path / "out" and options.class_names == ("x", "y", "z")
+    with pytest.raises(AttributeError):
+        options.split = "val"  # type: ignore[misc]  # frozen
+    result = pack(options)
+    assert result.out == tmp_path / "out" and result.splits == ("train",) and result.rejects == []
+    assert result.manifest == shards.load_manifest(tmp_path / "out")
+    assert result.manifest["class_names"] == ["x", "y", "z"] and shards.shard_counts(result.manifest, "train") == [2, 1]
+    assert [s["__key__"] for s in _samples(tmp_path / "out", "train")] == sorted(data)
+    assert capsys.readouterr().out == ""  # the library reports through its result, the command prints
+
+    # Problems come back on the exception, which the command wrapper knows as a user error.
+    _break_range(tmp_path)
+    with pytest.raises(PackError, match=r"1 problem\(s\); nothing written") as info:
+        pack(PackOptions(tmp_path / "images", tmp_path / "masks", tmp_path / "out2", 3, workers=1))
+    assert isinstance(info.value, cli.UserError)
+    ((path, problem),) = info.value.problems
+    assert path.endswith("masks/b.png") and problem.startswith("label values 7")
+    assert not (tmp_path / "out2").exists()
+    with pytest.raises(PackError, match="--split must be one of train, val, test"):
+        pack(PackOptions(tmp_path / "images", tmp_path / "masks", tmp_path / "out2", 3, split="dev"))
+    with pytest.raises(PackError, match="need n >= 1"):
+        pack_synthetic(tmp_path / "synth", n=0, workers=1)
+
+
+def test_shard_names(tmp_path: Path) -> None:
+    assert shards.shard_name("train", 12) == "train-000012.tar"
+    pattern = shards.shard_name_pattern("train")
+    assert pattern.fullmatch(shards.shard_name("train", 3)) and not pattern.fullmatch("train-3.tar")
+    assert not shards.shard_name_pattern("v.l").fullmatch("val-000000.tar")  # the split name is literal
+    assert shards.existing_shards(tmp_path / "missing", "train") == []
+    for name in ("train-000001.tar", "train-000000.tar", "val-000000.tar", ".train-000002.tar.1.tmp", "train.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in shards.existing_shards(tmp_path, "train")] == ["train-000000.tar", "train-000001.tar"]
+
+
+@pytest.mark.parametrize("command", [["seg_dist.pack"], ["seg_dist", "pack"]])
+def test_help_subprocess(command: list[str]) -> None:
+    # `python -m seg_dist pack` is what the `seg-dist pack` console script runs.
+    done = subprocess.run([sys.executable, "-m", *command, "--help"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "--synthetic" in done.stdout and "--num-classes" in done.stdout
+    assert done.stderr == ""  # e.g. no runpy warning about seg_dist.pack.__main__ being imported twice
 
 
 def test_manifest_helpers(tmp_path: Path) -> None:

@@ -1,0 +1,156 @@
+"""Pack image/mask folders into deterministic WebDataset tar shards plus manifest.json.
+
+    python -m seg_dist.pack --images DIR --masks DIR --out shards/NAME --num-classes N [options]
+    python -m seg_dist.pack --synthetic --out shards/synth
+
+(also `seg-dist pack ...`). Every pair is decoded and checked before anything is written; all problems are
+reported at once (exit code 2) unless --skip-bad packs the good pairs and records the rest in the manifest.
+The shard and manifest format is described in shards/README.md and seg_dist/shards.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from seg_dist import cli, shards, synthetic
+from seg_dist.pack.errors import PackError
+from seg_dist.pack.pipeline import (
+    DEFAULT_SAMPLES_PER_SHARD,
+    DEFAULT_WORKERS,
+    SPLITS,
+    SYNTH_SAMPLES_PER_SHARD,
+    SYNTH_VAL_FRACTION,
+    PackOptions,
+    PackResult,
+    pack,
+    pack_synthetic,
+)
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m seg_dist.pack",
+        description="Pack image/mask folders into WebDataset shards + manifest.json (see shards/README.md).",
+    )
+    ap.add_argument("--images", help="image folder (searched recursively)")
+    ap.add_argument("--masks", help="mask folder, same relative layout/stems as --images")
+    ap.add_argument("--out", help="output folder, e.g. shards/voc (default for --synthetic: shards/synth)")
+    ap.add_argument("--num-classes", type=int, help="number of classes N; labels must be in [0, N) or ignore")
+    ap.add_argument("--split", default="train", choices=SPLITS, help="split to write (default train)")
+    ap.add_argument("--val-fraction", type=float, help="also carve a 'val' split of this fraction (seeded)")
+    ap.add_argument("--ignore-index", type=int, default=255, help="label ignored by loss/metrics (default 255)")
+    ap.add_argument(
+        "--samples-per-shard",
+        type=int,
+        help=f"default {DEFAULT_SAMPLES_PER_SHARD} ({SYNTH_SAMPLES_PER_SHARD} synthetic)",
+    )
+    ap.add_argument("--max-size", type=int, help="downscale so the longer side is <= this many pixels")
+    ap.add_argument("--class-names", help="comma-separated, N names (default class_0..class_{N-1})")
+    ap.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="decode processes")
+    ap.add_argument("--list", help="file of stems to pack, one per line (e.g. VOC ImageSets/Segmentation)")
+    ap.add_argument("--image-suffix", default="", help="stripped from image stems, e.g. _leftImg8bit")
+    ap.add_argument("--mask-suffix", default="", help="stripped from mask stems, e.g. _gtFine_labelIds")
+    ap.add_argument("--label-map", help="YAML source_id: class_id; unmapped ids -> ignore (e.g. Cityscapes)")
+    ap.add_argument("--palette", help="YAML colour -> class for RGB-coded masks (e.g. CamVid)")
+    ap.add_argument("--skip-bad", action="store_true", help="pack good pairs, record bad ones as manifest rejects")
+    ap.add_argument("--overwrite", action="store_true", help="replace split(s) already in --out")
+    ap.add_argument("--seed", type=int, default=0, help="for --val-fraction and --synthetic (default 0)")
+    ap.add_argument("--synthetic", action="store_true", help="generate and pack the seg_dist.synthetic dataset")
+    ap.add_argument("--n", type=int, default=480, help="--synthetic: number of samples (default 480)")
+    ap.add_argument("--size", type=int, default=64, help="--synthetic: image side (default 64)")
+    return ap
+
+
+def _class_names(text: str | None) -> tuple[str, ...] | None:
+    # Empty names are kept, so that the count check in `pack` reports them.
+    return None if text is None else tuple(s.strip() for s in text.split(","))
+
+
+def _options(args: argparse.Namespace) -> PackOptions:
+    missing = [f for f, v in (("--images", args.images), ("--masks", args.masks), ("--out", args.out)) if not v]
+    if args.num_classes is None:
+        missing.append("--num-classes")
+    if missing:
+        raise PackError(f"missing {', '.join(missing)} (or use --synthetic)")
+    return PackOptions(
+        images=args.images,
+        masks=args.masks,
+        out=args.out,
+        num_classes=args.num_classes,
+        split=args.split,
+        val_fraction=args.val_fraction,
+        ignore_index=args.ignore_index,
+        samples_per_shard=args.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD,
+        max_size=args.max_size,
+        class_names=_class_names(args.class_names),
+        workers=args.workers,
+        list_file=args.list,
+        image_suffix=args.image_suffix,
+        mask_suffix=args.mask_suffix,
+        label_map=args.label_map,
+        palette=args.palette,
+        skip_bad=args.skip_bad,
+        overwrite=args.overwrite,
+        seed=args.seed,
+    )
+
+
+def _synthetic(args: argparse.Namespace) -> PackResult:
+    given = [f for f, v in (("--images", args.images), ("--masks", args.masks), ("--list", args.list)) if v]
+    if given:
+        raise PackError("--synthetic generates its own images; drop --images/--masks/--list")
+    # Flags that would be silently meaningless for the generated masks.
+    given = [f for f, v in (("--label-map", args.label_map), ("--palette", args.palette)) if v]
+    given += [f for f, v in (("--image-suffix", args.image_suffix), ("--mask-suffix", args.mask_suffix)) if v]
+    if given:
+        raise PackError(f"--synthetic generates its own masks; drop {'/'.join(given)}")
+    n_classes = len(synthetic.CLASS_NAMES)
+    if args.num_classes not in (None, n_classes):
+        raise PackError(f"--synthetic has {n_classes} classes, not --num-classes {args.num_classes}")
+    if args.ignore_index != synthetic.IGNORE_INDEX:
+        raise PackError(f"--synthetic uses ignore index {synthetic.IGNORE_INDEX}, not {args.ignore_index}")
+    return pack_synthetic(
+        args.out or "shards/synth",
+        n=args.n,
+        size=args.size,
+        seed=args.seed,
+        samples_per_shard=args.samples_per_shard or SYNTH_SAMPLES_PER_SHARD,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        split=args.split,
+        val_fraction=SYNTH_VAL_FRACTION if args.val_fraction is None else args.val_fraction,
+        class_names=_class_names(args.class_names),
+        max_size=args.max_size,
+    )
+
+
+def _pack_command(argv: Sequence[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        result = _synthetic(args) if args.synthetic else pack(_options(args))
+    except PackError as e:
+        # The per-file lines first; cli.run then prints the one-line summary and picks the exit code.
+        for path, msg in e.problems:
+            print(f"{path}: {msg}", file=sys.stderr)
+        raise
+    for path, msg in result.rejects:
+        print(f"skipped {path}: {msg}", file=sys.stderr)
+    for split in result.splits:
+        entry = result.manifest["splits"][split]
+        size = sum(s["bytes"] for s in entry["shards"]) / 1e6
+        print(f"{split}: {entry['num_samples']} samples in {len(entry['shards'])} shard(s), {size:.1f} MB")
+    print(f"wrote {result.out / shards.MANIFEST}")
+    return cli.EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command entry point; returns the exit code (0 packed, 2 bad input or refused)."""
+    return cli.run(_pack_command, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

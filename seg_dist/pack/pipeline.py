@@ -1,0 +1,344 @@
+"""The packing pipeline: options -> pairs -> checked samples -> shards -> manifest.
+
+Every pair is decoded and checked before anything is written; all problems are reported at once
+unless `skip_bad` packs the good pairs and records the rest in the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+import seg_dist
+from seg_dist import atomic, shards, synthetic
+from seg_dist.pack.errors import PackError, Problem
+from seg_dist.pack.labels import LabelSpec, load_label_map, load_palette
+from seg_dist.pack.pairing import Pair, pair_files, read_list
+from seg_dist.pack.samples import SamplePool, SampleStats, check_pair, encode_pair
+from seg_dist.pack.writer import ShardWriter
+
+__all__ = [
+    "DEFAULT_SAMPLES_PER_SHARD",
+    "DEFAULT_WORKERS",
+    "SPLITS",
+    "SYNTH_SAMPLES_PER_SHARD",
+    "SYNTH_VAL_FRACTION",
+    "PackOptions",
+    "PackResult",
+    "pack",
+    "pack_synthetic",
+]
+
+SPLITS = ("train", "val", "test")  # also the order of splits in the manifest
+# ~30 MB shards for VOC-sized JPEGs; enough shards for a few ranks x workers on mid-sized datasets.
+DEFAULT_SAMPLES_PER_SHARD = 256
+# The synthetic set is tiny: smaller shards so 2 ranks x 2 loader workers each still get whole shards.
+SYNTH_SAMPLES_PER_SHARD = 64
+SYNTH_VAL_FRACTION = 0.2
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+
+_Checked = tuple[list[Pair], list[SampleStats]]  # the good pairs of a split and their mask statistics
+
+
+def _path(value: str | Path | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    """Everything `pack` needs; one field per command-line option (`list_file` is --list)."""
+
+    images: Path  # image folder, searched recursively
+    masks: Path  # mask folder, same relative layout and stems as `images`
+    out: Path  # output folder, e.g. shards/voc
+    num_classes: int  # labels must be in [0, num_classes) or the ignore index
+    split: str = "train"  # one of SPLITS
+    val_fraction: float | None = None  # also carve a seeded 'val' split of this fraction out of `split`
+    ignore_index: int = 255
+    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD
+    max_size: int | None = None  # downscale so the longer side is at most this
+    class_names: tuple[str, ...] | None = None  # default class_0..class_{N-1} (or what `out` already has)
+    workers: int = DEFAULT_WORKERS  # decode processes
+    list_file: Path | None = None  # stems to pack, one per line
+    image_suffix: str = ""  # stripped from image stems (files without it are skipped)
+    mask_suffix: str = ""  # stripped from mask stems (files without it are skipped)
+    label_map: Path | None = None  # YAML source_id: class_id
+    palette: Path | None = None  # YAML colour -> class, for RGB-coded masks
+    skip_bad: bool = False  # pack the good pairs, record bad ones as manifest rejects
+    overwrite: bool = False  # replace splits already in `out`
+    seed: int = 0  # for the val_fraction shuffle
+
+    def __post_init__(self) -> None:
+        # Accept str paths and any sequence of names from Python callers; store one canonical type.
+        for name in ("images", "masks", "out", "list_file", "label_map", "palette"):
+            object.__setattr__(self, name, _path(getattr(self, name)))
+        if self.class_names is not None:
+            object.__setattr__(self, "class_names", tuple(self.class_names))
+
+    @property
+    def split_names(self) -> tuple[str, ...]:
+        """The splits this pack writes."""
+        return (self.split, "val") if self.val_fraction is not None else (self.split,)
+
+
+@dataclass(frozen=True)
+class PackResult:
+    """What `pack` wrote: the output folder, its new manifest, and which of its splits this call wrote."""
+
+    out: Path
+    manifest: dict[str, Any]
+    splits: tuple[str, ...]
+    rejects: list[Problem] = field(default_factory=list)  # (path, error) left out by skip_bad, sorted
+
+
+def _check_options(o: PackOptions) -> list[str]:
+    """Validate options; returns the class names."""
+    n, ignore = o.num_classes, o.ignore_index
+    if o.split not in SPLITS:
+        raise PackError(f"--split must be one of {', '.join(SPLITS)}, got {o.split!r}")
+    if n < 1:
+        raise PackError(f"--num-classes must be >= 1, got {n}")
+    if not (n <= ignore <= 65535):
+        raise PackError(f"--ignore-index {ignore} must be in [num_classes={n}, 65535] (not a real class)")
+    if o.val_fraction is not None and not 0 < o.val_fraction < 1:
+        raise PackError(f"--val-fraction must be in (0, 1), got {o.val_fraction}")
+    if o.val_fraction is not None and o.split == "val":
+        raise PackError("--val-fraction carves 'val' out of --split; use --split train or test with it")
+    if o.samples_per_shard < 1:
+        raise PackError(f"--samples-per-shard must be >= 1, got {o.samples_per_shard}")
+    if o.max_size is not None and o.max_size < 1:
+        raise PackError(f"--max-size must be >= 1, got {o.max_size}")
+    if o.label_map and o.palette:
+        raise PackError("give --label-map or --palette, not both")
+    if o.workers < 1:
+        raise PackError(f"--workers must be >= 1, got {o.workers}")
+    if o.class_names is None:
+        return [f"class_{i}" for i in range(n)]
+    names = [s.strip() for s in o.class_names]
+    if len(names) != n or not all(names):
+        raise PackError(f"--class-names has {len(names)} names (empty ones count), --num-classes is {n}")
+    return names
+
+
+def _load_existing(out: Path, o: PackOptions, names: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """(manifest already in `out` or {}, class names), after checking the new splits may join it."""
+    if out.exists() and not out.is_dir():
+        raise PackError(f"--out {out}: exists and is not a directory")
+    old: dict[str, Any] = {}
+    if (out / shards.MANIFEST).exists():
+        try:
+            old = shards.load_manifest(out)
+        except (ValueError, FileNotFoundError) as e:
+            raise PackError(f"{e}; fix or remove it") from e
+    old_splits = old.get("splits", {})
+    for split in o.split_names:
+        stray = shards.existing_shards(out, split)
+        if (split in old_splits or stray) and not o.overwrite:
+            what = "is in the manifest" if split in old_splits else f"has {len(stray)} shard files"
+            raise PackError(f"--out {out}: split {split!r} {what}; pass --overwrite to replace it")
+    kept = [s for s in old_splits if s not in o.split_names]
+    if kept and o.class_names is None and old["num_classes"] == o.num_classes:
+        names = old["class_names"]  # adding a split: keep the names the first one was packed with
+    if kept:
+        mine = {"num_classes": o.num_classes, "ignore_index": o.ignore_index, "class_names": names}
+        for key, value in mine.items():
+            if old[key] != value:
+                raise PackError(
+                    f"{out / shards.MANIFEST}: {key} is {old[key]!r} for splits {kept}, "
+                    f"this pack has {value!r}; use another --out"
+                )
+    return old, names
+
+
+def _label_spec(o: PackOptions) -> LabelSpec:
+    lut = load_label_map(o.label_map, o.num_classes, o.ignore_index) if o.label_map else None
+    colours = colour_classes = None
+    if o.palette:
+        colours, colour_classes = load_palette(o.palette, o.num_classes, o.ignore_index)
+    return LabelSpec(o.num_classes, o.ignore_index, o.max_size, lut, colours, colour_classes)
+
+
+def _assign_splits(pairs: list[Pair], split: str, val_fraction: float | None, seed: int) -> dict[str, list[Pair]]:
+    if val_fraction is None:
+        return {split: pairs}
+    keys = [p.key for p in pairs]  # already sorted, so the shuffle only depends on the set and the seed
+    random.Random(seed).shuffle(keys)
+    n_val = min(max(1, round(len(keys) * val_fraction)), len(keys) - 1)
+    val = set(keys[:n_val])
+    return {split: [p for p in pairs if p.key not in val], "val": [p for p in pairs if p.key in val]}
+
+
+def _check_all(
+    assigned: dict[str, list[Pair]], pool: SamplePool, rejects: dict[str, list[Problem]]
+) -> dict[str, _Checked]:
+    """Validation pass over every pair; bad ones go to `rejects` of their split."""
+    checked: dict[str, _Checked] = {}
+    with tqdm(total=sum(map(len, assigned.values())), desc="validate", unit="img", disable=None) as bar:
+        for split, members in assigned.items():
+            good: list[Pair] = []
+            good_stats: list[SampleStats] = []
+            for pair, (bad, stats) in zip(members, pool.imap(check_pair, members), strict=True):
+                bar.update()
+                if bad:
+                    rejects[split].extend(bad)
+                else:
+                    good.append(pair)
+                    good_stats.append(stats)
+            checked[split] = (good, good_stats)
+    return checked
+
+
+def pack(options: PackOptions) -> PackResult:
+    """Pack `options.images`/`options.masks` into shards + manifest.json in `options.out`.
+
+    Raises PackError (with `.problems` when pairs were bad) and leaves `out` untouched if anything is wrong.
+    """
+    o = options
+    names = _check_options(o)
+    out = o.out
+    old, names = _load_existing(out, o, names)
+    spec = _label_spec(o)
+    stems = read_list(o.list_file) if o.list_file else None
+    pairs, problems = pair_files(o.images, o.masks, o.image_suffix, o.mask_suffix, stems, f"--list {o.list_file}")
+    assigned = _assign_splits(pairs, o.split, o.val_fraction, o.seed)
+    rejects: dict[str, list[Problem]] = {s: [] for s in o.split_names}
+    rejects[o.split].extend(problems)
+    with SamplePool(min(o.workers, max(1, len(pairs))), spec) as pool:
+        checked = _check_all(assigned, pool, rejects)
+        all_problems = sorted(p for split in o.split_names for p in rejects[split])
+        if all_problems and not o.skip_bad:
+            raise PackError(
+                f"{len(all_problems)} problem(s); nothing written to {out} (--skip-bad packs the good pairs)",
+                all_problems,
+            )
+        empty = [s for s in o.split_names if not checked.get(s, ([], []))[0]]
+        if empty:
+            raise PackError(f"no good pairs for split(s) {empty}; nothing written to {out}", all_problems)
+        manifest = _write(out, old, names, o, checked, rejects, pool)
+    return PackResult(out, manifest, o.split_names, all_problems)
+
+
+def _write(
+    out: Path,
+    old: dict[str, Any],
+    names: list[str],
+    o: PackOptions,
+    checked: dict[str, _Checked],
+    rejects: dict[str, list[Problem]],
+    pool: SamplePool,
+) -> dict[str, Any]:
+    """Writing pass: shards of every split, then the manifest, then removal of replaced shards."""
+    out.mkdir(parents=True, exist_ok=True)
+    writers: list[ShardWriter] = []
+    new_splits: dict[str, Any] = {}
+    try:
+        total = sum(len(checked[s][0]) for s in o.split_names)
+        with tqdm(total=total, desc="write", unit="img", disable=None) as bar:
+            for split in o.split_names:
+                good, good_stats = checked[split]
+                writer = ShardWriter(out, split, o.samples_per_shard)
+                writers.append(writer)
+                for members in pool.imap(encode_pair, good):
+                    writer.add(members)
+                    bar.update()
+                new_splits[split] = _split_entry(writer.close(), good_stats, rejects[split], o.num_classes)
+        # Everything is on disk: only now replace old shards, then publish the manifest.
+        for writer in writers:
+            writer.commit()
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+    old_splits = old.get("splits", {})
+    splits = {k: v for k, v in old_splits.items() if k not in new_splits} | new_splits
+    manifest = {
+        "format": shards.FORMAT,
+        "packer_version": seg_dist.__version__,
+        "num_classes": o.num_classes,
+        "ignore_index": o.ignore_index,
+        "class_names": names,
+        "splits": _ordered_splits(splits),
+    }
+    atomic.write_text(out / shards.MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    for split in o.split_names:
+        # Shards of the replaced split that the new one did not overwrite (it has fewer now).
+        current = {s["name"] for s in new_splits[split]["shards"]}
+        for path in shards.existing_shards(out, split):
+            if path.name not in current:
+                path.unlink()
+    return manifest
+
+
+def _ordered_splits(splits: dict[str, Any]) -> dict[str, Any]:
+    rank = {name: i for i, name in enumerate(SPLITS)}
+    return {k: splits[k] for k in sorted(splits, key=lambda s: (rank.get(s, len(rank)), s))}
+
+
+def _split_entry(
+    shard_entries: list[dict[str, Any]], good_stats: list[SampleStats], rejects: list[Problem], num_classes: int
+) -> dict[str, Any]:
+    hist = np.zeros(num_classes, np.int64)
+    ignored = 0
+    hws = np.array([s.hw for s in good_stats], np.int64).reshape(-1, 2)
+    for s in good_stats:
+        hist += s.histogram
+        ignored += s.ignored
+    return {
+        "num_samples": len(good_stats),
+        "shards": shard_entries,
+        "class_histogram": [int(v) for v in hist],
+        "ignored_pixels": int(ignored),
+        "image_size": {
+            "min_hw": [int(v) for v in hws.min(0)],
+            "max_hw": [int(v) for v in hws.max(0)],
+            "mean_hw": [round(float(v), 1) for v in hws.mean(0)],
+        },
+        "rejects": [{"path": p, "error": e} for p, e in sorted(rejects)],
+    }
+
+
+def pack_synthetic(
+    out: str | Path = "shards/synth",
+    *,
+    n: int = 480,
+    size: int = 64,
+    seed: int = 0,
+    samples_per_shard: int = SYNTH_SAMPLES_PER_SHARD,
+    workers: int = DEFAULT_WORKERS,
+    overwrite: bool = False,
+    split: str = "train",
+    val_fraction: float | None = SYNTH_VAL_FRACTION,
+    class_names: tuple[str, ...] | None = None,
+    max_size: int | None = None,
+) -> PackResult:
+    """Generate `n` samples of `seg_dist.synthetic` (seeded by `seed`) and pack them into `out`."""
+    with tempfile.TemporaryDirectory(prefix="seg_dist_synth_") as tmp:
+        options = PackOptions(
+            images=Path(tmp, "images"),
+            masks=Path(tmp, "masks"),
+            out=Path(out),
+            num_classes=len(synthetic.CLASS_NAMES),
+            split=split,
+            val_fraction=val_fraction,
+            ignore_index=synthetic.IGNORE_INDEX,
+            samples_per_shard=samples_per_shard,
+            max_size=max_size,
+            class_names=class_names or synthetic.CLASS_NAMES,
+            workers=workers,
+            overwrite=overwrite,
+            seed=seed,
+        )
+        _check_options(options)  # before spending time on generating
+        try:
+            synthetic.generate(tmp, n, size, seed)
+        except ValueError as e:
+            raise PackError(str(e)) from e
+        return pack(options)

@@ -1,0 +1,89 @@
+"""Deterministic tar shards, written under temporary names and put in place only when all are done."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from seg_dist import atomic, shards
+
+__all__ = ["ShardWriter"]
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    # Fixed metadata: same input -> byte-identical shards.
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+class ShardWriter:
+    """Streams the samples of one split into `shards.shard_name(split, i)` files of `per_shard` samples.
+
+    Shards go to hidden temporary siblings; `commit()` renames them into place. It is a separate step so
+    that the caller can finish every split before replacing any old shard (a failed pack changes nothing).
+    """
+
+    def __init__(self, out: Path, split: str, per_shard: int) -> None:
+        self.out, self.split, self.per_shard = out, split, per_shard
+        self.entries: list[dict[str, Any]] = []  # manifest entries of the finished shards
+        self.temps: list[tuple[Path, Path]] = []  # (temporary, final) paths
+        self._file: BinaryIO | None = None
+        self._tar: tarfile.TarFile | None = None
+        self._count = 0
+
+    def add(self, members: list[tuple[str, bytes]]) -> None:
+        """Append one sample's tar members."""
+        if self._tar is None:
+            final = self.out / shards.shard_name(self.split, len(self.entries))
+            tmp = atomic.temp_path(final)
+            self.temps.append((tmp, final))
+            # A streaming file, not atomic.writer: it stays open across add() calls and is renamed by commit().
+            self._file = open(tmp, "xb")  # noqa: SIM115
+            self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.GNU_FORMAT)  # noqa: SIM115
+        for name, data in members:
+            self._tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+        self._count += 1
+        if self._count == self.per_shard:
+            self._finish_shard()
+
+    def _finish_shard(self) -> None:
+        assert self._tar is not None and self._file is not None
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        tmp, final = self.temps[-1]
+        digest = hashlib.sha256()
+        with open(tmp, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        self.entries.append(
+            {"name": final.name, "num_samples": self._count, "bytes": tmp.stat().st_size, "sha256": digest.hexdigest()}
+        )
+        self._tar, self._file, self._count = None, None, 0
+
+    def close(self) -> list[dict[str, Any]]:
+        """Finish the last shard; returns the manifest entries of all shards, in order."""
+        if self._tar is not None:
+            self._finish_shard()
+        return self.entries
+
+    def commit(self) -> None:
+        """Rename the finished shards into place (replacing same-named old ones) and persist the renames."""
+        for tmp, final in self.temps:
+            os.replace(tmp, final)
+        atomic.fsync_dir(self.out)
+
+    def abort(self) -> None:
+        """Remove what this writer wrote that has not been committed."""
+        if self._file is not None:
+            self._file.close()
+        for tmp, _ in self.temps:
+            tmp.unlink(missing_ok=True)
