@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import platform
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +17,17 @@ import torch
 from torch import nn
 
 from . import atomic
+from .config import Config, load_config_dict
+from .errors import UserError
+from .models import build_model
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
 BEST = "best.pt"
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A file that is not a loadable checkpoint (a RuntimeError too, as torch's own load errors are)."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -63,8 +72,8 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise RuntimeError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from e
+    except Exception as e:  # a torn, foreign or non-weights-only file: bad input, not a bug
+        raise CheckpointError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from e
 
 
 def resume_path(resume: str, run_dir: str | Path) -> Path | None:
@@ -93,3 +102,26 @@ def prune_snapshots(folder: str | Path, keep_last: int) -> None:
     )
     for old in snaps[: max(0, len(snaps) - keep_last)]:
         old.unlink(missing_ok=True)
+
+
+@dataclass
+class TrainedModel:
+    """A checkpoint's model with what is needed to use it: no training config file required."""
+
+    model: nn.Module  # in eval mode
+    cfg: Config  # the config it was trained with, plus any overrides
+    num_classes: int
+    ignore_index: int
+    class_names: list[str]
+    global_step: int
+
+
+def load_model(path: str | Path, device: torch.device, overrides: Sequence[str] = ()) -> TrainedModel:
+    """The model stored in a checkpoint, on `device`, with the config it was trained with."""
+    state = load(path, map_location=device)
+    cfg = load_config_dict(state["config"], list(overrides))
+    model = build_model(cfg.model, state["num_classes"]).to(device)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return TrainedModel(model, cfg, state["num_classes"], state["ignore_index"], list(state["class_names"]),
+                        state["global_step"])

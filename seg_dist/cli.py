@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
+
+from .errors import RunFailed, UserError
+
+__all__ = ["COMMANDS", "RunFailed", "UserError", "main", "report", "run"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the run itself went wrong (diverged, validation saw the wrong sample count, ...)
@@ -27,33 +32,31 @@ COMMANDS = {
 }
 
 
-class UserError(Exception):
-    """Bad input that the user can fix; reported as one line, exit 2."""
-
-
-class RunFailed(RuntimeError):
-    """The run started but cannot go on (e.g. it diverged); reported as one line, exit 1."""
-
-
 def report(message: str) -> None:
     """One line on stderr, or through logging (rank prefix) where a command has set it up."""
-    if logging.getLogger().handlers:
+    from .runlog import HANDLER_NAME
+
+    if any(h.get_name() == HANDLER_NAME for h in logging.getLogger().handlers):
         logging.getLogger("seg_dist").error("%s", message)
     else:
         print(f"error: {message}", file=sys.stderr)
 
 
 def run(command: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Call `command(argv)`; known errors become one line and an exit code instead of a traceback."""
-    from .config import ConfigError  # late: the dispatcher must not import torch for `--help`
+    """Call `command(argv)`; known errors become one line and an exit code instead of a traceback.
 
+    SEG_DIST_TRACEBACK=1 re-raises them, for debugging.
+    """
     try:
         return command(argv)
-    except (UserError, ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError,
-            ValueError) as e:
+    except (UserError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError) as e:
+        if os.environ.get("SEG_DIST_TRACEBACK"):
+            raise
         report(str(e))
         return EXIT_USAGE
     except RunFailed as e:
+        if os.environ.get("SEG_DIST_TRACEBACK"):
+            raise
         report(str(e))
         return EXIT_FAILED
     except KeyboardInterrupt:

@@ -19,8 +19,10 @@ from typing import Any
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A config file or override that cannot be used; the message names the key."""
 
 
@@ -147,6 +149,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+# The valid values of each choice key; the modules that act on them import these.
 AMP_MODES = ("off", "bf16", "fp16", "auto")
 SCHEDULES = ("poly", "cosine", "plateau", "constant")
 CLASS_WEIGHTS = ("none", "inverse", "median")
@@ -154,7 +157,10 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def _check_choices(cfg: Config) -> None:
+    from .models import MODELS  # late: the model table imports torch and this module
+
     choices = [
+        ("model.name", cfg.model.name, tuple(MODELS)),
         ("train.amp", cfg.train.amp, AMP_MODES),
         ("schedule.name", cfg.schedule.name, SCHEDULES),
         ("loss.class_weights", cfg.loss.class_weights, CLASS_WEIGHTS),

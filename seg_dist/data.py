@@ -8,12 +8,14 @@ global sample index, so each sample is seen exactly once over all ranks and work
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
 import os
 import random
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 # Importing albumentations otherwise asks PyPI for a newer version (in every worker, and offline
@@ -43,16 +45,39 @@ from .shards import (
 )
 
 __all__ = [
+    "ClassInfo",
+    "augmented_samples",
     "build_transforms",
     "iter_samples",
     "pad_collate",
     "preprocess",
+    "resolve_classes",
     "steps_per_epoch",
     "train_loader",
     "val_loader",
     "val_share",
 ]
 
+
+
+# --- classes -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    num_classes: int
+    ignore_index: int
+    names: list[str]
+
+
+def resolve_classes(data_cfg: DataConfig, manifest: dict[str, Any]) -> ClassInfo:
+    """Class count, ignore index and names: the manifest's unless the config overrides them."""
+    num_classes = int(data_cfg.num_classes or manifest["num_classes"])
+    ignore_index = int(data_cfg.ignore_index if data_cfg.ignore_index is not None else manifest["ignore_index"])
+    names = list(data_cfg.class_names or manifest.get("class_names") or [])
+    if len(names) != num_classes:
+        names = [f"class_{i}" for i in range(num_classes)]
+    return ClassInfo(num_classes, ignore_index, names)
 
 
 # --- transforms --------------------------------------------------------------------------------
@@ -155,10 +180,6 @@ def iter_samples(urls: Sequence[str]) -> Iterator[dict[str, Any]]:
 
 
 # --- training ----------------------------------------------------------------------------------
-
-
-def _ignore_index(cfg: Config, manifest: dict[str, Any]) -> int:
-    return cfg.data.ignore_index if cfg.data.ignore_index is not None else int(manifest["ignore_index"])
 
 
 def _seeds(*parts: int, n: int = 3) -> list[int]:
@@ -267,13 +288,29 @@ def train_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, wo
         raise ValueError(f"skip_steps={skip_steps} must be >= 0")
     split = cfg.data.train_split
     steps = max(0, steps_per_epoch(manifest, cfg, world_size) - skip_steps)
-    transform = build_transforms(cfg.data, train=True, ignore_index=_ignore_index(cfg, manifest))
+    transform = build_transforms(cfg.data, train=True, ignore_index=resolve_classes(cfg.data, manifest).ignore_index)
     dataset = _TrainStream(shard_urls(root, manifest, split), shard_counts(manifest, split), transform,
                            cfg.data.shuffle_buffer, cfg.train.seed, epoch, rank, skip_steps)
     kw = _loader_kwargs(cfg)
     # A new loader comes each epoch, so persistent workers would only outlive their use.
     kw.pop("persistent_workers", None)
     return TrainBatches(dataset, cfg.train.batch_size, steps, kw, _seeds(cfg.train.seed, epoch, rank, n=1)[0])
+
+
+def augmented_samples(cfg: Config, manifest: dict[str, Any], n: int, split: str,
+                      epoch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """`n` (uint8 HxWx3 image, int64 HxW mask) pairs as training sees them: the trainer's own loader,
+    one sample per batch and in-process, denormalised for display."""
+    from .visualize import denormalize
+
+    split_count(manifest, split)  # a one-line error for an unknown split
+    cfg = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, train_split=split, workers=0),
+        train=dataclasses.replace(cfg.train, batch_size=1, steps_per_epoch=n),
+    )
+    for images, masks in train_loader(cfg, manifest, cfg.data.root, 0, 1, epoch):
+        yield denormalize(images[0], cfg.data.mean, cfg.data.std), masks[0].numpy()
 
 
 # --- validation --------------------------------------------------------------------------------
@@ -362,7 +399,7 @@ def val_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, worl
     split = split or cfg.data.val_split
     counts = shard_counts(manifest, split)
     start, stop = _share(sum(counts), rank, world_size)
-    ignore = _ignore_index(cfg, manifest)
+    ignore = resolve_classes(cfg.data, manifest).ignore_index
     dataset = _ValStream(shard_urls(root, manifest, split), counts,
                          build_transforms(cfg.data, train=False, ignore_index=ignore), start, stop)
     batch_size = cfg.data.val_batch_size or cfg.train.batch_size

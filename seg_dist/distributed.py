@@ -12,6 +12,7 @@ import datetime
 import logging
 import os
 import re
+import signal
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,31 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+
+class StopRequest:
+    """Set by SIGUSR1/SIGTERM (a scheduler's warning before preemption); read only at step boundaries.
+
+    A signal may reach one rank only; `any_rank(stop.requested)` at a fixed cadence makes every rank
+    stop at the same step.
+    """
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def install(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
+        for sig in signals:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signal = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def describe(self) -> str:
+        return signal.Signals(self.signal).name if self.signal is not None else "signalled on another rank"
 
 
 def first_host(nodelist: str) -> str:
@@ -101,6 +127,12 @@ def pick_device(local_rank: int, kind: str = "auto") -> torch.device:
             raise RuntimeError(f"local rank {local_rank} has no GPU: only {count} visible on this node")
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def share_cpu_threads(denv: DistEnv, device: torch.device) -> None:
+    """CPU ranks split the node's cores: N ranks would otherwise each start a thread per core and thrash."""
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // denv.local_world_size))
 
 
 def backend_for(device: torch.device) -> str:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CLASS_WEIGHT_MODES = ("none", "inverse", "median")
+from .config import CLASS_WEIGHTS
 
 
 def class_weights(histogram: list[int] | np.ndarray, mode: str) -> torch.Tensor | None:
@@ -24,8 +24,8 @@ def class_weights(histogram: list[int] | np.ndarray, mode: str) -> torch.Tensor 
     Classes with zero pixels get weight 0: they never occur as targets in the data the histogram
     describes, and a finite value keeps CE free of inf/nan.
     """
-    if mode not in CLASS_WEIGHT_MODES:
-        raise ValueError(f"unknown class-weight mode {mode!r}; valid: {', '.join(CLASS_WEIGHT_MODES)}")
+    if mode not in CLASS_WEIGHTS:
+        raise ValueError(f"unknown class-weight mode {mode!r}; valid: {', '.join(CLASS_WEIGHTS)}")
     if mode == "none":
         return None
     counts = np.asarray(histogram, dtype=np.float64)

@@ -41,3 +41,23 @@ def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.Gr
 
 def name(dtype: torch.dtype | None) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, skip: torch.Tensor) -> None:
+    """Step, unless `skip` (a 0-dim float tensor on the device, 1.0 = skip) says the gradients are not finite.
+
+    No host sync: the fused optimisers read a `found_inf` tensor on the device and leave the
+    parameters and moments untouched when it is 1. With fp16 the GradScaler passes its own
+    `found_inf` and backs its scale off. An unfused optimiser has to ask the host.
+    """
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+    elif optimizer.defaults.get("fused"):
+        optimizer.found_inf, optimizer.grad_scale = skip, None
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf, optimizer.grad_scale
+    elif not bool(skip):
+        optimizer.step()
+    scaler.update()

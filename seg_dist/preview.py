@@ -2,22 +2,22 @@
 
 Each sample is shown as image | mask overlay (ignored pixels white), e.g.
 
-    python -m seg_dist.preview --config configs/synthetic.yaml --out preview.png --n 16 data.augment.rotate=30
+    python -m seg_dist.preview --config configs/default.yaml --out preview.png --n 16 data.augment.rotate=30
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
+from collections.abc import Sequence
 
-from . import data, shards
-from .config import ConfigError, load_config
-from .visualize import denormalize, grid, overlay, save_png
+from . import cli, data, shards
+from .config import load_config
+from .visualize import grid, overlay, save_png
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m seg_dist.preview", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML config (default: built-in defaults)")
     p.add_argument("--out", default="preview.png", help="PNG to write (default: preview.png)")
@@ -29,35 +29,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _preview(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     if args.n < 1:
-        print("error: --n must be at least 1", file=sys.stderr)
-        return 2
-    try:
-        cfg = load_config(args.config, args.overrides)
-        manifest = shards.load_manifest(cfg.data.root)
-        num_classes = cfg.data.num_classes or int(manifest["num_classes"])
-        ignore = cfg.data.ignore_index if cfg.data.ignore_index is not None else int(manifest["ignore_index"])
-        # The trainer's own loader, one sample per batch and in-process, so what is shown is what trains.
-        cfg = dataclasses.replace(
-            cfg,
-            data=dataclasses.replace(cfg.data, train_split=args.split or cfg.data.train_split, workers=0),
-            train=dataclasses.replace(cfg.train, batch_size=1, steps_per_epoch=args.n),
-        )
-        shards.split_count(manifest, cfg.data.train_split)  # a one-line error for an unknown split
-        tiles = []
-        for images, masks in data.train_loader(cfg, manifest, cfg.data.root, 0, 1, args.epoch):
-            rgb = denormalize(images[0], cfg.data.mean, cfg.data.std)
-            tiles += [rgb, overlay(rgb, masks[0].numpy(), num_classes, ignore)]
-        cols = args.cols or math.ceil(math.sqrt(args.n))
-        save_png(args.out, grid(tiles, cols=2 * cols))
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out} ({args.n} samples of split {cfg.data.train_split!r})")
-    return 0
+        raise cli.UserError("--n must be at least 1")
+    cfg = load_config(args.config, args.overrides)
+    manifest = shards.load_manifest(cfg.data.root)
+    classes = data.resolve_classes(cfg.data, manifest)
+    split = args.split or cfg.data.train_split
+    tiles = []
+    for rgb, mask in data.augmented_samples(cfg, manifest, args.n, split, args.epoch):
+        tiles += [rgb, overlay(rgb, mask, classes.num_classes, classes.ignore_index)]
+    cols = args.cols or math.ceil(math.sqrt(args.n))
+    save_png(args.out, grid(tiles, cols=2 * cols))
+    print(f"wrote {args.out} ({args.n} samples of split {split!r})")
+    return cli.EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(_preview, argv)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

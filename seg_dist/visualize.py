@@ -13,11 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from . import atomic
 
-__all__ = ["IGNORE_COLOUR", "colorize", "denormalize", "grid", "overlay", "overlay_triptych", "palette", "save_png"]
+__all__ = [
+    "IGNORE_COLOUR", "colorize", "confusion_matrix_figure", "denormalize", "enlarge", "grid", "overlay",
+    "overlay_triptych", "palette", "save_png", "validation_pictures",
+]
 
 IGNORE_COLOUR = (255, 255, 255)
 
@@ -120,6 +123,13 @@ def overlay_triptych(image: np.ndarray, target: np.ndarray | torch.Tensor, pred:
                  overlay(image, pred, num_classes, ignore_index, alpha)], cols=3)
 
 
+def validation_pictures(examples: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], mean: Sequence[float],
+                        std: Sequence[float], num_classes: int, ignore_index: int = 255) -> list[np.ndarray]:
+    """image | ground truth | prediction, enlarged, for each (normalised image, target, prediction)."""
+    return [enlarge(overlay_triptych(denormalize(image, mean, std), target, pred, num_classes, ignore_index))
+            for image, target, pred in examples]
+
+
 def save_png(path: str | Path, array: np.ndarray) -> None:
     """Write a uint8 HxW or HxWx3 array as PNG; readers never see a half-written file."""
     a = _as_numpy(array)
@@ -138,3 +148,59 @@ def enlarge(image: np.ndarray, min_side: int = 160) -> np.ndarray:
     if factor == 1:
         return image
     return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+
+
+def _shade(v: float) -> tuple[int, int, int]:
+    """White (0) to dark blue (1)."""
+    return (round(255 - 247 * v), round(255 - 207 * v), round(255 - 148 * v))
+
+
+def confusion_matrix_figure(
+    mat: torch.Tensor | np.ndarray, class_names: Sequence[str] | None = None, max_size: int = 1024
+) -> np.ndarray:
+    """Heatmap of the row-normalised confusion matrix (rows: target, columns: prediction).
+
+    Returns an HxWx3 uint8 image (for `SummaryWriter.add_image(..., dataformats="HWC")`), drawn
+    with PIL only. Rows with no target pixels stay white. Cell values (percent of the row) are
+    written when cells are large enough; columns are labelled by class index.
+    """
+    m = np.asarray(mat.detach().cpu() if isinstance(mat, torch.Tensor) else mat, dtype=np.float64)
+    n = m.shape[0]
+    names = list(class_names) if class_names is not None else [str(i) for i in range(n)]
+    if len(names) != n or m.shape != (n, n):
+        raise ValueError(f"expected a square {len(names)}x{len(names)} matrix, got {m.shape}")
+    rows = m.sum(axis=1, keepdims=True)
+    norm = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
+
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def text_size(s: str) -> tuple[int, int]:
+        left, top, right, bottom = probe.textbbox((0, 0), s)
+        return right - left, bottom - top
+
+    labels = [f"{i} {name}" for i, name in enumerate(names)]
+    label_w = max(text_size(s)[0] for s in labels) + 8
+    char_h = text_size("0")[1]
+    cell = max(2, min(28, (max_size - label_w) // max(n, 1)))
+    top = char_h + 8 + (char_h + 6 if cell >= 14 else 0)
+    img = Image.new("RGB", (label_w + n * cell + 1, top + n * cell + 1), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((label_w, 2), "target \\ pred", fill="black")
+
+    for i in range(n):
+        y = top + i * cell
+        if cell >= char_h:
+            draw.text((2, y + (cell - char_h) // 2), labels[i], fill="black")
+        if cell >= 14:
+            w, _ = text_size(str(i))
+            draw.text((label_w + i * cell + (cell - w) // 2, top - char_h - 4), str(i), fill="black")
+        for j in range(n):
+            x = label_w + j * cell
+            v = float(norm[i, j])
+            draw.rectangle([x, y, x + cell, y + cell], fill=_shade(v), outline=(200, 200, 200))
+            if cell >= 24 and rows[i, 0] > 0:
+                s = f"{100 * v:.0f}"
+                w, h = text_size(s)
+                fg = "white" if v > 0.5 else "black"
+                draw.text((x + (cell - w) // 2, y + (cell - h) // 2), s, fill=fg)
+    return np.asarray(img, dtype=np.uint8)

@@ -7,7 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from seg_dist.metrics import ConfusionMatrix, confusion_matrix_figure
+from seg_dist.metrics import ConfusionMatrix
+from seg_dist.visualize import confusion_matrix_figure
 
 IGNORE = 255
 N_CLASSES = 5

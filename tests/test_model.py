@@ -3,11 +3,12 @@ import importlib.util
 import pytest
 import torch
 
+from seg_dist.config import ModelConfig
 from seg_dist.models import MODEL_NAMES, UNet, build_model, count_parameters
 
 
 def test_classic_unet_parameter_count() -> None:
-    model = build_model("unet", num_classes=21, in_channels=3, width=64, depth=4, bilinear=False)
+    model = build_model(ModelConfig(name="unet", in_channels=3, width=64, depth=4, bilinear=False), num_classes=21)
     assert count_parameters(model) == 31_038_933
     # Classic transposed-conv variant: the bottleneck has width * 16 channels.
     assert model.downs[-1][1][-2].num_features == 1024
@@ -57,14 +58,14 @@ def test_count_parameters_trainable_only() -> None:
 
 def test_unknown_model_name() -> None:
     with pytest.raises(ValueError, match="valid names: unet, smp_unet") as info:
-        build_model("resnet_fcn", num_classes=3)
+        build_model(ModelConfig(name="resnet_fcn"), num_classes=3)
     assert all(name in str(info.value) for name in MODEL_NAMES)
 
 
 def test_smp_missing_encoder_weights_file(tmp_path) -> None:
     missing = tmp_path / "nope.pth"
     with pytest.raises(FileNotFoundError, match=r"nope\.pth"):
-        build_model("smp_unet", num_classes=3, encoder_weights=str(missing))
+        build_model(ModelConfig(name="smp_unet", encoder_weights=str(missing)), num_classes=3)
 
 
 @pytest.mark.skipif(
@@ -73,4 +74,4 @@ def test_smp_missing_encoder_weights_file(tmp_path) -> None:
 def test_smp_missing_extra_message() -> None:
     expected = r"model\.name=smp_unet needs the smp extra: pip install 'seg_dist\[smp\]'"
     with pytest.raises(ImportError, match=expected):
-        build_model("smp_unet", num_classes=3)
+        build_model(ModelConfig(name="smp_unet"), num_classes=3)

@@ -19,7 +19,7 @@ from conftest import REPO, child_env, tiny_overrides, torchrun, torchrun_cmd
 
 from seg_dist import checkpoint, distributed, pack
 from seg_dist.config import load_config
-from seg_dist.train import train
+from seg_dist.trainer import train
 
 
 def _free_port() -> int:
@@ -183,7 +183,7 @@ def test_checkpoint_is_plain_and_loads_weights_only_in_a_fresh_process(tiny_shar
 
 def test_odd_image_sizes_train_and_validate(tmp_path):
     shards = tmp_path / "odd"
-    assert pack.main(["--synthetic", "--out", str(shards), "--n", "20", "--size", "45", "--workers", "1"]) == 0
+    pack.pack_synthetic(shards, n=20, size=45, workers=1)
     run = tmp_path / "run"
     cfg = load_config(REPO / "configs" / "default.yaml",
                       tiny_overrides(shards, run, "train.epochs=1", "data.image_size=37", "model.depth=4",

@@ -1,7 +1,12 @@
-"""Model factory: our U-Net, or an optional segmentation_models_pytorch U-Net."""
+"""Model factory: a table of builders, each taking the run's `model:` section and the class count.
+
+A new model is a builder function `(ModelConfig, num_classes) -> nn.Module` and a row in `MODELS`;
+`model.name` is checked against that table when the config is loaded.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -10,12 +15,7 @@ from torch import nn
 from seg_dist.config import ModelConfig
 from seg_dist.models.unet import DoubleConv, Down, OutConv, UNet, Up
 
-__all__ = [
-    "MODEL_NAMES", "DoubleConv", "Down", "OutConv", "UNet", "Up",
-    "build_model", "count_parameters", "model_from_config",
-]
-
-MODEL_NAMES = ("unet", "smp_unet")
+__all__ = ["MODELS", "MODEL_NAMES", "DoubleConv", "Down", "OutConv", "UNet", "Up", "build_model", "count_parameters"]
 
 SMP_MISSING = (
     "model.name=smp_unet needs the smp extra: pip install 'seg_dist[smp]' (with a torchvision matching torch)"
@@ -27,33 +27,15 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def build_model(
-    name: str,
-    num_classes: int,
-    in_channels: int = 3,
-    width: int = 64,
-    depth: int = 4,
-    bilinear: bool = False,
-    encoder: str = "resnet34",
-    encoder_weights: str | None = None,
-) -> nn.Module:
-    """Build a segmentation model returning logits of shape (N, num_classes, H, W).
-
-    - "unet": `UNet(in_channels, num_classes, width, depth, bilinear)`; `encoder*` are ignored.
-    - "smp_unet": `segmentation_models_pytorch.Unet` with `encoder`; `width/depth/bilinear` are
-      ignored. Nothing is downloaded: `encoder_weights` must be a local path to a state dict for
-      `model.encoder` (e.g. a torchvision/timm ResNet checkpoint), or None for random init.
-    """
-    if name == "unet":
-        return UNet(in_channels, num_classes, width=width, depth=depth, bilinear=bilinear)
-    if name == "smp_unet":
-        return _build_smp_unet(num_classes, in_channels, encoder, encoder_weights)
-    raise ValueError(f"unknown model.name={name!r}; valid names: {', '.join(MODEL_NAMES)}")
+def build_unet(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """Our U-Net (`models/unet.py`): `width` base channels, `depth` down-steps, any input size."""
+    return UNet(cfg.in_channels, num_classes, width=cfg.width, depth=cfg.depth, bilinear=cfg.bilinear)
 
 
-def _build_smp_unet(
-    num_classes: int, in_channels: int, encoder: str, encoder_weights: str | None
-) -> nn.Module:
+def build_smp_unet(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """`segmentation_models_pytorch.Unet` with `cfg.encoder`. Nothing is downloaded: `cfg.encoder_weights`
+    is a local state dict for `model.encoder` (e.g. a timm/torchvision ResNet checkpoint), or None."""
+    encoder_weights = cfg.encoder_weights
     # Checked before the heavy import so a config typo fails fast, and so named weights such as
     # "imagenet" (smp's own convention, which downloads) are rejected instead of fetched.
     if encoder_weights is not None and not Path(encoder_weights).is_file():
@@ -66,16 +48,24 @@ def _build_smp_unet(
     except (ImportError, RuntimeError) as e:  # RuntimeError: torchvision built for another torch
         raise ImportError(f"{SMP_MISSING} [{type(e).__name__}: {e}]") from e
 
-    model = smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=in_channels, classes=num_classes)
+    model = smp.Unet(encoder_name=cfg.encoder, encoder_weights=None, in_channels=cfg.in_channels,
+                     classes=num_classes)
     if encoder_weights is not None:
         state = torch.load(encoder_weights, map_location="cpu", weights_only=True)
         model.encoder.load_state_dict(state)
     return model
 
 
-def model_from_config(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """The model a run's `model:` section describes (the trainer, evaluate and predict share it)."""
-    return build_model(
-        cfg.name, num_classes, in_channels=cfg.in_channels, width=cfg.width, depth=cfg.depth,
-        bilinear=cfg.bilinear, encoder=cfg.encoder, encoder_weights=cfg.encoder_weights,
-    )
+MODELS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
+    "unet": build_unet,
+    "smp_unet": build_smp_unet,
+}
+MODEL_NAMES = tuple(MODELS)
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """The model a run's `model:` section describes, returning logits of shape (N, num_classes, H, W)."""
+    builder = MODELS.get(cfg.name)
+    if builder is None:
+        raise ValueError(f"unknown model.name={cfg.name!r}; valid names: {', '.join(MODELS)}")
+    return builder(cfg, num_classes)

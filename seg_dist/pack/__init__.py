@@ -1,7 +1,7 @@
 """Pack image/mask folders into deterministic WebDataset tar shards plus manifest.json.
 
 The library: build a `PackOptions` and call `pack(options)`, or `pack_synthetic(out, n=...)` for the
-procedural dataset; both raise `PackError` (a `seg_dist.cli.UserError`) for anything the user can fix.
+procedural dataset; both raise `PackError` (a `seg_dist.errors.UserError`) for anything the user can fix.
 The command is `python -m seg_dist.pack` / `seg-dist pack` (seg_dist/pack/__main__.py). The shard and
 manifest format is described in shards/README.md and seg_dist/shards.py.
 
@@ -10,8 +10,6 @@ Modules: `pairing` (finding and pairing files), `labels` (label maps, RGB palett
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from seg_dist.pack.errors import PackError, Problem
 from seg_dist.pack.labels import LabelSpec, load_label_map, load_palette
@@ -46,12 +44,3 @@ __all__ = [
     "sanitize_key",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    # `seg_dist.pack.main` for callers of the former single module. Imported on first use: importing
-    # __main__ here would make `python -m seg_dist.pack` find it already loaded (runpy warns about that).
-    if name == "main":
-        from seg_dist.pack.__main__ import main
-
-        return main
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

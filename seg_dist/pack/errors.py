@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from seg_dist.cli import UserError
+from seg_dist.errors import UserError
 
 __all__ = ["PackError", "Problem"]
 

@@ -1,14 +1,20 @@
-"""Console logging with the rank prefixed, TensorBoard and metrics.jsonl on rank 0."""
+"""Run logs: console lines with the rank prefixed; TensorBoard, metrics.jsonl and overlays on rank 0."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+
+from .visualize import confusion_matrix_figure, save_png
+
+HANDLER_NAME = "seg_dist"  # how `cli.report` knows that errors should go through this handler
 
 
 def setup_logging(rank: int, level: int = logging.INFO) -> logging.Logger:
@@ -17,6 +23,7 @@ def setup_logging(rank: int, level: int = logging.INFO) -> logging.Logger:
     for h in list(root.handlers):
         root.removeHandler(h)
     handler = logging.StreamHandler(sys.stdout)
+    handler.set_name(HANDLER_NAME)
     handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(message)s", "%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(level if rank == 0 else max(level, logging.WARNING))
@@ -53,9 +60,43 @@ class RunLog:
             with open(self.run_dir / name, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def validation(self, metrics: dict[str, Any], matrix: torch.Tensor, samples: int, class_names: list[str],
+                   pictures: list[np.ndarray], epoch: int, step: int, train_loss: float) -> None:
+        """Everything one validation leaves: scalars, per-class IoU, confusion matrix, overlays, a JSON line."""
+        if not self.enabled:
+            return
+        m = metrics
+        self.scalars({"val/loss": m["loss"], "val/miou": m["miou"], "val/pixel_accuracy": m["pixel_accuracy"],
+                      "val/mean_dice": m["mean_dice"]}, step)
+        self.scalars({f"val_iou/{name}": iou for name, iou in zip(class_names, m["per_class_iou"], strict=True)
+                      if not math.isnan(iou)}, step)
+        if self.tb is not None:
+            self.image("val/confusion_matrix", confusion_matrix_figure(matrix, class_names), step)
+        for i, picture in enumerate(pictures):
+            self.image(f"val_overlay/{i}", picture, step)
+        self.jsonl({
+            "epoch": epoch, "step": step, "train_loss": train_loss, "val_loss": m["loss"], "miou": m["miou"],
+            "pixel_accuracy": m["pixel_accuracy"], "mean_dice": m["mean_dice"],
+            "per_class_iou": dict(zip(class_names, m["per_class_iou"], strict=True)),
+            "samples": samples,
+        })
+        self.flush()
+
+    def overlays(self, pictures: list[np.ndarray]) -> None:
+        """`overlays/val_NNN.png` in the run directory (the last validation's examples)."""
+        if self.enabled:
+            for i, picture in enumerate(pictures):
+                save_png(self.run_dir / "overlays" / f"val_{i:03d}.png", picture)
+
     def flush(self) -> None:
         if self.tb is not None:
             self.tb.flush()
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         if self.tb is not None:

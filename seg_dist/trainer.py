@@ -1,0 +1,460 @@
+"""The training loop: `train()` runs a whole run on one rank.
+
+Reads top to bottom: `setup_run` builds the model, optimiser, schedule, scaler and loss (resuming
+from a checkpoint if there is one), `train_one_epoch` takes optimiser steps, `end_of_epoch`
+validates, steps a plateau schedule and checkpoints. Every rank takes the same number of steps per
+epoch (the train loader guarantees it), validates its exact-once share of the validation split and
+joins one all-reduce for the metrics. Rank 0 writes checkpoints, TensorBoard and metrics.jsonl. A
+stop request (SIGUSR1 or SIGTERM, as SLURM sends before preemption) is honoured at a step all ranks
+agree on: they write last.pt there and return, and `train.resume=auto` continues from that step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import random
+import resource
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from . import atomic, checkpoint, data, distributed, precision, shards
+from .config import Config, ConfigError, to_dict
+from .errors import RunFailed
+from .losses import SegLoss, class_weights
+from .models import build_model, count_parameters
+from .runlog import RunLog
+from .schedule import build_scheduler, is_per_iteration
+from .validation import Validation, validate
+from .visualize import validation_pictures
+
+log = logging.getLogger("seg_dist.train")
+
+
+class Diverged(RunFailed):
+    """Too many non-finite steps in a row."""
+
+
+# --- state that a checkpoint carries ---------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "python": torch.tensor(random.getstate()[1], dtype=torch.int64),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    random.setstate((3, tuple(int(x) for x in state["python"].tolist()), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in and restored from every checkpoint."""
+
+    epoch: int = 0
+    epoch_step: int = 0  # optimiser steps taken in `epoch`
+    global_step: int = 0
+    best_miou: float = -1.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counters and every rank's RNG states: a collective, call it on every rank."""
+        return {**dataclasses.asdict(self), "rng": distributed.all_gather_objects(rng_state())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, state[f.name])
+        rngs = state.get("rng", [])
+        if len(rngs) == distributed.world_size():  # on another world size the streams differ anyway
+            set_rng_state(rngs[distributed.rank()])
+
+
+# --- running statistics ----------------------------------------------------------------------------
+
+
+@dataclass
+class StepStats:
+    means: dict[str, float]  # over the steps taken (not skipped) since the last flush
+    steps: int  # optimiser steps since the last flush, skipped ones included
+    skipped: int
+    skipped_in_a_row: int
+    seconds: float
+    data_wait: float  # seconds spent waiting for batches
+
+
+class StepMeter:
+    """Training figures summed on the device, so a step never waits for the host; `flush()` syncs once."""
+
+    NAMES = ("loss", "ce", "dice", "grad_norm")
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(len(self.NAMES), device=device)
+        self.counts = torch.zeros(2, device=device)  # steps taken, steps skipped
+        self.in_a_row = torch.zeros((), device=device)  # consecutive skipped steps
+        self.epoch_sums = torch.zeros(2, device=device)  # loss sum and steps taken this epoch
+        self._restart()
+
+    def _restart(self) -> None:
+        self.steps, self.data_wait, self.started = 0, 0.0, time.perf_counter()
+
+    @contextlib.contextmanager
+    def waiting_for_data(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.data_wait += time.perf_counter() - t0
+
+    def update(self, loss: torch.Tensor, parts: dict[str, torch.Tensor], grad_norm: torch.Tensor,
+               skipped: torch.Tensor) -> None:
+        """Add one optimiser step; `skipped` (0-dim float, 1 = skipped) adds to the counts only."""
+        values = torch.stack([loss.detach(), parts["ce"], parts["dice"], grad_norm.detach()]).float()
+        skip = skipped.bool()
+        self.sums += torch.where(skip, torch.zeros_like(values), values)
+        self.counts += torch.stack([1 - skipped, skipped])
+        self.in_a_row = (self.in_a_row + 1) * skipped
+        loss_and_one = torch.stack([values[0], torch.ones_like(values[0])])
+        self.epoch_sums += torch.where(skip, torch.zeros_like(loss_and_one), loss_and_one)
+        self.steps += 1
+
+    def flush(self) -> StepStats:
+        *totals, taken, skipped, in_a_row = torch.cat([self.sums, self.counts, self.in_a_row.view(1)]).tolist()
+        stats = StepStats({k: t / max(1.0, taken) for k, t in zip(self.NAMES, totals, strict=True)}, self.steps,
+                          int(skipped), int(in_a_row), time.perf_counter() - self.started, self.data_wait)
+        self.sums.zero_()
+        self.counts.zero_()
+        self._restart()
+        return stats
+
+    def epoch_loss(self) -> float:
+        """Mean train loss of the epoch over all ranks (a collective); starts the next epoch's sum."""
+        distributed.all_reduce_(self.epoch_sums)
+        loss = (self.epoch_sums[0] / self.epoch_sums[1].clamp(min=1)).item()
+        self.epoch_sums.zero_()
+        return loss
+
+
+# --- the run -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """Everything a run is made of on this rank; built once by `setup_run`."""
+
+    cfg: Config
+    denv: distributed.DistEnv
+    device: torch.device
+    manifest: dict[str, Any]
+    classes: data.ClassInfo
+    model: nn.Module  # what is called: compiled and/or DDP-wrapped
+    raw_model: nn.Module  # the bare module: saved and validated
+    loss_fn: SegLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    steps_per_epoch: int  # optimiser steps
+    total_steps: int
+    val_loader: data.ValBatches
+    manifest_digest: str  # stored in checkpoints, so a resume can tell that the shards changed
+    runlog: RunLog = field(repr=False)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return Path(self.cfg.run.dir) / checkpoint.CHECKPOINT_DIR
+
+    def finished(self, state: TrainState) -> bool:
+        return state.epoch >= self.cfg.train.epochs or state.global_step >= self.total_steps
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # the bare trained model on this rank
+    global_step: int
+    stopped: bool  # True when a stop request ended the run early
+    metrics: dict[str, Any]  # the last validation's (identical on every rank)
+    history: list[dict[str, Any]]  # per validation: epoch, step, lr, val loss, mIoU, train loss
+
+
+def train(
+    cfg: Config, denv: distributed.DistEnv, device: torch.device, stop: distributed.StopRequest | None = None
+) -> TrainResult:
+    """The whole run on this rank."""
+    stop = stop or distributed.StopRequest()
+    run, state = setup_run(cfg, denv, device)
+    meter = StepMeter(device)
+    history: list[dict[str, Any]] = []
+    metrics: dict[str, Any] = {}
+    stopped = False
+    with run.runlog:
+        while not (stopped or run.finished(state)):
+            stopped = train_one_epoch(run, state, meter, stop)
+            if stopped:
+                distributed.sync_buffers(run.raw_model)
+                save_checkpoint(run, state)
+            else:
+                metrics = end_of_epoch(run, state, meter, history) or metrics
+                stopped = not run.finished(state) and distributed.any_rank(stop.requested, device)
+                if stopped:
+                    log.info("stop requested (%s) at the end of an epoch, global step %d", stop.describe(),
+                             state.global_step)
+        if history and not stopped:
+            log.info("done: best val mIoU %.4f; checkpoints in %s, TensorBoard in %s", state.best_miou,
+                     run.ckpt_dir, Path(cfg.run.dir) / "tb")
+    return TrainResult(run.raw_model, state.global_step, stopped, metrics, history)
+
+
+def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> tuple[Run, TrainState]:
+    """Data, model, loss, optimiser, schedule and scaler, resumed from a checkpoint if there is one."""
+    manifest = shards.load_manifest(cfg.data.root)
+    classes = data.resolve_classes(cfg.data, manifest)
+    accum = cfg.train.accum_steps
+    steps_per_epoch = max(1, data.steps_per_epoch(manifest, cfg, denv.world_size) // accum)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    val_loader = data.val_loader(cfg, manifest, cfg.data.root, denv.rank, denv.world_size)
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+    model = build_model(cfg.model, classes.num_classes)
+    if cfg.train.sync_bn and distributed.is_initialized():
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:  # DDP refuses SyncBatchNorm on CPU modules
+            log.warning("train.sync_bn needs CUDA: keeping per-rank BatchNorm on %s", device.type)
+    model.to(device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    weights = class_weights(manifest["splits"][cfg.data.train_split]["class_histogram"], cfg.loss.class_weights)
+    loss_fn = SegLoss(classes.num_classes, classes.ignore_index, cfg.loss.ce_weight, cfg.loss.dice_weight,
+                      weights.to(device) if weights is not None else None)
+    # Fused: it can skip a non-finite step on the device (see precision.optimizer_step).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                  betas=cfg.optim.betas, fused=True)
+    scheduler = build_scheduler(optimizer, cfg.schedule, total_steps)
+    amp_dtype = precision.resolve_amp(cfg.train.amp, device)
+    scaler = precision.grad_scaler(device, amp_dtype)
+
+    state = TrainState()
+    manifest_digest = shards.manifest_digest(manifest)
+    run_dir = Path(cfg.run.dir)
+    resume_from = checkpoint.resume_path(cfg.train.resume, run_dir)
+    last = run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.LAST
+    if resume_from is None and cfg.train.resume == "never" and last.exists():
+        raise ConfigError(f"{last} exists and train.resume=never would overwrite it: choose another run.dir or resume")
+    if resume_from is not None:
+        # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest to the device.
+        saved = checkpoint.load(resume_from, map_location="cpu")
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        state.load_state_dict(saved)
+        if saved.get("manifest_digest") != manifest_digest:
+            log.warning("the shards changed since %s was written", resume_from)
+        log.info("resumed from %s at epoch %d, step %d (global step %d), lr %.6g, grad scale %s (growth tracker %s)",
+                 resume_from, state.epoch, state.epoch_step, state.global_step, optimizer.param_groups[0]["lr"],
+                 saved["scaler"].get("scale", "off"), saved["scaler"].get("_growth_tracker", "off"))
+
+    raw_model = model
+    if cfg.train.compile:
+        model = torch.compile(model)  # before DDP, so DDP's bucketing sees the compiled graph
+    if denv.distributed:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    resolved = to_dict(cfg)
+    resolved["data"].update(num_classes=classes.num_classes, ignore_index=classes.ignore_index,
+                            class_names=classes.names)
+    if denv.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        log.info("%s: %s parameters, %d classes, %d ranks on %s, amp %s, %d steps/epoch x %d epochs, global batch %d",
+                 cfg.model.name, f"{count_parameters(raw_model):,}", classes.num_classes, denv.world_size,
+                 device.type, precision.name(amp_dtype), steps_per_epoch, cfg.train.epochs,
+                 cfg.train.batch_size * accum * denv.world_size)
+    runlog = RunLog(run_dir, enabled=denv.is_main, tensorboard=cfg.logging.tensorboard)
+    runlog.text("config", "    " + json.dumps(resolved, indent=2).replace("\n", "\n    "), state.global_step)
+    run = Run(cfg, denv, device, manifest, classes, model, raw_model, loss_fn, optimizer, scheduler, scaler,
+              amp_dtype, steps_per_epoch, total_steps, val_loader, manifest_digest, runlog)
+    return run, state
+
+
+def train_one_epoch(run: Run, state: TrainState, meter: StepMeter, stop: distributed.StopRequest) -> bool:
+    """Optimiser steps to the end of the epoch or of the step budget; True if the ranks agreed to stop."""
+    cfg = run.cfg
+    run.model.train()
+    batches = iter(data.train_loader(cfg, run.manifest, cfg.data.root, run.denv.rank, run.denv.world_size,
+                                     state.epoch, skip_steps=state.epoch_step * cfg.train.accum_steps))
+    with tqdm(total=run.steps_per_epoch, initial=state.epoch_step, desc=f"epoch {state.epoch}", leave=False,
+              disable=not (run.denv.is_main and cfg.logging.progress)) as bar:
+        while state.epoch_step < run.steps_per_epoch:
+            train_step(run, batches, meter)
+            state.epoch_step += 1
+            state.global_step += 1
+            bar.update(1)
+            at_log = state.global_step % cfg.logging.log_every == 0
+            if at_log:
+                log_train_step(run, meter.flush(), state.global_step, bar)
+            if state.global_step >= run.total_steps:
+                break
+            # Ranks agree on a stop at the same step: the check is a collective at a fixed cadence.
+            if at_log and distributed.any_rank(stop.requested, run.device):
+                log.info("stop requested (%s): checkpointing at global step %d", stop.describe(), state.global_step)
+                return True
+            if cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0:
+                save_checkpoint(run, state, snapshot=True)
+    return False
+
+
+def train_step(run: Run, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], meter: StepMeter) -> None:
+    """One optimiser step over `train.accum_steps` micro-batches; gradients all-reduce on the last one."""
+    accum, device = run.cfg.train.accum_steps, run.device
+    for micro in range(accum):
+        with meter.waiting_for_data():
+            images, masks = next(batches)
+        images = images.to(device, non_blocking=True)
+        masks = masks.to(device, non_blocking=True)
+        if run.cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        sync = micro == accum - 1 or not run.denv.distributed
+        with (contextlib.nullcontext() if sync else run.model.no_sync()), precision.autocast(device, run.amp_dtype):
+            loss, parts = run.loss_fn(run.model(images), masks)
+        run.scaler.scale(loss / accum).backward()
+    run.scaler.unscale_(run.optimizer)
+    max_norm = run.cfg.train.grad_clip if run.cfg.train.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), max_norm)
+    # The gradients are all-reduced, so every rank reaches the same verdict, on the device.
+    skipped = (~torch.isfinite(grad_norm)).float()
+    precision.optimizer_step(run.optimizer, run.scaler, skipped)
+    run.optimizer.zero_grad(set_to_none=True)
+    if is_per_iteration(run.scheduler):
+        run.scheduler.step()
+    meter.update(loss, parts, grad_norm, skipped)
+
+
+def log_train_step(run: Run, stats: StepStats, step: int, bar: tqdm) -> None:
+    """Train scalars every `logging.log_every` steps; too many non-finite steps in a row end the run."""
+    if stats.skipped:
+        log.warning("%d non-finite step(s) skipped before step %d (%d in a row)", stats.skipped, step,
+                    stats.skipped_in_a_row)
+    if stats.skipped_in_a_row >= run.cfg.train.max_nonfinite:
+        raise Diverged(f"{stats.skipped_in_a_row} non-finite steps in a row at step {step}: the run diverged; "
+                       "lower optim.lr, set train.grad_clip, or try train.amp=bf16/off")
+    cfg = run.cfg
+    seconds = max(stats.seconds, 1e-9)
+    images_per_s = stats.steps * cfg.train.accum_steps * cfg.train.batch_size * run.denv.world_size / seconds
+    m = stats.means
+    run.runlog.scalars({
+        "train/loss": m["loss"], "train/ce": m["ce"], "train/dice": m["dice"], "train/grad_norm": m["grad_norm"],
+        "train/lr": run.optimizer.param_groups[0]["lr"], "train/images_per_s": images_per_s,
+        "train/data_wait_fraction": stats.data_wait / seconds, "train/memory_mb": memory_mb(run.device),
+        **({"train/grad_scale": run.scaler.get_scale()} if run.scaler.is_enabled() else {}),
+    }, step)
+    bar.set_postfix(loss=f"{m['loss']:.3f}", img_s=f"{images_per_s:.0f}")
+
+
+def end_of_epoch(run: Run, state: TrainState, meter: StepMeter,
+                 history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Validate (every `train.val_every` epochs and at the end), step a plateau schedule, checkpoint.
+
+    Returns the validation's metrics, or None in an epoch without validation."""
+    cfg = run.cfg
+    distributed.sync_buffers(run.raw_model)  # the weights validated and checkpointed are rank 0's
+    train_loss = meter.epoch_loss()
+    finished_epoch = state.epoch
+    if state.epoch_step >= run.steps_per_epoch:
+        state.epoch, state.epoch_step = state.epoch + 1, 0
+    is_last = run.finished(state)
+    is_best, m = False, None
+    if is_last or state.epoch % cfg.train.val_every == 0:
+        result = run_validation(run)
+        m = result.metrics
+        if not is_per_iteration(run.scheduler):
+            run.scheduler.step(m["loss"])  # all-reduced: every rank decides the same
+        history.append({"epoch": finished_epoch, "step": state.global_step, "lr": run.optimizer.param_groups[0]["lr"],
+                        "val_loss": m["loss"], "miou": m["miou"], "train_loss": train_loss})
+        is_best = m["miou"] > state.best_miou
+        state.best_miou = max(state.best_miou, m["miou"])
+        log.info("Epoch %d: train loss=%.4f, val loss=%.4f, val mIoU=%.4f, pixel acc=%.4f (%d val samples)",
+                 finished_epoch, train_loss, m["loss"], m["miou"], m["pixel_accuracy"], result.samples_seen)
+        if run.denv.is_main:
+            pictures = validation_pictures(result.examples, cfg.data.mean, cfg.data.std, run.classes.num_classes,
+                                           run.classes.ignore_index)
+            run.runlog.validation(m, result.matrix, result.samples_seen, run.classes.names, pictures,
+                                  finished_epoch, state.global_step, train_loss)
+            if is_last:
+                run.runlog.overlays(pictures)
+    else:
+        log.info("Epoch %d: train loss=%.4f", finished_epoch, train_loss)
+    save_checkpoint(run, state, is_best=is_best, snapshot=True)
+    return m
+
+
+def run_validation(run: Run) -> Validation:
+    cfg, denv = run.cfg, run.denv
+    share = data.val_share(run.manifest, cfg.data.val_split, denv.rank, denv.world_size)
+    with tqdm(total=share, desc="val", leave=False, disable=not (denv.is_main and cfg.logging.progress)) as bar:
+        result = validate(run.raw_model, run.val_loader, run.classes.num_classes, run.classes.ignore_index,
+                          run.device, run.amp_dtype, cfg.train.channels_last,
+                          keep=cfg.logging.overlays if denv.is_main else 0, progress=bar)
+    expected = shards.split_count(run.manifest, cfg.data.val_split)
+    if result.samples_seen != expected:
+        raise RunFailed(f"validation saw {result.samples_seen} samples over all ranks, the manifest lists "
+                        f"{expected} for split {cfg.data.val_split!r}")
+    return result
+
+
+def save_checkpoint(run: Run, state: TrainState, is_best: bool = False, snapshot: bool = False) -> None:
+    """Every rank contributes its RNG state (a collective); rank 0 writes last.pt, best.pt and snapshots."""
+    counters = state.state_dict()
+    if not run.denv.is_main:
+        return
+    classes = run.classes
+    checkpoint.save(run.ckpt_dir / checkpoint.LAST, {
+        "model": run.raw_model.state_dict(),  # the bare module: no `module.`/`_orig_mod.` prefixes
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        **counters,
+        "config": to_dict(run.cfg),
+        "num_classes": classes.num_classes,
+        "ignore_index": classes.ignore_index,
+        "class_names": classes.names,
+        "manifest_digest": run.manifest_digest,
+        "versions": checkpoint.versions(),
+    })
+    if is_best:
+        checkpoint.copy(run.ckpt_dir / checkpoint.LAST, run.ckpt_dir / checkpoint.BEST)
+    if snapshot and run.cfg.checkpoint.keep_last > 0:
+        name = checkpoint.snapshot_name(state.epoch, state.global_step)
+        checkpoint.copy(run.ckpt_dir / checkpoint.LAST, run.ckpt_dir / name)
+        checkpoint.prune_snapshots(run.ckpt_dir, run.cfg.checkpoint.keep_last)
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
