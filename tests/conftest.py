@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 # The suite is about behaviour on CPU with gloo (what CI has). On a GPU machine, 2 ranks would each
 # want a GPU of their own; hide CUDA unless asked, for this process and every process it starts.
@@ -74,3 +78,30 @@ def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png_bytes(array: np.ndarray, palette_mode: bool = False) -> bytes:
+    """PNG file bytes of a uint8 or uint16 array (other integers are cast to uint8); `palette_mode` stores a
+    mask as a palette PNG (index = class)."""
+    from seg_dist.visualize import palette
+
+    im = Image.fromarray(array if array.dtype in (np.uint8, np.uint16) else array.astype(np.uint8))
+    if palette_mode:
+        im = im.convert("P")
+        im.putpalette(palette(256).tobytes())
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def jpeg_bytes(array: np.ndarray, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()

@@ -8,15 +8,23 @@ from torch import nn
 from seg_dist import checkpoint
 
 
-def test_unwrap_strips_compile_and_ddp_like_wrappers():
-    class Wrapper(nn.Module):  # what DDP looks like from the outside: the model under `.module`
-        def __init__(self, module: nn.Module) -> None:
-            super().__init__()
-            self.module = module
+def test_unwrap_strips_compile_and_ddp(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
     bare = nn.Linear(2, 2)
-    assert checkpoint.unwrap(Wrapper(bare)) is bare
-    assert list(checkpoint.unwrap(Wrapper(bare)).state_dict()) == ["weight", "bias"]
+    compiled = torch.compile(bare)  # wraps at once; compiles only when called
+    assert list(compiled.state_dict()) == ["_orig_mod.weight", "_orig_mod.bias"]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        wrapped = DDP(compiled)
+        assert list(wrapped.state_dict()) == ["module._orig_mod.weight", "module._orig_mod.bias"]
+        assert checkpoint.unwrap(wrapped) is bare
+        assert checkpoint.unwrap(DDP(bare)) is bare
+    finally:
+        dist.destroy_process_group()
+    assert checkpoint.unwrap(compiled) is bare and checkpoint.unwrap(bare) is bare
+    assert list(checkpoint.unwrap(compiled).state_dict()) == ["weight", "bias"]
 
 
 def test_save_is_atomic_and_loads_weights_only_in_a_fresh_process(tmp_path):

@@ -67,3 +67,8 @@ def test_round_trip_through_plain_data():
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_shipped_configs_load(name):
     assert isinstance(load_config(REPO / "configs" / name), Config)
+
+
+def test_model_name_is_checked_against_the_model_table():
+    with pytest.raises(ConfigError, match=r"model.name='resnet_fcn': expected one of unet, smp_unet"):
+        load_config(None, ["model.name=resnet_fcn"])

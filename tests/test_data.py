@@ -1,4 +1,3 @@
-import io
 import json
 import multiprocessing
 import tarfile
@@ -10,29 +9,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import webdataset as wds
-from PIL import Image
+from conftest import jpeg_bytes, png_bytes
 
 from seg_dist import data
 from seg_dist.config import load_config
-from seg_dist.visualize import palette
 
 NUM_CLASSES, IGNORE = 6, 255
-
-
-def _png(array: np.ndarray, palette_mode: bool = False) -> bytes:
-    im = Image.fromarray(array.astype(np.uint8))
-    if palette_mode:
-        im = im.convert("P")
-        im.putpalette(palette(256).tobytes())
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _jpg(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
 
 
 def make_shards(root: Path, splits: dict[str, list[int]], seed: int = 0, size: tuple[int, int] = (32, 48)) -> dict:
@@ -61,8 +43,8 @@ def make_shards(root: Path, splits: dict[str, list[int]], seed: int = 0, size: t
                     sink.write(
                         {
                             "__key__": key,
-                            ext: _png(image) if ext == "png" else _jpg(image),
-                            "mask.png": _png(mask, palette_mode=i % 3 == 0),
+                            ext: png_bytes(image) if ext == "png" else jpeg_bytes(image),
+                            "mask.png": png_bytes(mask, palette_mode=i % 3 == 0),
                             "json": json.dumps({"key": key, "h": h, "w": w}).encode(),
                         }
                     )

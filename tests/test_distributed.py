@@ -1,9 +1,9 @@
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from seg_dist import distributed as D
 
@@ -48,12 +48,6 @@ def test_device_is_cpu_without_cuda():
     assert D.pick_device(0).type == "cpu" and D.backend_for(D.pick_device(0)) == "gloo"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -70,7 +64,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 def test_two_real_processes(tmp_path):
     out = str(tmp_path / "r")
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=2)
+    mp.spawn(_worker, args=(free_port(), out), nprocs=2)
     for rank in range(2):
         with open(f"{out}.{rank}") as f:
             assert f.read() == "3.0 True 0 [0, 10] cpu"
@@ -88,4 +82,4 @@ def _failing_worker(rank: int, port: int) -> None:
 
 
 def test_group_destroyed_on_error():
-    mp.spawn(_failing_worker, args=(_free_port(),), nprocs=2)
+    mp.spawn(_failing_worker, args=(free_port(),), nprocs=2)

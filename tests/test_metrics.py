@@ -1,14 +1,12 @@
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from seg_dist.metrics import ConfusionMatrix
-from seg_dist.visualize import confusion_matrix_figure
 
 IGNORE = 255
 N_CLASSES = 5
@@ -106,14 +104,3 @@ def test_distributed_reduce_equals_single_process(tmp_path: Path, split: list[li
         assert torch.equal(out["mat"], single.mat)
         assert out["res"] == expected  # exact, not approximately
         assert out["double"]
-
-
-def test_confusion_matrix_figure() -> None:
-    mat = np.array([[5, 5, 0], [0, 0, 0], [0, 1, 9]])
-    img = confusion_matrix_figure(torch.as_tensor(mat), ["background", "cat", "dog"])
-    assert img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8
-    assert img.shape[0] > 3 * 2 and img.shape[1] > 3 * 2
-    big = confusion_matrix_figure(np.eye(150, dtype=np.int64))
-    assert max(big.shape[:2]) <= 1100
-    with pytest.raises(ValueError, match="square"):
-        confusion_matrix_figure(mat, ["a", "b"])

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from conftest import png_bytes
 from PIL import Image
 
 from seg_dist import atomic, cli, shards
@@ -429,17 +430,11 @@ def test_manifest_helpers(tmp_path: Path) -> None:
     Image.new("RGB", (3, 2)).save(buf, format="PNG")
     with pytest.raises(ValueError, match="3 channels"):
         shards.decode_mask(buf.getvalue())
-    mask = shards.decode_mask(_png(np.array([[1, 300]], np.uint16)))
+    mask = shards.decode_mask(png_bytes(np.array([[1, 300]], np.uint16)))
     assert mask.dtype == np.int64 and mask.flags.writeable and mask.tolist() == [[1, 300]]
-    image = shards.decode_image(_png(np.zeros((2, 3), np.uint8)))
+    image = shards.decode_image(png_bytes(np.zeros((2, 3), np.uint8)))
     assert image.shape == (2, 3, 3) and image.dtype == np.uint8 and image.flags.writeable
 
     colours = palette(40)
     assert colours.shape == (40, 3) and colours.dtype == np.uint8
     assert len({tuple(c) for c in colours}) == 40 and np.array_equal(colours[:6], palette(6))
-
-
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()

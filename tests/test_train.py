@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,17 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import REPO, child_env, tiny_overrides, torchrun, torchrun_cmd
+from conftest import REPO, child_env, free_port, tiny_overrides, torchrun, torchrun_cmd
 
 from seg_dist import checkpoint, distributed, pack
 from seg_dist.config import load_config
 from seg_dist.trainer import train
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_worker(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
@@ -40,7 +33,7 @@ def _rank_worker(rank: int, world: int, port: int, overrides: list[str], out: st
 
 def _spawn_train(world: int, overrides: list[str], tmp_path: Path) -> list[dict]:
     out = str(tmp_path / "rank")
-    mp.spawn(_rank_worker, args=(world, _free_port(), overrides, out), nprocs=world)
+    mp.spawn(_rank_worker, args=(world, free_port(), overrides, out), nprocs=world)
     return [torch.load(f"{out}.{r}", weights_only=True) for r in range(world)]
 
 

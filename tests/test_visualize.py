@@ -1,4 +1,3 @@
-import io
 import json
 import subprocess
 import sys
@@ -7,12 +6,22 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from conftest import png_bytes
 from PIL import Image
 
 from seg_dist import preview
 from seg_dist.config import load_config
 from seg_dist.data import preprocess
-from seg_dist.visualize import colorize, denormalize, grid, overlay, overlay_triptych, palette, save_png
+from seg_dist.visualize import (
+    colorize,
+    confusion_matrix_figure,
+    denormalize,
+    grid,
+    overlay,
+    overlay_triptych,
+    palette,
+    save_png,
+)
 
 
 def test_palette_is_fixed_distinct_and_starts_dark():
@@ -65,19 +74,13 @@ def test_save_png_is_atomic_and_round_trips(tmp_path):
         save_png(tmp_path / "bad.png", a.astype(np.float32))
 
 
-def _png(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture()
 def shard_root(tmp_path):
     rng = np.random.default_rng(0)
     with wds.TarWriter(str(tmp_path / "train-000000.tar")) as sink:
         for i in range(6):
-            sink.write({"__key__": f"s{i}", "png": _png(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)),
-                        "mask.png": _png(rng.integers(0, 4, (40, 36), dtype=np.uint8))})
+            sink.write({"__key__": f"s{i}", "png": png_bytes(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)),
+                        "mask.png": png_bytes(rng.integers(0, 4, (40, 36), dtype=np.uint8))})
     manifest = {"format": "seg_dist-shards/1", "num_classes": 4, "ignore_index": 255, "class_names": list("abcd"),
                 "splits": {"train": {"num_samples": 6, "shards": [{"name": "train-000000.tar", "num_samples": 6}]}}}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
@@ -109,8 +112,13 @@ def test_preview_module_runs(shard_root, tmp_path):
     r = subprocess.run([sys.executable, "-m", "seg_dist.preview", "--out", str(out), "--n", "2",
                         f"data.root={shard_root}", "data.image_size=32"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    with Image.open(out) as im:
-        assert im.size[0] > 0
+    assert f"wrote {out} (2 samples of split 'train')" in r.stdout
+    with Image.open(out) as f:
+        im = np.array(f)
+    # 2 samples side by side (cols = ceil(sqrt(2))), each image | overlay of 32 px, 2 px apart.
+    assert im.shape == (32 + 2 * 2, 4 * 32 + 5 * 2, 3)
+    image, mask_overlay = im[2:34, 2:34].astype(int), im[2:34, 36:68].astype(int)
+    assert np.abs(image - mask_overlay).mean() > 5  # the class colours are really drawn over the image
 
 
 def test_enlarge_repeats_pixels():
@@ -121,3 +129,32 @@ def test_enlarge_repeats_pixels():
     assert big.shape == (6, 9, 3)
     assert (big[::3, ::3] == img).all() and (big[2, 8] == img[0, 2]).all()
     assert enlarge(img, min_side=2) is img
+
+
+def _pixels_of(img: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
+    """(y, x) of every pixel of exactly `colour`."""
+    return np.argwhere((img == np.array(colour, np.uint8)).all(axis=2))
+
+
+def test_confusion_matrix_figure_shades_rows_by_target_share() -> None:
+    from seg_dist.visualize import _shade
+
+    mat = np.array([[5, 5, 0], [0, 0, 0], [0, 1, 9]])
+    img = confusion_matrix_figure(torch.as_tensor(mat), ["background", "cat", "dog"])
+    assert img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8
+    half, tenth, most = (_pixels_of(img, _shade(v)) for v in (0.5, 0.1, 0.9))
+    # Row 0 splits 50/50, row 2 is 10% / 90%: each shade is drawn, as a whole cell, not a speck.
+    assert len(half) > 2 * 100 and len(tenth) > 100 and len(most) > 100
+    # Rows are targets (top to bottom), columns predictions (left to right); medians, as anti-aliased
+    # digits inside the cells may hit a shade by chance.
+    y, x = 0, 1
+    assert np.median(half[:, y]) + 20 < np.median(most[:, y])  # row 0 above row 2
+    assert np.median(tenth[:, x]) + 20 < np.median(most[:, x])  # column 1 left of column 2
+    assert np.median(half[:, x]) + 10 < np.median(tenth[:, x])  # row 0 covers columns 0 and 1
+    # The empty row stays white and a darker share is a darker blue.
+    assert sum(_shade(0.9)) < sum(_shade(0.5)) < sum(_shade(0.1)) < sum(_shade(0.0)) == 3 * 255
+    assert len(_pixels_of(confusion_matrix_figure(np.zeros((3, 3), np.int64)), _shade(0.5))) == 0
+    big = confusion_matrix_figure(np.eye(150, dtype=np.int64))
+    assert max(big.shape[:2]) <= 1100
+    with pytest.raises(ValueError, match="square"):
+        confusion_matrix_figure(mat, ["a", "b"])
