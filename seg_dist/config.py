@@ -100,7 +100,10 @@ class ScheduleConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 10
-    batch_size: int = 8  # per rank
+    batch_size: int = 8  # per rank; with global_batch_size set, the largest per-rank batch allowed
+    # 0: batch_size x accum_steps x ranks. Set: per-rank batch and accumulation are derived from the world
+    # size, so the same config optimises the same way on 1, 2 or 8 GPUs (and after a resume on another count).
+    global_batch_size: int = 0
     steps_per_epoch: int = 0  # 0: derived from the manifest so one epoch sees the train split once
     accum_steps: int = 1
     amp: str = "auto"  # off | bf16 | fp16 | auto
@@ -115,6 +118,10 @@ class TrainConfig:
     val_every: int = 1  # epochs
     max_nonfinite: int = 20  # consecutive skipped (non-finite) steps that stop the run; checked per log line
     max_steps: int = 0  # stop after this many optimiser steps in total (0: no limit)
+    # After a stop request under a SLURM batch job, rank 0 runs `scontrol requeue $SLURM_JOB_ID`.
+    requeue: bool = True
+    # A collective that waits longer than this (a peer died inside it) fails instead of hanging the job.
+    dist_timeout_minutes: float = 30.0
 
 
 @dataclass
