@@ -6,6 +6,7 @@ in a fresh process without unpickling arbitrary objects.
 
 from __future__ import annotations
 
+import logging
 import platform
 import re
 from collections.abc import Sequence
@@ -24,6 +25,9 @@ from .models import build_model
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
 BEST = "best.pt"
+_SNAPSHOT = re.compile(r"epoch\d+-step(\d+)\.pt$")
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -89,17 +93,45 @@ def resume_path(resume: str, run_dir: str | Path) -> Path | None:
     return path
 
 
+def load_for_resume(resume: str, run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint `train.resume` points at, loaded on the CPU; None for a fresh start.
+
+    With `auto`, an unreadable last.pt (a node died while copying it to a shared file system, a full
+    quota) falls back to the newest readable step snapshot, with a warning naming both; an explicit
+    path that cannot be read stays an error.
+    """
+    path = resume_path(resume, run_dir)
+    if path is None:
+        return None
+    if resume != "auto":
+        return path, load(path)
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    failed: list[str] = []
+    for candidate in [path, *reversed(_snapshots(folder))]:
+        try:
+            state = load(candidate)
+        except CheckpointError as e:
+            failed.append(str(e))
+            continue
+        if failed:
+            log.warning("resuming from %s instead: %s", candidate, "; ".join(failed))
+        return candidate, state
+    raise CheckpointError(f"no readable checkpoint in {folder}: {'; '.join(failed)}")
+
+
+def _snapshots(folder: Path) -> list[Path]:
+    """Step snapshots, oldest first."""
+    snaps = [(int(m.group(1)), p) for p in folder.glob("epoch*-step*.pt") if (m := _SNAPSHOT.match(p.name))]
+    return [p for _, p in sorted(snaps)]
+
+
 def snapshot_name(epoch: int, step: int) -> str:
     return f"epoch{epoch:04d}-step{step:08d}.pt"
 
 
 def prune_snapshots(folder: str | Path, keep_last: int) -> None:
     """Keep the newest `keep_last` step snapshots; last.pt and best.pt are never touched."""
-    pattern = re.compile(r"epoch\d+-step(\d+)\.pt$")
-    snaps = sorted(
-        (p for p in Path(folder).glob("epoch*-step*.pt") if pattern.match(p.name)),
-        key=lambda p: int(pattern.match(p.name).group(1)),  # type: ignore[union-attr]
-    )
+    snaps = _snapshots(Path(folder))
     for old in snaps[: max(0, len(snaps) - keep_last)]:
         old.unlink(missing_ok=True)
 

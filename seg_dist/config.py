@@ -104,6 +104,9 @@ class TrainConfig:
     # 0: batch_size x accum_steps x ranks. Set: per-rank batch and accumulation are derived from the world
     # size, so the same config optimises the same way on 1, 2 or 8 GPUs (and after a resume on another count).
     global_batch_size: int = 0
+    # On a world size that cannot make the configured (or resumed run's) global batch exactly: carry on with
+    # batch_size x accum_steps x ranks instead of stopping with an error.
+    allow_batch_change: bool = False
     steps_per_epoch: int = 0  # 0: derived from the manifest so one epoch sees the train split once
     accum_steps: int = 1
     amp: str = "auto"  # off | bf16 | fp16 | auto

@@ -33,6 +33,7 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .config import Config, DataConfig
+from .errors import UserError
 from .shards import (
     IMAGE_EXTS,
     MASK_FIELD,
@@ -45,11 +46,13 @@ from .shards import (
 )
 
 __all__ = [
+    "BatchPlan",
     "ClassInfo",
     "augmented_samples",
     "build_transforms",
     "iter_samples",
     "pad_collate",
+    "plan_batches",
     "preprocess",
     "resolve_classes",
     "steps_per_epoch",
@@ -235,12 +238,47 @@ class _TrainStream(IterableDataset):
             yield _apply(self.transform, s["image"], s["mask"])
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a global batch is made: `world_size` ranks x `per_rank` samples x `accum_steps` micro-batches."""
+
+    per_rank: int
+    accum_steps: int
+    world_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.per_rank * self.accum_steps * self.world_size
+
+    def describe(self) -> str:
+        return f"{self.world_size} ranks x {self.per_rank} x {self.accum_steps} accumulation = {self.global_batch}"
+
+
+def plan_batches(global_batch: int, world_size: int, max_per_rank: int) -> BatchPlan:
+    """The largest per-rank batch (at most `max_per_rank`) that makes `global_batch` exactly on `world_size`
+    ranks, with gradient accumulation making up the rest."""
+    if global_batch < 1 or global_batch % world_size:
+        fits = [w for w in range(1, global_batch + 1) if global_batch % w == 0][:8]
+        nearest = world_size * max(1, round(global_batch / world_size))
+        raise UserError(
+            f"a global batch of {global_batch} cannot be split over {world_size} ranks: set "
+            f"train.global_batch_size to a multiple of {world_size} (e.g. {nearest}), run on "
+            f"{', '.join(map(str, fits))} ranks, or accept a changed global batch with train.allow_batch_change=true"
+        )
+    per_world = global_batch // world_size
+    per_rank = max(b for b in range(1, min(max_per_rank, per_world) + 1) if per_world % b == 0)
+    return BatchPlan(per_rank, per_world // per_rank, world_size)
+
+
 def steps_per_epoch(manifest: dict[str, Any], cfg: Config, world_size: int) -> int:
-    """Batches per rank per epoch: the config's, or enough for all ranks to cover the split once."""
+    """Batches per rank per epoch: the config's, or a whole number of optimiser steps (of accum_steps
+    batches each) that covers the split once. Counted in optimiser steps of the global batch, so the
+    same global batch gives the same schedule on any number of ranks."""
     if cfg.train.steps_per_epoch > 0:
         return cfg.train.steps_per_epoch
     n = split_count(manifest, cfg.data.train_split)
-    return max(1, math.ceil(n / (world_size * cfg.train.batch_size)))
+    accum = cfg.train.accum_steps
+    return max(1, math.ceil(n / (world_size * cfg.train.batch_size * accum))) * accum
 
 
 def _loader_kwargs(cfg: Config) -> dict[str, Any]:

@@ -12,7 +12,10 @@ import datetime
 import logging
 import os
 import re
+import shutil
 import signal
+import socket
+import subprocess
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +35,15 @@ class DistEnv:
     launcher: str = "none"  # torchrun | slurm | none
     restart_count: int = 0  # torchrun --max-restarts or a SLURM requeue
     job_id: str = ""
+    slurm_job_id: str = ""  # set inside any SLURM allocation, whatever started the processes
+    slurm_restart_count: int = 0  # how often SLURM requeued the job
+
+    def describe(self) -> str:
+        """`torchrun (restart 1), SLURM job 42 (SLURM_RESTART_COUNT=1)`: how this process was started."""
+        text = self.launcher + (f" (restart {self.restart_count})" if self.launcher == "torchrun" else "")
+        if self.slurm_job_id:
+            text += f", SLURM job {self.slurm_job_id} (SLURM_RESTART_COUNT={self.slurm_restart_count})"
+        return text
 
     @property
     def is_main(self) -> bool:
@@ -81,6 +93,8 @@ def first_host(nodelist: str) -> str:
 def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     """The process's place in the job, from whichever launcher started it."""
     env = os.environ if environ is None else environ
+    slurm = {"slurm_job_id": env.get("SLURM_JOB_ID", ""),
+             "slurm_restart_count": int(env.get("SLURM_RESTART_COUNT", 0) or 0)}
     if "RANK" in env and "WORLD_SIZE" in env:
         return DistEnv(
             rank=int(env["RANK"]),
@@ -90,6 +104,7 @@ def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             launcher="torchrun",
             restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)),
             job_id=env.get("TORCHELASTIC_RUN_ID", env.get("SLURM_JOB_ID", "")),
+            **slurm,
         )
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
         return DistEnv(
@@ -100,8 +115,9 @@ def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             launcher="slurm",
             restart_count=int(env.get("SLURM_RESTART_COUNT", 0)),
             job_id=env.get("SLURM_JOB_ID", ""),
+            **slurm,
         )
-    return DistEnv(restart_count=int(env.get("SLURM_RESTART_COUNT", 0)), job_id=env.get("SLURM_JOB_ID", ""))
+    return DistEnv(restart_count=int(env.get("SLURM_RESTART_COUNT", 0)), job_id=env.get("SLURM_JOB_ID", ""), **slurm)
 
 
 def rendezvous_env(denv: DistEnv, environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -115,6 +131,52 @@ def rendezvous_env(denv: DistEnv, environ: Mapping[str, str] | None = None) -> d
             # Derived from the job id so concurrent jobs on one node do not collide.
             out["MASTER_PORT"] = str(15000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 20000)
     return out
+
+
+def requeue_slurm_job(environ: Mapping[str, str] | None = None) -> tuple[bool, str]:
+    """Put this SLURM job back in the queue (`scontrol requeue`); (done, a line saying what happened).
+
+    SLURM then ends the running job and starts it again, with the same job id and SLURM_RESTART_COUNT
+    one higher, so the run directory derived from the job id is found again and training resumes.
+    """
+    env = os.environ if environ is None else environ
+    job = env.get("SLURM_JOB_ID")
+    if not job:
+        return False, "not a SLURM job: nothing to requeue"
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        return False, f"cannot requeue SLURM job {job}: scontrol is not on PATH; resubmit the job to continue"
+    try:
+        out = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return False, f"cannot requeue SLURM job {job}: {e}; resubmit the job to continue"
+    if out.returncode != 0:
+        why = (out.stderr or out.stdout).strip().splitlines()
+        return False, (f"cannot requeue SLURM job {job}: scontrol said {why[-1] if why else out.returncode!r} "
+                       "(is the job submitted with sbatch --requeue?); resubmit the job to continue")
+    return True, f"requeued SLURM job {job}: it will resume from the checkpoint when it starts again"
+
+
+def check_topology(denv: DistEnv, environ: Mapping[str, str] | None = None) -> None:
+    """Fail fast, with one line, on a launch that would otherwise hang in the rendezvous or share a GPU."""
+    env = os.environ if environ is None else environ
+    if denv.launcher == "slurm":
+        nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1")))
+        per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+        if per_node.isdigit() and int(per_node) * nodes != denv.world_size:
+            raise ValueError(f"SLURM_NTASKS={denv.world_size} but {nodes} node(s) x --ntasks-per-node={per_node}: "
+                             "ask for one task per GPU on every node")
+    if denv.local_rank >= denv.local_world_size:
+        raise ValueError(f"local rank {denv.local_rank} is outside the {denv.local_world_size} processes of this node")
+    if torch.cuda.is_available() and denv.local_world_size > torch.cuda.device_count() > 0:
+        raise ValueError(f"{denv.local_world_size} processes on a node with {torch.cuda.device_count()} visible "
+                         "GPU(s): two ranks would share a GPU; start one process per GPU (--nproc_per_node)")
+    addr = env.get("MASTER_ADDR")
+    if denv.distributed and addr:
+        try:
+            socket.getaddrinfo(addr, None)
+        except OSError as e:
+            raise ValueError(f"MASTER_ADDR={addr} does not resolve ({e}); use the first host of the job") from e
 
 
 def pick_device(local_rank: int, kind: str = "auto") -> torch.device:

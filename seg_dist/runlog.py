@@ -6,14 +6,18 @@ import json
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from . import atomic
 from .visualize import confusion_matrix_figure, save_png
 
+STOP_MARKER = "STOPPED"  # in the run directory while a run is stopped on request (not finished)
 HANDLER_NAME = "seg_dist"  # how `cli.report` knows that errors should go through this handler
 
 
@@ -33,14 +37,17 @@ def setup_logging(rank: int, level: int = logging.INFO) -> logging.Logger:
 class RunLog:
     """TensorBoard scalars/images/text and one JSON line per validation; a no-op off rank 0."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True,
+                 resumed_at: int | None = None) -> None:
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.tb = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+            # A resumed run supersedes what the interrupted one logged after its checkpoint, so curves
+            # continue without a gap and without a doubled step range.
+            self.tb = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=resumed_at)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.tb is not None:
@@ -102,3 +109,63 @@ class RunLog:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+
+
+def write_stop_marker(run_dir: str | Path, info: dict[str, Any]) -> None:
+    """`RUN_DIR/STOPPED`: tells a wrapper script (launch/slurm.sbatch) that the run stopped early, not finished."""
+    atomic.write_text(Path(run_dir) / STOP_MARKER, json.dumps(info) + "\n")
+
+
+def clear_stop_marker(run_dir: str | Path) -> None:
+    (Path(run_dir) / STOP_MARKER).unlink(missing_ok=True)
+
+
+class LineProgress:
+    """tqdm's interface for logs that are not a terminal (a SLURM .out file): one plain line every
+    `every` percent instead of a carriage-return update per step."""
+
+    def __init__(self, total: int, desc: str, initial: int = 0, every: float = 10.0) -> None:
+        self.total, self.desc, self.n, self.every = total, desc, initial, every
+        self.postfix = ""
+        self._next = self._threshold(initial)
+        self.started = time.perf_counter()
+
+    def _threshold(self, n: int) -> int:
+        step = max(1, math.ceil(self.total * self.every / 100))
+        return (n // step + 1) * step
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.n >= self._next or self.n == self.total:
+            self._next = self._threshold(self.n)
+            pct = 100 * self.n / max(1, self.total)
+            logging.getLogger("seg_dist.progress").info(
+                "%s: %3.0f%% (%d/%d) %.0fs%s", self.desc, pct, self.n, self.total,
+                time.perf_counter() - self.started, f" {self.postfix}" if self.postfix else "")
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = " ".join(f"{k}={v}" for k, v in values.items())
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _NoProgress(LineProgress):
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+
+def progress(total: int, desc: str, enabled: bool, initial: int = 0) -> Any:
+    """A tqdm bar on a terminal; plain log lines every 10% when stderr is a file (batch jobs); nothing
+    when disabled (other ranks, logging.progress=false)."""
+    if not enabled:
+        return _NoProgress(total, desc, initial)
+    if sys.stderr.isatty():
+        return tqdm(total=total, initial=initial, desc=desc, leave=False)
+    return LineProgress(total, desc, initial)

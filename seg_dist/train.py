@@ -5,20 +5,24 @@
     seg-dist train --config configs/default.yaml
 
 The command: arguments, config, signals and the process group. The loop is `seg_dist.trainer`.
-Exit 0 when the run finished or stopped on request with a checkpoint (a launcher may requeue it),
-1 when it failed (e.g. diverged), 2 for bad input.
+Exit 0 when the run finished or stopped on request with a checkpoint, 1 when it failed (e.g. diverged),
+2 for bad input. A run stopped on request (SIGUSR1/SIGTERM) leaves RUN_DIR/STOPPED (JSON: global_step,
+signal, requeued) so a job script can tell it from a finished one; under SLURM it requeues its job.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
 from . import cli, distributed
-from .config import load_config
-from .runlog import setup_logging
-from .trainer import train
+from .config import Config, load_config
+from .runlog import setup_logging, write_stop_marker
+from .trainer import TrainResult, train
+
+log = logging.getLogger("seg_dist.train")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -33,11 +37,29 @@ def _train(argv: Sequence[str] | None) -> int:
     cfg = load_config(args.config, args.overrides)
     stop = distributed.StopRequest()
     stop.install()
-    with distributed.setup(cfg.train.device) as (denv, device):
+    with distributed.setup(cfg.train.device, timeout_minutes=cfg.train.dist_timeout_minutes) as (denv, device):
         setup_logging(denv.rank)
         distributed.share_cpu_threads(denv, device)
-        train(cfg, denv, device, stop)
+        result = train(cfg, denv, device, stop)
+    if result.stopped and denv.is_main:
+        after_stop(cfg, denv, result)
     return cli.EXIT_OK
+
+
+def after_stop(cfg: Config, denv: distributed.DistEnv, result: TrainResult) -> None:
+    """Requeue a SLURM job that stopped on request, and leave RUN_DIR/STOPPED for the job script to read.
+
+    Runs after every rank has left the process group: the checkpoint is complete, and SLURM may end the
+    job as soon as it is requeued.
+    """
+    requeued = False
+    if cfg.train.requeue and denv.slurm_job_id:
+        requeued, message = distributed.requeue_slurm_job()
+        (log.info if requeued else log.warning)("%s", message)
+    write_stop_marker(cfg.run.dir, {"global_step": result.global_step, "signal": result.stop_signal,
+                                    "requeued": requeued})
+    log.info("stopped at global step %d (%s); `train.resume=auto` continues from there", result.global_step,
+             result.stop_signal)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

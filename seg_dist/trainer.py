@@ -29,14 +29,13 @@ import torch
 import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from . import atomic, checkpoint, data, distributed, precision, shards
 from .config import Config, ConfigError, to_dict
-from .errors import RunFailed
+from .errors import RunFailed, UserError
 from .losses import SegLoss, class_weights
 from .models import build_model, count_parameters
-from .runlog import RunLog
+from .runlog import RunLog, clear_stop_marker, progress
 from .schedule import build_scheduler, is_per_iteration
 from .validation import Validation, validate
 from .visualize import validation_pictures
@@ -83,12 +82,21 @@ class TrainState:
         """The counters and every rank's RNG states: a collective, call it on every rank."""
         return {**dataclasses.asdict(self), "rng": distributed.all_gather_objects(rng_state())}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], seed: int = 0) -> None:
+        """Counters, and this rank's RNG states; saved with another number of ranks, the states are
+        re-derived from `seed`, the step and the rank instead (the same on every resume)."""
         for f in dataclasses.fields(self):
             setattr(self, f.name, state[f.name])
-        rngs = state.get("rng", [])
-        if len(rngs) == distributed.world_size():  # on another world size the streams differ anyway
-            set_rng_state(rngs[distributed.rank()])
+        rngs, rank = state.get("rng", []), distributed.rank()
+        if len(rngs) == distributed.world_size():
+            set_rng_state(rngs[rank])
+        else:
+            derived = int(np.random.SeedSequence([seed, self.global_step, rank]).generate_state(1)[0])
+            torch.manual_seed(derived)
+            np.random.seed(derived)
+            random.seed(derived)
+            log.info("RNG states saved by %d rank(s), resuming on %d: re-derived from seed %d and step %d",
+                     len(rngs), distributed.world_size(), seed, self.global_step)
 
 
 # --- running statistics ----------------------------------------------------------------------------
@@ -161,7 +169,8 @@ class StepMeter:
 class Run:
     """Everything a run is made of on this rank; built once by `setup_run`."""
 
-    cfg: Config
+    cfg: Config  # as run: train.batch_size and accum_steps are the batch plan's
+    user_cfg: Config  # as given; saved in checkpoints, so a resume on another world size plans afresh
     denv: distributed.DistEnv
     device: torch.device
     manifest: dict[str, Any]
@@ -173,6 +182,7 @@ class Run:
     scheduler: Any
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None
+    batches: data.BatchPlan
     steps_per_epoch: int  # optimiser steps
     total_steps: int
     val_loader: data.ValBatches
@@ -192,6 +202,7 @@ class TrainResult:
     model: nn.Module  # the bare trained model on this rank
     global_step: int
     stopped: bool  # True when a stop request ended the run early
+    stop_signal: str  # what asked for the stop ("" when not stopped)
     metrics: dict[str, Any]  # the last validation's (identical on every rank)
     history: list[dict[str, Any]]  # per validation: epoch, step, lr, val loss, mIoU, train loss
 
@@ -221,11 +232,22 @@ def train(
         if history and not stopped:
             log.info("done: best val mIoU %.4f; checkpoints in %s, TensorBoard in %s", state.best_miou,
                      run.ckpt_dir, Path(cfg.run.dir) / "tb")
-    return TrainResult(run.raw_model, state.global_step, stopped, metrics, history)
+    return TrainResult(run.raw_model, state.global_step, stopped, stop.describe() if stopped else "", metrics,
+                       history)
 
 
 def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> tuple[Run, TrainState]:
     """Data, model, loss, optimiser, schedule and scaler, resumed from a checkpoint if there is one."""
+    run_dir = Path(cfg.run.dir)
+    last = run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.LAST
+    if cfg.train.resume == "never" and last.exists():
+        raise ConfigError(f"{last} exists and train.resume=never would overwrite it: choose another run.dir or resume")
+    resumed = checkpoint.load_for_resume(cfg.train.resume, run_dir)  # on the CPU: RNG states must stay there
+    saved = resumed[1] if resumed else None
+    batches = resolve_batch_plan(cfg, denv.world_size, saved)
+    user_cfg = cfg
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batches.per_rank,
+                                                             accum_steps=batches.accum_steps))
     manifest = shards.load_manifest(cfg.data.root)
     classes = data.resolve_classes(cfg.data, manifest)
     accum = cfg.train.accum_steps
@@ -260,23 +282,16 @@ def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> t
 
     state = TrainState()
     manifest_digest = shards.manifest_digest(manifest)
-    run_dir = Path(cfg.run.dir)
-    resume_from = checkpoint.resume_path(cfg.train.resume, run_dir)
-    last = run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.LAST
-    if resume_from is None and cfg.train.resume == "never" and last.exists():
-        raise ConfigError(f"{last} exists and train.resume=never would overwrite it: choose another run.dir or resume")
-    if resume_from is not None:
-        # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest to the device.
-        saved = checkpoint.load(resume_from, map_location="cpu")
+    if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
-        state.load_state_dict(saved)
+        state.load_state_dict(saved, seed=cfg.train.seed)
         if saved.get("manifest_digest") != manifest_digest:
-            log.warning("the shards changed since %s was written", resume_from)
+            log.warning("the shards changed since %s was written", resumed[0])
         log.info("resumed from %s at epoch %d, step %d (global step %d), lr %.6g, grad scale %s (growth tracker %s)",
-                 resume_from, state.epoch, state.epoch_step, state.global_step, optimizer.param_groups[0]["lr"],
+                 resumed[0], state.epoch, state.epoch_step, state.global_step, optimizer.param_groups[0]["lr"],
                  saved["scaler"].get("scale", "off"), saved["scaler"].get("_growth_tracker", "off"))
 
     raw_model = model
@@ -286,20 +301,50 @@ def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> t
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     resolved = to_dict(cfg)
+    resolved["train"]["global_batch_size"] = batches.global_batch
     resolved["data"].update(num_classes=classes.num_classes, ignore_index=classes.ignore_index,
                             class_names=classes.names)
     if denv.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        clear_stop_marker(run_dir)
         atomic.write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
-        log.info("%s: %s parameters, %d classes, %d ranks on %s, amp %s, %d steps/epoch x %d epochs, global batch %d",
-                 cfg.model.name, f"{count_parameters(raw_model):,}", classes.num_classes, denv.world_size,
-                 device.type, precision.name(amp_dtype), steps_per_epoch, cfg.train.epochs,
-                 cfg.train.batch_size * accum * denv.world_size)
-    runlog = RunLog(run_dir, enabled=denv.is_main, tensorboard=cfg.logging.tensorboard)
+        log.info("%s: %s parameters, %d classes, %d ranks on %s, started by %s, amp %s, %d steps/epoch x %d "
+                 "epochs, global batch %s", cfg.model.name, f"{count_parameters(raw_model):,}", classes.num_classes,
+                 denv.world_size, device.type, denv.describe(), precision.name(amp_dtype), steps_per_epoch,
+                 cfg.train.epochs, batches.describe())
+    runlog = RunLog(run_dir, enabled=denv.is_main, tensorboard=cfg.logging.tensorboard,
+                    resumed_at=state.global_step if saved is not None else None)
     runlog.text("config", "    " + json.dumps(resolved, indent=2).replace("\n", "\n    "), state.global_step)
-    run = Run(cfg, denv, device, manifest, classes, model, raw_model, loss_fn, optimizer, scheduler, scaler,
-              amp_dtype, steps_per_epoch, total_steps, val_loader, manifest_digest, runlog)
+    run = Run(cfg, user_cfg, denv, device, manifest, classes, model, raw_model, loss_fn, optimizer, scheduler,
+              scaler, amp_dtype, batches, steps_per_epoch, total_steps, val_loader, manifest_digest, runlog)
     return run, state
+
+
+def resolve_batch_plan(cfg: Config, world_size: int, saved: dict[str, Any] | None) -> data.BatchPlan:
+    """Per-rank batch and accumulation for this world size.
+
+    The global batch is `train.global_batch_size` if set, else the resumed run's (so a run checkpointed
+    on N ranks continues on M with the same optimisation), else batch_size x accum_steps x ranks.
+    """
+    t = cfg.train
+    as_given = data.BatchPlan(t.batch_size, t.accum_steps, world_size)
+    saved_global = int(saved.get("global_batch", 0)) if saved else 0
+    target = t.global_batch_size or saved_global or as_given.global_batch
+    if target == as_given.global_batch and not t.global_batch_size:
+        return as_given
+    try:
+        plan = data.plan_batches(target, world_size, max_per_rank=t.batch_size)
+    except UserError:
+        if not t.allow_batch_change:
+            raise
+        log.warning("global batch %d cannot be made on %d ranks; train.allow_batch_change: using %s",
+                    target, world_size, as_given.describe())
+        return as_given
+    if (plan.per_rank, plan.accum_steps) != (t.batch_size, t.accum_steps):
+        why = "train.global_batch_size" if t.global_batch_size else f"the resumed run's global batch ({saved_global})"
+        log.info("batch per rank %d x accumulation %d (configured %d x %d) to keep %s on %d ranks: %s",
+                 plan.per_rank, plan.accum_steps, t.batch_size, t.accum_steps, why, world_size, plan.describe())
+    return plan
 
 
 def train_one_epoch(run: Run, state: TrainState, meter: StepMeter, stop: distributed.StopRequest) -> bool:
@@ -308,8 +353,8 @@ def train_one_epoch(run: Run, state: TrainState, meter: StepMeter, stop: distrib
     run.model.train()
     batches = iter(data.train_loader(cfg, run.manifest, cfg.data.root, run.denv.rank, run.denv.world_size,
                                      state.epoch, skip_steps=state.epoch_step * cfg.train.accum_steps))
-    with tqdm(total=run.steps_per_epoch, initial=state.epoch_step, desc=f"epoch {state.epoch}", leave=False,
-              disable=not (run.denv.is_main and cfg.logging.progress)) as bar:
+    with progress(run.steps_per_epoch, f"epoch {state.epoch}", run.denv.is_main and cfg.logging.progress,
+                  initial=state.epoch_step) as bar:
         while state.epoch_step < run.steps_per_epoch:
             train_step(run, batches, meter)
             state.epoch_step += 1
@@ -355,7 +400,7 @@ def train_step(run: Run, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], m
     meter.update(loss, parts, grad_norm, skipped)
 
 
-def log_train_step(run: Run, stats: StepStats, step: int, bar: tqdm) -> None:
+def log_train_step(run: Run, stats: StepStats, step: int, bar: Any) -> None:
     """Train scalars every `logging.log_every` steps; too many non-finite steps in a row end the run."""
     if stats.skipped:
         log.warning("%d non-finite step(s) skipped before step %d (%d in a row)", stats.skipped, step,
@@ -416,7 +461,7 @@ def end_of_epoch(run: Run, state: TrainState, meter: StepMeter,
 def run_validation(run: Run) -> Validation:
     cfg, denv = run.cfg, run.denv
     share = data.val_share(run.manifest, cfg.data.val_split, denv.rank, denv.world_size)
-    with tqdm(total=share, desc="val", leave=False, disable=not (denv.is_main and cfg.logging.progress)) as bar:
+    with progress(share, "val", denv.is_main and cfg.logging.progress) as bar:
         result = validate(run.raw_model, run.val_loader, run.classes.num_classes, run.classes.ignore_index,
                           run.device, run.amp_dtype, cfg.train.channels_last,
                           keep=cfg.logging.overlays if denv.is_main else 0, progress=bar)
@@ -439,7 +484,9 @@ def save_checkpoint(run: Run, state: TrainState, is_best: bool = False, snapshot
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(),
         **counters,
-        "config": to_dict(run.cfg),
+        "config": to_dict(run.user_cfg),
+        "global_batch": run.batches.global_batch,
+        "world_size": run.batches.world_size,
         "num_classes": classes.num_classes,
         "ignore_index": classes.ignore_index,
         "class_names": classes.names,
