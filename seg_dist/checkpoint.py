@@ -77,7 +77,8 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a torn, foreign or non-weights-only file: bad input, not a bug
-        raise CheckpointError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from e
+        first_line = (str(e).strip().splitlines() or [""])[0]  # torch's weights-only errors run to a page
+        raise CheckpointError(f"{path}: cannot load checkpoint ({type(e).__name__}: {first_line})") from e
 
 
 def resume_path(resume: str, run_dir: str | Path) -> Path | None:

@@ -63,6 +63,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.signals_seen: list[str] = []  # over all ranks, once `agreed` said yes
 
     def install(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
         for sig in signals:
@@ -77,6 +78,14 @@ class StopRequest:
 
     def describe(self) -> str:
         return signal.Signals(self.signal).name if self.signal is not None else "signalled on another rank"
+
+    def agreed(self, device: torch.device | str = "cpu") -> bool:
+        """A collective: True on every rank when any rank was signalled (and then which signals)."""
+        if not any_rank(self.requested, device):
+            return False
+        names = all_gather_objects(signal.Signals(self.signal).name if self.signal is not None else None)
+        self.signals_seen = sorted({n for n in names if n})
+        return True
 
 
 def first_host(nodelist: str) -> str:
@@ -201,6 +210,66 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+_GENERATION_KEY = "seg_dist/generation_store"  # in torchrun's store: "host port nonce" of this generation's store
+
+
+def _torchrun_shares_its_store(environ: Mapping[str, str] | None = None) -> bool:
+    """torchrun's c10d rendezvous hosts one store for the whole job and points every worker generation at it."""
+    env = os.environ if environ is None else environ
+    return env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def _store_answers(host: str, port: int, nonce: str) -> dist.Store | None:
+    """A client of the store at host:port if it is up and carries `nonce`; None for a dead generation's."""
+    import socket  # local: the module's imports are shared ground (move them up when convenient)
+
+    try:  # a plain connect first: refused at once for a dead store, and quiet (a TCPStore client logs every retry)
+        socket.create_connection((host, port), timeout=5).close()
+        store = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=10))
+        return store if store.get("nonce").decode() == nonce else None
+    except (OSError, RuntimeError):  # refused, reset, timed out; torch's DistError is a RuntimeError
+        return None
+
+
+def _generation_store(denv: DistEnv, timeout: datetime.timedelta) -> dist.Store:
+    """A store of this generation of workers' own: rank 0 hosts it, torchrun's store says where.
+
+    torchrun (c10d rendezvous, the default since torch 2.5) keeps one TCPStore for the whole job and
+    gives every worker generation the same MASTER_ADDR:MASTER_PORT. Keys outlive the generation that
+    wrote them: after `--max-restarts` restarts the group, a restarted rank that gets there before its
+    peers reads the dead generation's gloo addresses (or NCCL id) and fails with `Gloo connectFullMesh
+    failed ... Connection refused`, which uses up the restart. TORCHELASTIC_RESTART_COUNT cannot tell
+    the generations apart: each node's agent counts its own restarts (pytorch/pytorch#135712, #108158).
+    So rank 0 starts a store on a free port and publishes "host port nonce" in torchrun's store; the
+    others use a published address only once a store answers there with that nonce. A dead
+    generation's address is refused (torchrun stops all old workers before it starts new ones), so a
+    stale entry costs a retry, never a wrong group.
+    """
+    import time
+    import uuid
+
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    shared = dist.TCPStore(host, port, is_master=False, timeout=timeout)
+    if denv.rank == 0:
+        own = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=timeout)
+        nonce = uuid.uuid4().hex
+        own.set("nonce", nonce)
+        shared.set(_GENERATION_KEY, f"{host} {own.port} {nonce}")
+        log.info("process group store for torchrun generation %d at %s:%d", denv.restart_count, host, own.port)
+        return own
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        addr, own_port, nonce = shared.get(_GENERATION_KEY).decode().split()  # waits for the first publication
+        store = _store_answers(addr, int(own_port), nonce)
+        if store is not None:
+            store.set_timeout(timeout)
+            return store
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank {denv.rank}: no store from rank 0 within {timeout} (last published "
+                               f"{addr}:{own_port}); torchrun store {host}:{port}")
+        time.sleep(0.2)  # a previous generation's entry: rank 0 of this one has not published yet
+
+
 @contextlib.contextmanager
 def setup(device: str = "auto", timeout_minutes: float = 30.0) -> Iterator[tuple[DistEnv, torch.device]]:
     """Join the process group (if there is more than one process) and pick this rank's device.
@@ -214,15 +283,21 @@ def setup(device: str = "auto", timeout_minutes: float = 30.0) -> Iterator[tuple
         torch.cuda.set_device(dev)
     if denv.distributed and not dist.is_initialized():
         os.environ.update(rendezvous_env(denv))
+        # The timeout bounds the rendezvous and every collective: a rank whose peer stopped answering
+        # inside a collective raises after it instead of hanging (gloo and NCCL both honour it).
+        timeout = datetime.timedelta(minutes=timeout_minutes)
         kwargs: dict[str, Any] = {}
+        if _torchrun_shares_its_store():
+            kwargs["store"] = _generation_store(denv, timeout)  # not env://: see _generation_store
+        else:
+            kwargs["init_method"] = "env://"
         if dev.type == "cuda":
             kwargs["device_id"] = dev  # binds NCCL to this GPU and avoids a guess at the first collective
         dist.init_process_group(
             backend=backend_for(dev),
-            init_method="env://",
             rank=denv.rank,
             world_size=denv.world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=timeout,
             **kwargs,
         )
     try:

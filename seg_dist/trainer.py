@@ -202,7 +202,7 @@ class TrainResult:
     model: nn.Module  # the bare trained model on this rank
     global_step: int
     stopped: bool  # True when a stop request ended the run early
-    stop_signal: str  # what asked for the stop ("" when not stopped)
+    stop_signal: str  # the signal(s) any rank received, e.g. "SIGUSR1" ("" when not stopped)
     metrics: dict[str, Any]  # the last validation's (identical on every rank)
     history: list[dict[str, Any]]  # per validation: epoch, step, lr, val loss, mIoU, train loss
 
@@ -225,15 +225,14 @@ def train(
                 save_checkpoint(run, state)
             else:
                 metrics = end_of_epoch(run, state, meter, history) or metrics
-                stopped = not run.finished(state) and distributed.any_rank(stop.requested, device)
+                stopped = not run.finished(state) and stop.agreed(device)
                 if stopped:
                     log.info("stop requested (%s) at the end of an epoch, global step %d", stop.describe(),
                              state.global_step)
         if history and not stopped:
             log.info("done: best val mIoU %.4f; checkpoints in %s, TensorBoard in %s", state.best_miou,
                      run.ckpt_dir, Path(cfg.run.dir) / "tb")
-    return TrainResult(run.raw_model, state.global_step, stopped, stop.describe() if stopped else "", metrics,
-                       history)
+    return TrainResult(run.raw_model, state.global_step, stopped, ",".join(stop.signals_seen), metrics, history)
 
 
 def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> tuple[Run, TrainState]:
@@ -366,7 +365,7 @@ def train_one_epoch(run: Run, state: TrainState, meter: StepMeter, stop: distrib
             if state.global_step >= run.total_steps:
                 break
             # Ranks agree on a stop at the same step: the check is a collective at a fixed cadence.
-            if at_log and distributed.any_rank(stop.requested, run.device):
+            if at_log and stop.agreed(run.device):
                 log.info("stop requested (%s): checkpointing at global step %d", stop.describe(), state.global_step)
                 return True
             if cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0:

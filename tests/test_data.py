@@ -145,6 +145,22 @@ def test_val_resize_keeps_labels_and_preprocess_matches_val(dataset):
     assert set(resized["mask"].unique().tolist()) <= set(np.unique(sample["mask"]).tolist())
 
 
+def test_batch_plan_keeps_the_global_batch_on_any_world_size():
+    assert data.plan_batches(8, 1, max_per_rank=4) == data.BatchPlan(4, 2, 1)
+    assert data.plan_batches(8, 2, max_per_rank=4) == data.BatchPlan(4, 1, 2)
+    assert data.plan_batches(12, 2, max_per_rank=4) == data.BatchPlan(3, 2, 2)  # largest batch dividing 6
+    assert data.plan_batches(16, 8, max_per_rank=64).global_batch == 16
+    with pytest.raises(ValueError, match=r"global batch of 8 cannot be split over 3 ranks.*e\.g\. 9.*1, 2, 4, 8 ranks"):
+        data.plan_batches(8, 3, max_per_rank=4)
+
+
+def test_steps_per_epoch_counts_whole_optimiser_steps(dataset):
+    root, manifest = dataset
+    # 13 samples, global batch 8: 2 optimiser steps on 1 rank x 4 x 2 and on 2 ranks x 4 x 1.
+    assert data.steps_per_epoch(manifest, _cfg(root, "train.batch_size=4", "train.accum_steps=2"), 1) == 2 * 2
+    assert data.steps_per_epoch(manifest, _cfg(root, "train.batch_size=4"), 2) == 2
+
+
 def test_steps_per_epoch(dataset):
     root, manifest = dataset
     assert data.steps_per_epoch(manifest, _cfg(root), 2) == 4  # ceil(13 / (2 * 2))

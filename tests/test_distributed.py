@@ -83,3 +83,33 @@ def _failing_worker(rank: int, port: int) -> None:
 
 def test_group_destroyed_on_error():
     mp.spawn(_failing_worker, args=(free_port(),), nprocs=2)
+
+
+def test_describe_names_the_launcher_and_slurm_restarts():
+    env = {"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_RESTART_COUNT": "1", "SLURM_JOB_ID": "42",
+           "SLURM_RESTART_COUNT": "3"}
+    assert D.read_env(env).describe() == "torchrun (restart 1), SLURM job 42 (SLURM_RESTART_COUNT=3)"
+    assert D.read_env({}).describe() == "none"
+
+
+def test_requeue_outside_slurm_or_without_scontrol_is_a_clear_line(monkeypatch, tmp_path):
+    assert D.requeue_slurm_job({}) == (False, "not a SLURM job: nothing to requeue")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol here
+    done, message = D.requeue_slurm_job({"SLURM_JOB_ID": "77"})
+    assert not done and message.startswith("cannot requeue SLURM job 77: scontrol is not on PATH")
+
+
+def test_topology_checks_fail_fast_with_one_line():
+    slurm = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "3", "SLURM_NTASKS_PER_NODE": "2",
+             "SLURM_JOB_NUM_NODES": "2", "SLURM_NODELIST": "n[1-2]"}
+    with pytest.raises(ValueError, match=r"SLURM_NTASKS=3 but 2 node\(s\) x --ntasks-per-node=2"):
+        D.check_topology(D.read_env(slurm), slurm)
+    env = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "no-such-host.invalid"}
+    with pytest.raises(ValueError, match=r"MASTER_ADDR=no-such-host\.invalid does not resolve"):
+        D.check_topology(D.read_env(env), env)
+    env["MASTER_ADDR"] = "127.0.0.1"
+    D.check_topology(D.read_env(env), env)  # a sound launch passes
+    bad_local = {**env, "LOCAL_RANK": "2"}
+    with pytest.raises(ValueError, match="local rank 2 is outside the 2 processes"):
+        D.check_topology(D.read_env(bad_local), bad_local)

@@ -218,7 +218,9 @@ def test_stop_signal_to_one_rank_stops_all_at_the_same_step(tiny_shards, tmp_pat
     run = tmp_path / "run"
     args = ["--config", "configs/default.yaml",
             *tiny_overrides(tiny_shards, run, "train.epochs=30", "train.val_every=10", "checkpoint.every_steps=2")]
-    proc = subprocess.Popen(torchrun_cmd(2, "seg_dist.train", *args), cwd=REPO, env=child_env(),
+    # Inside a (pretend) SLURM job: the stopped run tries to requeue it and says why it could not.
+    env = {**child_env(), "SLURM_JOB_ID": "999999"}
+    proc = subprocess.Popen(torchrun_cmd(2, "seg_dist.train", *args), cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     last = run / "checkpoints" / "last.pt"
     try:
@@ -243,7 +245,26 @@ def test_stop_signal_to_one_rank_stops_all_at_the_same_step(tiny_shards, tmp_pat
     assert stopped_at < 30 * 8 and stopped_at % 2 == 0  # at an agreed logging step, not the end
     # A stop on an epoch's last step is saved before that epoch's validation: (epoch, 8), not (epoch + 1, 0).
     assert saved["epoch"] * 8 + saved["epoch_step"] == stopped_at
+    # A job script can tell a stop from a finish; the requeue attempt is one clear line, not a crash.
+    assert "cannot requeue SLURM job 999999" in out, out[-3000:]
+    marker = json.loads((run / "STOPPED").read_text())
+    assert marker == {"global_step": stopped_at, "signal": "SIGUSR1", "requeued": False}
+    assert "SLURM job 999999 (SLURM_RESTART_COUNT=0)" in out
 
     resumed = torchrun(2, "seg_dist.train", *args)
     assert f"(global step {stopped_at})" in resumed.stdout + resumed.stderr
     assert checkpoint.load(last)["global_step"] == 30 * 8
+    assert not (run / "STOPPED").exists()  # finished now
+
+
+def test_progress_is_plain_lines_when_not_on_a_terminal(tiny_shards, tmp_path):
+    # A batch job's log is a file: no carriage-return bar updates, a line every 10% instead.
+    out = subprocess.run([sys.executable, "-m", "seg_dist.train", "--config", "configs/default.yaml",
+                          *tiny_overrides(tiny_shards, tmp_path / "run", "train.epochs=1", "logging.progress=true")],
+                         cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout + out.stderr
+    assert "\r" not in text
+    lines = [line for line in text.splitlines() if "] epoch 0: " in line]
+    assert 8 <= len(lines) <= 16, lines  # 16 steps: every 10% is every 2nd step
+    assert lines[-1].split("] ")[1].startswith("epoch 0: 100% (16/16)")

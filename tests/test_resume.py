@@ -1,0 +1,105 @@
+"""Resuming a run somewhere else: on another number of ranks, or past an unreadable last.pt."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import REPO, free_port, tiny_overrides
+
+from seg_dist import checkpoint, distributed
+from seg_dist.config import load_config
+from seg_dist.trainer import train
+
+STEPS_PER_EPOCH = 64 // 8  # 64 train samples, global batch 8 (2 ranks x 4, or 1 rank x 4 x 2)
+
+
+def _run(overrides: list[str], world: int, rank: int = 0, port: int = 0, stop_at_once: bool = False) -> None:
+    if world > 1:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                          LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    stop = distributed.StopRequest()
+    if stop_at_once:
+        stop.signal = signal.SIGUSR1  # as if preempted: all ranks stop at the first logging step
+    with distributed.setup() as (denv, device):
+        train(load_config(REPO / "configs" / "default.yaml", overrides), denv, device, stop)
+
+
+def _rank(rank: int, world: int, port: int, overrides: list[str], stop_at_once: bool) -> None:
+    _run(overrides, world, rank, port, stop_at_once)
+
+
+def _train(overrides: list[str], world: int, stop_at_once: bool = False) -> None:
+    if world == 1:
+        _run(overrides, 1, stop_at_once=stop_at_once)
+    else:
+        mp.spawn(_rank, args=(world, free_port(), overrides, stop_at_once), nprocs=world)
+
+
+@pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)])
+def test_resume_on_another_world_size_keeps_global_batch_and_schedule(tiny_shards, tmp_path, caplog, first, then):
+    run = tmp_path / "run"
+    # batch_size is the per-rank maximum; the global batch of 8 is what must survive the move.
+    overrides = tiny_overrides(tiny_shards, run, "train.epochs=2", "train.global_batch_size=8",
+                               "schedule.warmup_iters=3", "train.resume=auto")
+    _train(overrides, first, stop_at_once=True)
+    stopped = checkpoint.load(run / "checkpoints" / "last.pt")
+    assert stopped["global_step"] == 2 and stopped["global_batch"] == 8 and stopped["world_size"] == first
+    lr_at_stop = stopped["optimizer"]["param_groups"][0]["lr"]
+
+    # The other world size, resumed in this process (rank 0's log is captured).
+    with caplog.at_level(logging.INFO):
+        if then == 1:
+            _train(overrides, 1)
+        else:
+            _train(overrides, 2)
+            caplog.clear()
+    final = checkpoint.load(run / "checkpoints" / "last.pt")
+    assert final["global_step"] == 2 * STEPS_PER_EPOCH  # the same schedule length as on `first` ranks
+    assert final["global_batch"] == 8 and final["world_size"] == then
+    if then == 1:
+        log = caplog.text
+        assert "batch per rank 4 x accumulation 2 (configured 4 x 1)" in log
+        assert f"(global step 2), lr {lr_at_stop:.6g}" in log  # same schedule position
+        assert "RNG states saved by 2 rank(s), resuming on 1" in log
+
+
+def test_resume_from_another_world_size_without_a_fitting_batch_is_an_error(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    overrides = tiny_overrides(tiny_shards, run, "train.epochs=1", "train.batch_size=3")
+    _train(overrides, 2, stop_at_once=True)  # a global batch of 6
+    assert checkpoint.load(run / "checkpoints" / "last.pt")["global_batch"] == 6
+    cfg = load_config(REPO / "configs" / "default.yaml", [*overrides, "train.batch_size=4"])
+    # On 4 ranks 6 cannot be made; on 1 rank it can (4 is the maximum: 3 x 2).
+    with pytest.raises(ValueError, match="global batch of 6 cannot be split over 4 ranks"):
+        from seg_dist.trainer import resolve_batch_plan
+
+        resolve_batch_plan(cfg, 4, checkpoint.load(run / "checkpoints" / "last.pt"))
+    cfg.train.allow_batch_change = True
+    assert resolve_batch_plan(cfg, 4, checkpoint.load(run / "checkpoints" / "last.pt")).global_batch == 16
+
+
+def test_unreadable_last_falls_back_to_the_newest_snapshot(tiny_shards, tmp_path, caplog):
+    run = tmp_path / "run"
+    overrides = tiny_overrides(tiny_shards, run, "train.epochs=2", "train.batch_size=8")
+    _train([*overrides, "train.epochs=1"], 1)
+    ck = run / "checkpoints"
+    snapshot = ck / checkpoint.snapshot_name(1, STEPS_PER_EPOCH)
+    assert snapshot.is_file()
+    (ck / "last.pt").unlink()  # a new file, not the snapshot's hard-linked content
+    (ck / "last.pt").write_bytes(b"cut short by a full quota")
+    with caplog.at_level(logging.WARNING):
+        _train(overrides, 1)
+    assert f"resuming from {snapshot} instead: {ck / 'last.pt'}: cannot load checkpoint" in caplog.text
+    assert checkpoint.load(ck / "last.pt")["global_step"] == 2 * STEPS_PER_EPOCH
+    # An explicit path stays an error: the user named that file.
+    (ck / "bad.pt").write_bytes(b"junk")
+    cfg = load_config(REPO / "configs" / "default.yaml", [*overrides, f"train.resume={ck / 'bad.pt'}"])
+    with pytest.raises(RuntimeError, match=r"bad\.pt: cannot load checkpoint"):
+        train(cfg, distributed.DistEnv(), torch.device("cpu"))
+
