@@ -8,6 +8,7 @@ then an fsync of the directory so the rename itself survives a crash.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["copy", "fsync_dir", "temp_path", "write_bytes", "write_text", "writer"]
+__all__ = ["DiskFull", "copy", "fsync_dir", "temp_path", "write_bytes", "write_text", "writer"]
 
 
 def temp_path(path: str | Path) -> Path:
@@ -38,6 +39,19 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+class DiskFull(OSError):
+    """No room for a file; the message says where and how much, and that the old file is intact."""
+
+    def __init__(self, path: Path, written: int, needed: int | None = None) -> None:
+        free = shutil.disk_usage(path.parent).free
+        amount = f"needs {needed / 1e6:.1f} MB" if needed else f"ran out after {written / 1e6:.1f} MB"
+        super().__init__(errno.ENOSPC, f"{path}: no space left on the device: {amount}, {free / 1e6:.1f} MB free "
+                                       f"in {path.parent}; any earlier {path.name} is intact")
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
 @contextlib.contextmanager
 def writer(path: str | Path) -> Iterator[BinaryIO]:
     """Yield a binary file that replaces `path` when the block ends without an exception.
@@ -48,20 +62,34 @@ def writer(path: str | Path) -> Iterator[BinaryIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     # os.open with 0o666 honours the umask (mkstemp would leave the final file 0600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    written = 0
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+            try:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            finally:
+                written = f.tell()
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(path, written) from e
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
 
 
-def write_bytes(path: str | Path, data: bytes) -> None:
+def write_bytes(path: str | Path, data: bytes | memoryview) -> None:
+    """Atomic write of `data`; refused up front, leaving `path` as it was, when it cannot fit."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if len(data) > shutil.disk_usage(path.parent).free:
+        raise DiskFull(path, 0, needed=len(data))
     with writer(path) as f:
         f.write(data)
 

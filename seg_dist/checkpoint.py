@@ -6,6 +6,7 @@ in a fresh process without unpickling arbitrary objects.
 
 from __future__ import annotations
 
+import io
 import logging
 import platform
 import re
@@ -61,8 +62,10 @@ def versions() -> dict[str, str]:
 
 def save(path: str | Path, state: dict[str, Any]) -> None:
     """Atomic: a crash leaves the previous file or the new one, never a torn checkpoint."""
-    with atomic.writer(path) as f:
-        torch.save(state, f)
+    # Serialised in memory first, so a full disk is found before the old file is touched, with the size.
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic.write_bytes(path, buf.getbuffer())
 
 
 def copy(src: str | Path, dst: str | Path) -> None:

@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from .atomic import DiskFull
 from .errors import RunFailed, UserError
 
 __all__ = ["COMMANDS", "RunFailed", "UserError", "main", "report", "run"]
@@ -54,7 +55,7 @@ def run(command: Callable[[Sequence[str] | None], int], argv: Sequence[str] | No
             raise
         report(str(e))
         return EXIT_USAGE
-    except RunFailed as e:
+    except (RunFailed, DiskFull) as e:
         if os.environ.get("SEG_DIST_TRACEBACK"):
             raise
         report(str(e))

@@ -59,6 +59,9 @@ class DataConfig:
     persistent_workers: bool = True
     prefetch_factor: int = 2
     val_batch_size: int = 0  # 0: same as train.batch_size
+    # At start: "size" checks every shard's byte size against the manifest (cheap: a truncated copy),
+    # "full" its sha256 too (reads every shard), "off" skips the check.
+    verify: str = "size"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -164,6 +167,7 @@ AMP_MODES = ("off", "bf16", "fp16", "auto")
 SCHEDULES = ("poly", "cosine", "plateau", "constant")
 CLASS_WEIGHTS = ("none", "inverse", "median")
 DEVICES = ("auto", "cpu", "cuda")
+VERIFY = ("off", "size", "full")
 
 
 def _check_choices(cfg: Config) -> None:
@@ -175,6 +179,7 @@ def _check_choices(cfg: Config) -> None:
         ("schedule.name", cfg.schedule.name, SCHEDULES),
         ("loss.class_weights", cfg.loss.class_weights, CLASS_WEIGHTS),
         ("train.device", cfg.train.device, DEVICES),
+        ("data.verify", cfg.data.verify, VERIFY),
     ]
     for key, value, allowed in choices:
         if value not in allowed:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,7 @@ from .shards import (
     IMAGE_EXTS,
     MASK_FIELD,
     META_FIELD,
+    ShardError,
     decode_image,
     decode_mask,
     shard_counts,
@@ -153,12 +155,15 @@ def _decode(raw: dict[str, Any]) -> dict[str, Any]:
     ext = next((e for e in IMAGE_EXTS if e in raw), None)
     if ext is None or MASK_FIELD not in raw:
         fields = sorted(k for k in raw if not k.startswith("__"))
-        raise ValueError(f"{url}: sample {key!r} needs an image ({'/'.join(IMAGE_EXTS)}) and {MASK_FIELD}; "
+        raise ShardError(f"{url}: sample {key!r} needs an image ({'/'.join(IMAGE_EXTS)}) and {MASK_FIELD}; "
                          f"has {fields}")
-    image = decode_image(raw[ext])
-    mask = decode_mask(raw[MASK_FIELD])
+    try:
+        image = decode_image(raw[ext])
+        mask = decode_mask(raw[MASK_FIELD])
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError ... for damaged bytes
+        raise ShardError(f"{url}: sample {key!r} does not decode ({type(e).__name__}: {e}); {ShardError.HINT}") from e
     if image.shape[:2] != mask.shape:
-        raise ValueError(f"{url}: sample {key!r}: image {image.shape[:2]} and mask {mask.shape} differ in size")
+        raise ShardError(f"{url}: sample {key!r}: image {image.shape[:2]} and mask {mask.shape} differ in size")
     meta = json.loads(raw[META_FIELD]) if META_FIELD in raw else {}
     return {"key": key, "image": image, "mask": mask, "meta": meta, "url": url}
 
@@ -167,9 +172,14 @@ def _raw_samples(url: str) -> Iterator[dict[str, Any]]:
     """Undecoded samples of one shard (dicts of bytes by extension, plus __key__ and __url__)."""
     # webdataset's tarfile_samples leaves the file open when a reader stops mid-shard; closing it
     # here also covers abandoned train streams and validation readers that stop at their range end.
-    stream = gopen(url, "rb")
+    try:
+        stream = gopen(url, "rb")
+    except OSError as e:
+        raise ShardError(f"{url}: cannot open ({e}); {ShardError.HINT}") from e
     try:
         yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ShardError(f"{url}: unreadable shard ({type(e).__name__}: {e}); {ShardError.HINT}") from e
     finally:
         stream.close()
 
@@ -309,8 +319,11 @@ class TrainBatches:
         loader = DataLoader(self.dataset, batch_size=self.batch_size, drop_last=True,
                             generator=torch.Generator().manual_seed(self.seed), **self.loader_kwargs)
         it = iter(loader)
-        for _ in range(self.steps):
-            yield next(it)
+        try:
+            for _ in range(self.steps):
+                yield next(it)
+        except ShardError as e:  # from a worker, its message followed by the worker's traceback
+            raise ShardError.one_line(e) from None
         # Dropping the iterator now (not at garbage collection) stops the workers' prefetching.
         del it, loader
 
@@ -427,7 +440,10 @@ class ValBatches:
         return self.num_batches
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-        return iter(self.loader)
+        try:
+            yield from self.loader
+        except ShardError as e:  # from a worker, its message followed by the worker's traceback
+            raise ShardError.one_line(e) from None
 
 
 def val_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, world_size: int,

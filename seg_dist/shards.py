@@ -9,11 +9,14 @@ import hashlib
 import io
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from .errors import UserError
 
 __all__ = [
     "FORMAT",
@@ -22,6 +25,7 @@ __all__ = [
     "MANIFEST",
     "MASK_FIELD",
     "META_FIELD",
+    "ShardError",
     "decode_image",
     "decode_mask",
     "existing_shards",
@@ -32,6 +36,7 @@ __all__ = [
     "shard_name_pattern",
     "shard_urls",
     "split_count",
+    "verify_shards",
 ]
 
 MANIFEST = "manifest.json"
@@ -66,6 +71,46 @@ def existing_shards(root: str | Path, split: str) -> list[Path]:
         return []
     pattern = shard_name_pattern(split)
     return sorted(p for p in root.iterdir() if pattern.fullmatch(p.name))
+
+
+class ShardError(UserError):
+    """A shard that cannot be read as the manifest describes it (truncated, replaced, damaged)."""
+
+    HINT = "re-copy it from where it was packed, or re-pack the dataset"
+
+    @classmethod
+    def one_line(cls, error: BaseException) -> ShardError:
+        """The original message of a ShardError that a DataLoader worker re-raised with its traceback."""
+        lines = [line for line in str(error).strip().splitlines() if line.strip()]
+        last = lines[-1] if lines else ""
+        return cls(last.split("ShardError: ", 1)[-1])
+
+
+def verify_shards(root: str | Path, manifest: dict[str, Any], splits: Sequence[str], full: bool = False) -> None:
+    """Every shard of `splits` exists with the manifest's byte size (and sha256 with `full`); one error
+    listing every shard that does not."""
+    base = Path(root)
+    problems = []
+    for split in splits:
+        for shard in _split(manifest, split)["shards"]:
+            path = base / shard["name"]
+            size = path.stat().st_size if path.is_file() else None
+            if size is None:
+                problems.append(f"{path}: missing")
+            elif "bytes" in shard and size != shard["bytes"]:
+                problems.append(f"{path}: {size} bytes, the manifest lists {shard['bytes']} (truncated or replaced)")
+            elif full and "sha256" in shard and _sha256(path) != shard["sha256"]:
+                problems.append(f"{path}: sha256 differs from the manifest's (damaged or replaced)")
+    if problems:
+        raise ShardError(f"{'; '.join(problems)}: {ShardError.HINT}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_manifest(root: str | Path) -> dict[str, Any]:

@@ -248,6 +248,9 @@ def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> t
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batches.per_rank,
                                                              accum_steps=batches.accum_steps))
     manifest = shards.load_manifest(cfg.data.root)
+    if cfg.data.verify != "off":
+        shards.verify_shards(cfg.data.root, manifest, [cfg.data.train_split, cfg.data.val_split],
+                             full=cfg.data.verify == "full")
     classes = data.resolve_classes(cfg.data, manifest)
     accum = cfg.train.accum_steps
     steps_per_epoch = max(1, data.steps_per_epoch(manifest, cfg, denv.world_size) // accum)

@@ -74,3 +74,32 @@ def test_load_errors_name_the_file(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match=r"bad\.pt"):
         checkpoint.load(bad)
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A real 256 KiB file system (tmpfs), where mounting is allowed."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_full_disk_keeps_the_previous_checkpoint_and_says_how_much(small_disk):
+    path = small_disk / "checkpoints" / "last.pt"
+    checkpoint.save(path, {"step": 1, "w": torch.zeros(1000)})
+    with pytest.raises(OSError, match=r"last\.pt: no space left on the device: needs 1\.\d MB, 0\.\d MB free in .*"
+                                      r"any earlier last\.pt is intact"):
+        checkpoint.save(path, {"step": 2, "w": torch.zeros(400_000)})  # 1.6 MB
+    assert checkpoint.load(path)["step"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary left behind
+    # A writer that runs out midway (size unknown up front) cleans up and says so too.
+    from seg_dist import atomic
+
+    full = pytest.raises(OSError, match=r"big\.bin: no space left on the device: ran out after")
+    with full, atomic.writer(small_disk / "big.bin") as f:
+        for _ in range(64):
+            f.write(b"\0" * 16384)
+    assert not (small_disk / "big.bin").exists() and sorted(p.name for p in small_disk.iterdir()) == ["checkpoints"]

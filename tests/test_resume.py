@@ -103,3 +103,48 @@ def test_unreadable_last_falls_back_to_the_newest_snapshot(tiny_shards, tmp_path
     with pytest.raises(RuntimeError, match=r"bad\.pt: cannot load checkpoint"):
         train(cfg, distributed.DistEnv(), torch.device("cpu"))
 
+
+
+def _copy_shards(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_truncated_shard_is_caught_at_start_naming_it(tiny_shards, tmp_path):
+    shards_dir = _copy_shards(tiny_shards, tmp_path / "shards")
+    victim = sorted(shards_dir.glob("train-*.tar"))[1]
+    victim.write_bytes(victim.read_bytes()[:5000])  # a copy cut short
+    cfg = load_config(REPO / "configs" / "default.yaml", tiny_overrides(shards_dir, tmp_path / "run"))
+    with pytest.raises(ValueError, match=rf"{victim}: 5000 bytes, the manifest lists \d+ \(truncated or replaced\)"):
+        train(cfg, distributed.DistEnv(), torch.device("cpu"))
+
+
+def test_damaged_shard_mid_run_is_one_line_and_keeps_the_checkpoint(tiny_shards, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    shards_dir = _copy_shards(tiny_shards, tmp_path / "shards")
+    run = tmp_path / "run"
+    args = ["--config", "configs/default.yaml", *tiny_overrides(shards_dir, run, "train.epochs=1", "data.workers=1")]
+    subprocess.run([sys.executable, "-m", "seg_dist.train", *args], cwd=REPO, env=child_env(), check=True,
+                   capture_output=True)
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    for shard in shards_dir.glob("train-*.tar"):  # same size, so only reading can tell: a bad header
+        data = bytearray(shard.read_bytes())
+        data[:512] = b"\xff" * 512
+        shard.write_bytes(bytes(data))
+    out = subprocess.run([sys.executable, "-m", "seg_dist.train", *args, "train.epochs=2"], cwd=REPO,
+                         env=child_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    errors = [line for line in (out.stdout + out.stderr).splitlines() if "unreadable shard" in line]
+    assert len(errors) == 1 and "Traceback" not in out.stdout + out.stderr, out.stdout[-3000:]
+    assert "train-0000" in errors[0] and "re-copy it" in errors[0]
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before  # the last checkpoint is intact
+    # With data.verify=full the same damage is found before training starts.
+    full = subprocess.run([sys.executable, "-m", "seg_dist.train", *args, "train.epochs=2", "data.verify=full"],
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert full.returncode == 2 and "sha256 differs from the manifest's" in full.stdout + full.stderr
