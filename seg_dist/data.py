@@ -57,6 +57,7 @@ __all__ = [
     "plan_batches",
     "preprocess",
     "resolve_classes",
+    "split_samples",
     "steps_per_epoch",
     "train_loader",
     "val_loader",
@@ -381,8 +382,9 @@ class _ValStream(IterableDataset):
     """This rank's contiguous range of global sample indices, split again between workers; each
     worker opens only the shards overlapping its range and decodes only its own samples."""
 
-    def __init__(self, urls: list[str], counts: list[int], transform: A.Compose, start: int, stop: int) -> None:
-        self.urls, self.counts, self.transform = urls, counts, transform
+    def __init__(self, urls: list[str], counts: list[int], transform: A.Compose | None, start: int,
+                 stop: int) -> None:
+        self.urls, self.counts, self.transform = urls, counts, transform  # None: decoded numpy, untransformed
         self.start, self.stop = start, stop
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, str]]:
@@ -409,8 +411,11 @@ class _ValStream(IterableDataset):
             if first + i < start:
                 continue  # another reader's sample: skipped before decoding
             s = _decode(raw)
-            image, mask = _apply(self.transform, s["image"], s["mask"])
-            yield image, mask, s["key"]
+            if self.transform is None:
+                yield s["image"], s["mask"], s["key"]
+            else:
+                image, mask = _apply(self.transform, s["image"], s["mask"])
+                yield image, mask, s["key"]
         if read != count:
             raise ValueError(f"{url}: {read} samples, the manifest lists {count}")
 
@@ -464,3 +469,22 @@ def val_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, worl
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=functools.partial(pad_collate, ignore_index=ignore),
                         **_loader_kwargs(cfg))
     return ValBatches(loader, stop - start, num_batches)
+
+
+def _no_collate(sample: Any) -> Any:
+    return sample
+
+
+def split_samples(cfg: Config, manifest: dict[str, Any], root: str, rank: int, world_size: int,
+                  split: str) -> Iterator[tuple[np.ndarray, np.ndarray, str]]:
+    """This rank's exact-once share of `split` as stored: (uint8 H x W x 3 image, int64 H x W mask, key),
+    decoded in `data.workers` loader processes, neither resized nor normalised."""
+    counts = shard_counts(manifest, split)
+    start, stop = _share(sum(counts), rank, world_size)
+    dataset = _ValStream(shard_urls(root, manifest, split), counts, None, start, stop)
+    kw = _loader_kwargs(cfg)
+    kw.pop("pin_memory", None)
+    try:
+        yield from DataLoader(dataset, batch_size=None, collate_fn=_no_collate, **kw)
+    except ShardError as e:  # from a worker, its message followed by the worker's traceback
+        raise ShardError.one_line(e) from None

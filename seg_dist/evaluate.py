@@ -1,59 +1,83 @@
-"""Exact metrics of a checkpoint on a split, at any number of ranks.
+"""Exact metrics of a checkpoint on a split, at any number of ranks, as predict would score.
 
-    python -m seg_dist.evaluate --checkpoint runs/X/checkpoints/best.pt [--split val] [--out metrics.json]
-    torchrun --nproc_per_node=2 -m seg_dist.evaluate --checkpoint ... [key=value ...]
+    python -m seg_dist.evaluate --checkpoint runs/X/checkpoints/best.pt [--split val] [--json m.json] [--out DIR]
+    torchrun --nproc_per_node=2 -m seg_dist.evaluate --checkpoint ... [--data shards/other] [key=value ...]
 
-The checkpoint carries its config; overrides change it (e.g. data.root=shards/other). The
-validation is the trainer's own (`seg_dist.validation.validate`), so the figures agree.
+Every image of the split runs through the predict path (seg_dist.inference: the same normalisation,
+resizing, tiling and TTA) and is scored at its mask's stored resolution; one int64 confusion matrix is
+summed over ranks, so 1 or N ranks give identical figures. Prints a per-class table; --json writes the
+figures and the confusion matrix (rows = ground truth); --out DIR saves the confusion-matrix picture and a
+per-class IoU bar chart. The checkpoint carries its config; overrides change it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from tqdm import tqdm
-
-from . import atomic, checkpoint, cli, data, distributed, precision, shards
+from . import atomic, checkpoint, cli, data, distributed, shards
 from .errors import RunFailed
-from .runlog import setup_logging
-from .validation import validate
+from .inference import Predictor
+from .runlog import progress, setup_logging
+from .validation import evaluate_predictor, metrics_table
+from .visualize import bar_chart, confusion_matrix_figure, save_png
+
+log = logging.getLogger("seg_dist.evaluate")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m seg_dist.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", default=None, help="shard folder (default: the run's data.root)")
     p.add_argument("--split", default=None, help="default: the run's data.val_split")
-    p.add_argument("--out", default=None, help="also write the metrics as JSON here")
-    p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. data.root=shards/other")
-    return p.parse_args(argv)
+    p.add_argument("--json", default=None, help="write the figures and the confusion matrix here")
+    p.add_argument("--out", default=None, help="folder for the confusion-matrix picture and the IoU bar chart")
+    p.add_argument("--batch-size", type=int, default=1, help="images of one size run together (default 1)")
+    p.add_argument("--tile", type=int, default=0, help="as predict's --tile")
+    p.add_argument("--tta", choices=["none", "flip"], default="none", help="as predict's --tta")
+    p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.amp=off")
+    args = p.parse_args(argv)
+    if args.out and args.out.endswith(".json"):
+        # --out used to name the JSON report; keep that working, and say what it is now.
+        log.warning("--out %s: --out now takes a folder for pictures; writing the JSON as with --json", args.out)
+        args.json, args.out = args.json or args.out, None
+    return args
 
 
 def _evaluate(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     with distributed.setup() as (denv, device):
         setup_logging(denv.rank)
-        trained = checkpoint.load_model(args.checkpoint, device, args.overrides)
+        overrides = [*args.overrides, *([f"data.root={args.data}"] if args.data else [])]
+        trained = checkpoint.load_model(args.checkpoint, device, overrides)
         cfg = trained.cfg
+        predictor = Predictor.from_trained(trained, tile=args.tile, tta_flip=args.tta == "flip")
         manifest = shards.load_manifest(cfg.data.root)
         split = args.split or cfg.data.val_split
-        loader = data.val_loader(cfg, manifest, cfg.data.root, denv.rank, denv.world_size, split=split)
         expected = shards.split_count(manifest, split)
-        amp_dtype = precision.resolve_amp(cfg.train.amp, device)
-        with tqdm(total=data.val_share(manifest, split, denv.rank, denv.world_size), desc=f"evaluate {split}",
-                  disable=not denv.is_main) as bar:
-            result = validate(trained.model, loader, trained.num_classes, trained.ignore_index, device, amp_dtype,
-                              cfg.train.channels_last, progress=bar)
+        share = data.val_share(manifest, split, denv.rank, denv.world_size)
+        with progress(share, f"evaluate {split}", enabled=denv.is_main) as bar:
+            samples = data.split_samples(cfg, manifest, cfg.data.root, denv.rank, denv.world_size, split)
+            result = evaluate_predictor(predictor, samples, trained.ignore_index, args.batch_size, progress=bar)
         if result.samples_seen != expected:
             raise RunFailed(f"saw {result.samples_seen} samples of split {split!r}, the manifest lists {expected}")
         if denv.is_main:
-            report = {"checkpoint": str(args.checkpoint), "split": split, "samples": result.samples_seen,
-                      "global_step": trained.global_step, **result.metrics,
+            m = result.metrics
+            print(metrics_table(m, trained.class_names, result.samples_seen))
+            report = {"checkpoint": str(args.checkpoint), "data": cfg.data.root, "split": split,
+                      "samples": result.samples_seen, "global_step": trained.global_step, **m,
                       "class_names": trained.class_names, "confusion_matrix": result.matrix.tolist()}
+            if args.json:
+                atomic.write_text(args.json, json.dumps(report, indent=2) + "\n")
             if args.out:
-                atomic.write_text(args.out, json.dumps(report, indent=2) + "\n")
+                out = Path(args.out)
+                save_png(out / "confusion_matrix.png", confusion_matrix_figure(result.matrix, trained.class_names))
+                save_png(out / "iou_per_class.png", bar_chart(m["per_class_iou"], trained.class_names,
+                                                              f"IoU per class, {split} (mIoU {m['miou']:.4f})"))
             print(json.dumps({k: report[k] for k in ("split", "samples", "miou", "pixel_accuracy", "loss")}))
     return cli.EXIT_OK
 

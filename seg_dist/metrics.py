@@ -103,11 +103,17 @@ class ConfusionMatrix:
         with np.errstate(divide="ignore", invalid="ignore"):
             iou = np.where(present, tp / union, np.nan)
             dice = np.where(present, 2 * tp / (gt + pr), np.nan)
+            precision = np.where(pr > 0, tp / pr, np.nan)  # of the pixels predicted as c, how many are c
+            recall = np.where(gt > 0, tp / gt, np.nan)  # of the pixels of c, how many were found
+            share = gt / gt.sum() if gt.sum() > 0 else np.zeros_like(gt)
         total = mat.sum()
         loss_weight = float(self.loss_weight)
         return {
             "per_class_iou": iou.tolist(),
             "per_class_dice": dice.tolist(),
+            "per_class_precision": precision.tolist(),
+            "per_class_recall": recall.tolist(),
+            "per_class_gt_share": share.tolist(),
             "miou": float(iou[present].mean()) if present.any() else math.nan,
             "mean_dice": float(dice[present].mean()) if present.any() else math.nan,
             "pixel_accuracy": float(tp.sum() / total) if total > 0 else math.nan,

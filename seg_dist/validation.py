@@ -1,19 +1,23 @@
 """Validation over each rank's exact-once share, reduced to exact global metrics.
 
-`validate` is what the trainer runs every epoch and what `python -m seg_dist.evaluate` runs on a
-checkpoint: the same code, so their figures agree.
+`validate` is what the trainer runs every epoch (batches padded to a common size). `evaluate_predictor`
+is what `python -m seg_dist.evaluate` runs on a checkpoint: the predict path (`seg_dist.inference`), each
+image at its own size, scored against its mask as stored. Both reduce one int64 confusion matrix.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .inference import Predictor
 from .metrics import ConfusionMatrix
 from .precision import autocast
 
@@ -70,3 +74,55 @@ def validate(
     cm.reduce_from_all_processes()
     model.train(was_training)
     return Validation(metrics=cm.compute(), samples_seen=cm.samples_seen, matrix=cm.mat.cpu(), examples=examples)
+
+
+def evaluate_predictor(
+    predictor: Predictor,
+    samples: Iterable[tuple[np.ndarray, np.ndarray, str]],
+    ignore_index: int,
+    batch_size: int = 1,
+    progress: Any = None,
+) -> Validation:
+    """Score `predictor` on (image, stored mask, key) samples at each mask's own resolution: exactly
+    the masks `seg_dist.predict` writes, counted against the ground truth. One all-reduce at the end."""
+    device = predictor.device
+    cm = ConfusionMatrix(predictor.num_classes, ignore_index, device)
+
+    def score(batch: list[tuple[np.ndarray, np.ndarray, str]]) -> None:
+        for logits, (_, mask, _) in zip(predictor.logits_batch([image for image, _, _ in batch]), batch, strict=True):
+            target = torch.from_numpy(np.asarray(mask, dtype=np.int64)).to(device)
+            ce_sum = F.cross_entropy(logits[None], target[None], ignore_index=ignore_index, reduction="sum")
+            valid = (target != ignore_index).sum()
+            cm.update_loss(ce_sum / valid.clamp(min=1), valid)
+            cm.update(logits.argmax(0), target)
+        cm.count_samples(len(batch))
+        if progress is not None:
+            progress.update(len(batch))
+
+    batch: list[tuple[np.ndarray, np.ndarray, str]] = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == batch_size:
+            score(batch)
+            batch = []
+    if batch:
+        score(batch)
+    cm.reduce_from_all_processes()
+    return Validation(metrics=cm.compute(), samples_seen=cm.samples_seen, matrix=cm.mat.cpu())
+
+
+def metrics_table(metrics: dict[str, Any], class_names: list[str], samples: int) -> str:
+    """Per-class IoU, Dice, precision, recall and ground-truth share, then the means: paste-ready text."""
+    width = max([len(n) for n in class_names] + [5])
+    rows = [f"{'class':<{width}}  {'IoU':>6}  {'Dice':>6}  {'prec':>6}  {'recall':>6}  {'GT share':>8}"]
+
+    def cell(v: float, w: int = 6) -> str:
+        return f"{'-':>{w}}" if v is None or math.isnan(v) else f"{v:>{w}.4f}"
+
+    for i, name in enumerate(class_names):
+        rows.append(f"{name:<{width}}  {cell(metrics['per_class_iou'][i])}  {cell(metrics['per_class_dice'][i])}  "
+                    f"{cell(metrics['per_class_precision'][i])}  {cell(metrics['per_class_recall'][i])}  "
+                    f"{100 * metrics['per_class_gt_share'][i]:>7.2f}%")
+    rows.append(f"mIoU {metrics['miou']:.4f}   mean Dice {metrics['mean_dice']:.4f}   pixel accuracy "
+                f"{metrics['pixel_accuracy']:.4f}   loss {metrics['loss']:.4f}   {samples} samples")
+    return "\n".join(rows)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import colorsys
 import io
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,8 +19,9 @@ from PIL import Image, ImageDraw
 from . import atomic
 
 __all__ = [
-    "IGNORE_COLOUR", "colorize", "confusion_matrix_figure", "denormalize", "enlarge", "grid", "overlay",
-    "overlay_triptych", "palette", "save_png", "validation_pictures",
+    "IGNORE_COLOUR", "bar_chart", "colorize", "confusion_matrix_figure", "denormalize", "enlarge", "grid",
+    "legend", "overlay", "overlay_triptych", "overlay_with_legend", "palette", "save_mask_png", "save_png",
+    "validation_pictures",
 ]
 
 IGNORE_COLOUR = (255, 255, 255)
@@ -204,3 +206,77 @@ def confusion_matrix_figure(
                 fg = "white" if v > 0.5 else "black"
                 draw.text((x + (cell - w) // 2, y + (cell - h) // 2), s, fill=fg)
     return np.asarray(img, dtype=np.uint8)
+
+
+def legend(names: Sequence[str], colours: np.ndarray, width: int, swatch: int = 12) -> np.ndarray:
+    """Rows of (colour swatch, name) packed left to right into a white strip `width` px wide."""
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    sizes = [probe.textbbox((0, 0), name)[2] for name in names]
+    row_h, gap = swatch + 6, 14
+    rows, x = 1, 4
+    for size in sizes:  # first pass: how many rows
+        if x + swatch + 4 + size > width and x > 4:
+            rows, x = rows + 1, 4
+        x += swatch + 4 + size + gap
+    img = Image.new("RGB", (max(width, 1), rows * row_h + 4), "white")
+    draw = ImageDraw.Draw(img)
+    row, x = 0, 4
+    for name, colour, size in zip(names, colours, sizes, strict=True):
+        if x + swatch + 4 + size > width and x > 4:
+            row, x = row + 1, 4
+        y = 4 + row * row_h
+        draw.rectangle([x, y, x + swatch, y + swatch], fill=tuple(int(c) for c in colour), outline=(90, 90, 90))
+        draw.text((x + swatch + 4, y), name, fill="black")
+        x += swatch + 4 + size + gap
+    return np.asarray(img, dtype=np.uint8)
+
+
+def overlay_with_legend(image: np.ndarray, mask: np.ndarray | torch.Tensor, class_names: Sequence[str],
+                        alpha: float = 0.5, min_side: int = 160) -> np.ndarray:
+    """The seed's picture: image | prediction | blend, and below it the colours of the classes present."""
+    mask = _as_numpy(mask)
+    n = len(class_names)
+    picture = grid([_rgb(image), colorize(mask, n), overlay(image, mask, n, alpha=alpha)], cols=3)
+    picture = enlarge(picture, min_side)
+    present = [int(c) for c in np.unique(mask) if 0 <= c < n]
+    colours = palette(n)
+    strip = legend([class_names[c] for c in present], colours[present], picture.shape[1])
+    return np.concatenate([picture, strip], axis=0)
+
+
+def bar_chart(values: Sequence[float], names: Sequence[str], title: str, width: int = 640) -> np.ndarray:
+    """Horizontal bars of values in [0, 1] (e.g. IoU per class), one row per name, value written beside."""
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = max([probe.textbbox((0, 0), s)[2] for s in names] + [0]) + 10
+    row_h = 16
+    img = Image.new("RGB", (width, 24 + row_h * len(names) + 6), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((4, 4), title, fill="black")
+    bar_w = width - label_w - 50
+    colours = palette(len(names))
+    for i, (name, value) in enumerate(zip(names, values, strict=True)):
+        y = 24 + i * row_h
+        draw.text((4, y + 2), name, fill="black")
+        if value is None or math.isnan(value):
+            draw.text((label_w, y + 2), "absent", fill=(120, 120, 120))
+            continue
+        colour = tuple(int(c) for c in colours[i]) if i else (90, 90, 90)  # class 0 is black: grey bar
+        draw.rectangle([label_w, y + 2, label_w + max(1, round(bar_w * value)), y + row_h - 3], fill=colour)
+        draw.text((label_w + round(bar_w * value) + 4, y + 2), f"{value:.3f}", fill="black")
+    return np.asarray(img, dtype=np.uint8)
+
+
+def save_mask_png(path: str | Path, mask: np.ndarray, num_classes: int) -> None:
+    """Class ids as a palette PNG: `np.array(Image.open(path))` gives the ids back, viewers show colours.
+    More than 256 classes do not fit a palette: a 16-bit grey PNG then."""
+    mask = _as_numpy(mask)
+    if num_classes <= 256:
+        im = Image.fromarray(mask.astype(np.uint8), mode="P")
+        colours = np.zeros((256, 3), np.uint8)
+        colours[:num_classes] = palette(num_classes)
+        im.putpalette(colours.tobytes())
+    else:
+        im = Image.fromarray(mask.astype(np.uint16))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    atomic.write_bytes(path, buf.getvalue())

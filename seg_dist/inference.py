@@ -1,0 +1,166 @@
+"""Inference on whole images at their original size: the one path predict and evaluate share.
+
+    from seg_dist.predict import Predictor
+    p = Predictor.from_checkpoint("runs/x/checkpoints/best.pt")
+    mask = p(image)                 # uint8 H x W x 3 RGB -> int64 H x W class ids, same size
+    picture = p.overlay(image, mask)
+
+An image is normalised as in training (the checkpoint's mean/std), resized to `data.val_size` when the
+model was validated at a fixed size, run (mixed precision on GPU), and its logits are resized back, so
+the mask always has the input's size. Large images go through overlapping tiles whose logits are
+blended with a smooth weight, so memory stays bounded and tile borders leave no seams.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint, precision
+from .config import DataConfig
+from .visualize import overlay_with_legend
+
+__all__ = ["AUTO_TILE_PIXELS", "Predictor", "tile_starts"]
+
+# Above this many pixels an image is tiled even without --tile (4 Mpx: a 2000 x 2000 photo goes whole).
+AUTO_TILE_PIXELS = 4_000_000
+AUTO_TILE = 1024
+
+
+@dataclass
+class Predictor:
+    """A trained model with what it needs to turn images into masks (see the module docstring)."""
+
+    model: nn.Module  # in eval mode, on `device`
+    data: DataConfig  # mean, std and val_size as trained
+    num_classes: int
+    class_names: list[str]
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    tile: int = 0  # tile side in px; 0: whole images unless larger than AUTO_TILE_PIXELS
+    overlap: float = 0.25  # fraction of a tile shared with its neighbour
+    tta_flip: bool = False  # average with the horizontally flipped image's prediction
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", **options: Any) -> Predictor:
+        """`device`: auto (the first GPU if there is one), cpu, cuda or cuda:N; `options`: the fields above."""
+        if str(device) == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return cls.from_trained(checkpoint.load_model(path, torch.device(device)), **options)
+
+    @classmethod
+    def from_trained(cls, trained: checkpoint.TrainedModel, **options: Any) -> Predictor:
+        """From a model `checkpoint.load_model` loaded (with config overrides, say)."""
+        cfg = trained.cfg
+        device = next(trained.model.parameters()).device
+        if cfg.train.channels_last:
+            trained.model.to(memory_format=torch.channels_last)
+        options.setdefault("amp_dtype", precision.resolve_amp(cfg.train.amp, device))
+        return cls(trained.model, cfg.data, trained.num_classes, trained.class_names, device,
+                   channels_last=cfg.train.channels_last, **options)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """uint8 H x W x 3 (or H x W grey) -> int64 H x W class ids."""
+        return self.predict_batch([image])[0]
+
+    def predict_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Masks for several images; images of one size run as one batch."""
+        return [logits.argmax(0).cpu().numpy() for logits in self.logits_batch(images)]
+
+    @torch.no_grad()
+    def logits_batch(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """float32 C x H x W logits per image, at each image's own size (on the device)."""
+        out: list[torch.Tensor | None] = [None] * len(images)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            groups.setdefault(_rgb(image).shape[:2], []).append(i)
+        for (h, w), idx in groups.items():
+            batch = torch.stack([self._to_tensor(images[i]) for i in idx])
+            logits = self._logits(batch, h, w)
+            for j, i in enumerate(idx):
+                out[i] = logits[j]
+        return out  # type: ignore[return-value]
+
+    def overlay(self, image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+        """image | prediction | blend, with a legend of the classes present: an H x W' x 3 uint8 picture."""
+        return overlay_with_legend(_rgb(image), mask, self.class_names, alpha=alpha)
+
+    # --- internals ------------------------------------------------------------------------------------
+
+    def _to_tensor(self, image: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(_rgb(image))).to(self.device).permute(2, 0, 1).float()
+        mean = torch.tensor(self.data.mean, device=self.device).view(3, 1, 1)
+        std = torch.tensor(self.data.std, device=self.device).view(3, 1, 1)
+        return (x / 255.0 - mean) / std
+
+    def _logits(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        size = self.data.val_size
+        if size > 0 and (h, w) != (size, size):  # trained to see val_size x val_size: resize, run, resize back
+            small = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+            return F.interpolate(self._forward(small), size=(h, w), mode="bilinear", align_corners=False)
+        tile = self.tile or (AUTO_TILE if h * w > AUTO_TILE_PIXELS else 0)
+        if tile and (h > tile or w > tile):
+            return self._tiled(x, tile)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self._run(x)
+        if self.tta_flip:
+            logits = (logits + self._run(x.flip(-1)).flip(-1)) / 2
+        return logits
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with precision.autocast(self.device, self.amp_dtype):
+            return self.model(x).float()
+
+    def _tiled(self, x: torch.Tensor, tile: int) -> torch.Tensor:
+        """Sliding windows; each tile's logits are weighted by a ramp that falls towards its borders, so
+        every pixel is a smooth mix of the tiles that cover it (no seams)."""
+        n, _, h, w = x.shape
+        th, tw = min(tile, h), min(tile, w)
+        stride = max(1, int(tile * (1 - self.overlap)))
+        weight = _ramp(th, self.device)[:, None] * _ramp(tw, self.device)[None, :]
+        total = torch.zeros((n, self.num_classes, h, w), device=self.device)
+        norm = torch.zeros((h, w), device=self.device)
+        for top in tile_starts(h, th, stride):
+            for left in tile_starts(w, tw, stride):
+                logits = self._forward(x[:, :, top : top + th, left : left + tw])
+                total[:, :, top : top + th, left : left + tw] += logits * weight
+                norm[top : top + th, left : left + tw] += weight
+        return total / norm
+
+
+def tile_starts(length: int, tile: int, stride: int) -> list[int]:
+    """Window offsets covering [0, length): a stride apart, the last one flush with the end."""
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    return [*starts, length - tile]
+
+
+def _ramp(n: int, device: torch.device) -> torch.Tensor:
+    """Weights rising linearly from the border to the middle and never 0 (an edge tile's border is the
+    image's border and must still count)."""
+    pos = torch.arange(n, device=device, dtype=torch.float32)
+    dist = torch.minimum(pos + 1, n - pos)
+    return (dist / math.ceil(n / 2)).clamp(min=1e-3)
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 H x W x 3 RGB image, got {image.dtype} {image.shape}")
+    return image[:, :, :3]

@@ -1,0 +1,107 @@
+"""Masks (and pictures) for image files from a trained checkpoint.
+
+    python -m seg_dist.predict --checkpoint runs/x/checkpoints/best.pt --input photos/ --out masks/ --overlay
+    seg-dist predict --checkpoint ... --input 'photos/*.jpg' --out masks/ [--tile 1024] [--tta flip]
+
+For every image, OUT/<relative path>.png holds its class ids at the image's own size (a palette PNG:
+`np.array(Image.open(f))` reads the ids back); with --overlay, OUT/<relative path>_overlay.png shows
+image | prediction | blend with a legend. A folder's structure is kept. An unreadable image is reported
+and skipped; the exit code is then 1. From Python: `Predictor` (see seg_dist/inference.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import cli
+from .errors import RunFailed, UserError
+from .inference import Predictor
+from .pack.pairing import IMAGE_SUFFIXES
+from .runlog import progress
+from .shards import decode_image
+from .visualize import save_mask_png, save_png
+
+__all__ = ["Predictor", "find_images", "main"]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m seg_dist.predict", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--input", required=True, help="an image, a folder (searched recursively) or a quoted glob")
+    p.add_argument("--out", required=True, help="folder for the masks (and overlays)")
+    p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png pictures")
+    p.add_argument("--tile", type=int, default=0,
+                   help="tile side in px for large images (default: whole images up to 4 Mpx, 1024 px tiles above)")
+    p.add_argument("--overlap", type=float, default=0.25, help="fraction of a tile shared with its neighbours")
+    p.add_argument("--tta", choices=["none", "flip"], default="none", help="test-time augmentation")
+    p.add_argument("--batch-size", type=int, default=4, help="images of one size run together (default 4)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--overwrite", action="store_true", help="replace masks already in --out")
+    return p.parse_args(argv)
+
+
+def find_images(spec: str) -> list[tuple[Path, Path]]:
+    """(image, output name without suffix) pairs: a folder keeps its relative layout, a file or glob its stem."""
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        return [(f, f.relative_to(path).with_suffix("")) for f in files]
+    if path.is_file():
+        return [(path, Path(path.stem))]
+    files = sorted(Path(f) for f in glob.glob(spec, recursive=True) if Path(f).is_file())
+    if not files and not glob.has_magic(spec):
+        raise FileNotFoundError(f"{spec}: no such file or folder")
+    return [(f, Path(f.stem)) for f in files]
+
+
+def _predict(argv: Sequence[str] | None) -> int:
+    args = parse_args(argv)
+    if args.batch_size < 1 or not 0 <= args.overlap < 1 or args.tile < 0:
+        raise UserError("--batch-size must be >= 1, --overlap in [0, 1) and --tile >= 0")
+    jobs = find_images(args.input)
+    if not jobs:
+        raise UserError(f"{args.input}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    out = Path(args.out)
+    names = [name for _, name in jobs]
+    clashes = sorted({str(n) for n in names if names.count(n) > 1})
+    if clashes:
+        raise UserError(f"{args.input}: several images map to the same output name: {', '.join(clashes[:5])}")
+    existing = [out / f"{n}.png" for n in names if (out / f"{n}.png").exists()]
+    if existing and not args.overwrite:
+        raise UserError(f"{existing[0]}: exists ({len(existing)} mask(s) in {out} already); "
+                        "pass --overwrite to replace them or choose another --out")
+    predictor = Predictor.from_checkpoint(args.checkpoint, args.device, tile=args.tile, overlap=args.overlap,
+                                          tta_flip=args.tta == "flip")
+    failed = []
+    with progress(len(jobs), "predict", enabled=len(jobs) > 1) as bar:
+        for i in range(0, len(jobs), args.batch_size):
+            batch = []
+            for src, name in jobs[i : i + args.batch_size]:
+                try:
+                    batch.append((decode_image(src.read_bytes()), name))
+                except Exception as e:  # PIL raises OSError, SyntaxError, ValueError ... for broken files
+                    failed.append(src)
+                    print(f"error: {src}: cannot read the image ({type(e).__name__}: {e}); skipped", file=sys.stderr)
+            masks = predictor.predict_batch([image for image, _ in batch])
+            for (image, name), mask in zip(batch, masks, strict=True):
+                save_mask_png(out / f"{name}.png", mask, predictor.num_classes)
+                if args.overlay:
+                    save_png(out / f"{name}_overlay.png", predictor.overlay(image, mask))
+            bar.update(len(jobs[i : i + args.batch_size]))
+    done = len(jobs) - len(failed)
+    print(f"wrote {done} mask(s){' and overlays' if args.overlay else ''} to {out}")
+    if failed:
+        raise RunFailed(f"{len(failed)} of {len(jobs)} image(s) could not be read (first: {failed[0]})")
+    return cli.EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(_predict, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
