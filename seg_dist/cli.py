@@ -29,7 +29,9 @@ COMMANDS = {
     "synth": ("seg_dist.synth", "write the procedural example dataset as image and mask files"),
     "preview": ("seg_dist.preview", "a PNG grid of augmented training samples"),
     "train": ("seg_dist.train", "train (torchrun -m seg_dist.train for several processes)"),
-    "evaluate": ("seg_dist.evaluate", "exact metrics of a checkpoint on a split"),
+    "evaluate": ("seg_dist.evaluate", "exact metrics of a checkpoint on a split, per class"),
+    "predict": ("seg_dist.predict", "masks and overlays for image files, at their own size"),
+    "export": ("seg_dist.export", "a checkpoint as TorchScript or ONNX, checked against the eager model"),
 }
 
 
