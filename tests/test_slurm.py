@@ -140,7 +140,7 @@ DELIVERIES = {"batch-shell": ["--batch"], "steps": [], "both": ["--full"]}
 
 @pytest.mark.parametrize("delivery", list(DELIVERIES))
 def test_preemption_requeues_and_resumes(submit, tiny_shards: Path, tmp_path: Path, delivery: str) -> None:
-    epochs = 12
+    epochs = 8
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.pt"
     job = submit(tmp_path, tiny_overrides(
