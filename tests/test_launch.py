@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 import torch.distributed as dist
-from conftest import REPO, child_env, free_port, tiny_overrides, torchrun, torchrun_cmd
+from conftest import REPO, child_env, free_port, tiny_overrides, torchrun_cmd
 from test_train import _descendants, _last_step, _rank_pid
 
 from seg_dist import checkpoint
@@ -136,13 +136,11 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes_at_the_full_step_coun
     assert final["global_step"] == total and final["epoch"] == epochs  # same as an uninterrupted run
 
 
-def test_two_hosts_simulated_on_one_machine_train_and_agree_with_one_host(tiny_shards, tmp_path):
-    # Two launch/multinode.sh, one process each, meeting by c10d rendezvous on 127.0.0.1: the same run as
-    # one host with two processes, so the same validation numbers.
-    port = free_port()
-    run2 = tmp_path / "two-hosts"
-    overrides = tiny_overrides(tiny_shards, run2, "train.epochs=2", "train.amp=off")
-    env = {**child_env(), "NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+def test_two_hosts_simulated_on_one_machine_train_to_the_end_and_agree(tiny_shards, tmp_path):
+    # Two launch/multinode.sh, one process each, meeting by c10d rendezvous on 127.0.0.1: one world of 2.
+    run = tmp_path / "run"
+    overrides = tiny_overrides(tiny_shards, run, "train.epochs=2", "train.amp=off")
+    env = {**child_env(), "NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "NPROC_PER_NODE": "1", "RDZV_ID": uuid.uuid4().hex[:8], "MAX_RESTARTS": "0", "LOCAL_ADDR": "127.0.0.1",
            "PYTHON": sys.executable}
     hosts = [subprocess.Popen(["bash", "launch/multinode.sh", "configs/default.yaml", *overrides], cwd=REPO,
@@ -160,19 +158,22 @@ def test_two_hosts_simulated_on_one_machine_train_and_agree_with_one_host(tiny_s
                 h.wait()
     for h, out in zip(hosts, outs, strict=True):
         assert h.returncode == 0, out[-4000:]
-    assert "2 host(s) x 1 process(es)" in outs[0]
-    assert " 2 ranks on cpu" in "".join(outs)  # one world of 2, not two worlds of 1
+        assert "2 host(s) x 1 process(es)" in out
+    log = "".join(outs)
+    assert " 2 ranks on cpu" in log  # one world of 2, not two worlds of 1
+    assert checkpoint.load(run / "checkpoints" / "last.pt")["global_step"] == 2 * 64 // (2 * 4)
 
-    run1 = tmp_path / "one-host"
-    torchrun(2, "seg_dist.train", "--config", "configs/default.yaml",
-             *tiny_overrides(tiny_shards, run1, "train.epochs=2", "train.amp=off"))
-    two = [json.loads(line) for line in (run2 / "metrics.jsonl").read_text().splitlines()]
-    one = [json.loads(line) for line in (run1 / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in two] == [0, 1]
-    for a, b in zip(two, one, strict=True):
-        assert a["miou"] == b["miou"] and a["per_class_iou"] == b["per_class_iou"] and a["samples"] == b["samples"]
-        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-6)
-    assert checkpoint.load(run2 / "checkpoints" / "last.pt")["global_step"] == 2 * 8
+    # The hosts validated half of the split each and agreed on one all-reduced result: exactly what one
+    # process computes from the final weights over the whole split.
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [0, 1] and lines[-1]["samples"] == 16
+    report = tmp_path / "eval.json"
+    subprocess.run([sys.executable, "-m", "seg_dist.evaluate", "--checkpoint", str(run / "checkpoints" / "last.pt"),
+                    "--out", str(report), "train.amp=off"], cwd=REPO, env=child_env(), check=True, capture_output=True)
+    single = json.loads(report.read_text())
+    assert single["samples"] == 16
+    assert single["miou"] == lines[-1]["miou"] and single["pixel_accuracy"] == lines[-1]["pixel_accuracy"]
+    assert single["loss"] == pytest.approx(lines[-1]["val_loss"], rel=1e-6)
 
 
 def test_multinode_script_refuses_a_bad_node_rank():
