@@ -26,8 +26,8 @@ CPUS=$(nproc)
 die() { echo "slurm.sh: $*" >&2; exit 1; }
 say() { echo "slurm.sh: $*"; }
 
-# The PID in FILE when that process is alive.
-alive() { local pid; pid=$(cat "$1" 2>/dev/null) && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && echo "$pid"; }
+# The PID in FILE when that process is alive (ps, not kill -0: that fails for another user's process).
+alive() { local pid; pid=$(cat "$1" 2>/dev/null) && [ -n "$pid" ] && ps -p "$pid" >/dev/null 2>&1 && echo "$pid"; }
 
 # The node answers and can take jobs.
 node_ready() {
