@@ -1,0 +1,373 @@
+"""A checkpoint as a deployable TorchScript or ONNX file, checked against the eager model.
+
+`export()` loads a checkpoint (`checkpoint.load_model`), wraps its U-Net in `ExportUNet` (optionally
+with the run's normalisation inside the graph), writes the file under a temporary name, runs the
+exported file and the eager model on random images of two odd sizes, and only then renames it to
+`out` and writes `<out>.json` beside it: class names, ignore index, mean/std and the input layout,
+what a deployer needs to feed the file and read its output.
+
+Why a wrapper instead of the model itself: `UNet.forward` cannot be scripted (an f-string over a
+shape tuple) and `Up.forward` pads only `if dh or dw`, a branch that `torch.jit.trace` bakes in for
+the traced size and that `torch.export` turns into a guard on H % 2. `ExportUNet` calls the same
+submodules (same weights, same arithmetic) but always pads, by amounts that are zero where nothing
+is missing, so the graph has no shape branch and height, width and batch stay dynamic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import json
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import atomic, checkpoint
+from .config import to_dict
+from .errors import RunFailed, UserError
+from .models.unet import UNet
+
+__all__ = [
+    "ATOL", "FORMATS", "INPUT_DTYPES", "NORMALIZE", "RTOL", "CheckResult", "ExportResult", "ExportUNet",
+    "check_sizes", "export", "metadata_path",
+]
+
+FORMATS = ("torchscript", "onnx")
+NORMALIZE = ("inside", "json")  # normalisation in the graph, or described in the JSON for the caller
+INPUT_DTYPES = ("uint8", "float32")  # the graph input with normalisation inside (ONNX inputs have one dtype)
+# fp32 on the CPU: max |exported - eager| <= ATOL + RTOL * max |eager|. Measured: 0 for TorchScript (the
+# same kernels), ~2e-6 for onnxruntime on width 8..64 U-Nets; the relative part is for large trained logits.
+ATOL = 1e-4
+RTOL = 1e-5
+MIN_ARGMAX_AGREEMENT = 0.999  # a near-tie within the tolerance may flip a pixel's class, nothing more
+EXPORT_HINT = "pip install 'seg_dist[export]'"
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+
+log = logging.getLogger(__name__)
+
+
+class ExportUNet(nn.Module):
+    """`UNet.forward` without shape branches, optionally preceded by the training normalisation.
+
+    With `normalize`, the input is an RGB image batch N x 3 x H x W in 0-255 (uint8 or float) and is
+    normalised as `data.preprocess` does (albumentations Normalize: (x - 255 mean) / (255 std));
+    without it, the input is the already normalised float batch the bare model takes.
+    """
+
+    def __init__(self, unet: UNet, mean: tuple[float, ...], std: tuple[float, ...], normalize: bool) -> None:
+        super().__init__()
+        self.normalize = normalize
+        self.min_size = 2**unet.depth
+        # The submodules themselves (shared weights), not the `Up` blocks, whose forward has the branch.
+        self.inc = unet.inc
+        self.downs = unet.downs
+        self.ups = nn.ModuleList(_UpStep(up) for up in unet.ups)
+        self.head = unet.head
+        shape = (1, len(mean), 1, 1)
+        self.register_buffer("offset", torch.tensor(mean, dtype=torch.float32).mul(255.0).reshape(shape))
+        self.register_buffer("inv_scale", torch.tensor(std, dtype=torch.float32).mul(255.0).reciprocal().reshape(shape))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if image.shape[-2] < self.min_size or image.shape[-1] < self.min_size:
+            raise ValueError("input height and width must be at least 2**depth (min_size in the JSON)")
+        x = (image.to(torch.float32) - self.offset) * self.inv_scale if self.normalize else image
+        skips = [self.inc(x)]
+        for down in self.downs:
+            skips.append(down(skips[-1]))
+        x = skips.pop()
+        for up in self.ups:
+            x = up(x, skips.pop())
+        return self.head(x)
+
+
+class _UpStep(nn.Module):
+    """`Up.forward` with the pad unconditional (a zero pad where nothing is missing): same output."""
+
+    def __init__(self, up: nn.Module) -> None:
+        super().__init__()
+        self.up = up.up
+        self.conv = up.conv
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = self.up(x)
+        # MaxPool floors odd sizes, so the upsampled map can be 1 px short of the skip per level.
+        dh = skip.shape[-2] - x.shape[-2]
+        dw = skip.shape[-1] - x.shape[-1]
+        x = F.pad(x, [dw // 2, dw - dw // 2, dh // 2, dh - dh // 2])
+        return self.conv(torch.cat([skip, x], dim=1))
+
+
+@dataclass
+class CheckResult:
+    """Exported vs eager on random images; `skipped` says why there are no figures."""
+
+    shapes: list[list[int]]
+    max_abs_diff: float | None = None
+    tolerance: float | None = None
+    argmax_agreement: float | None = None
+    skipped: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.skipped is not None or (self.max_abs_diff is not None and self.tolerance is not None
+                                            and self.argmax_agreement is not None
+                                            and self.max_abs_diff <= self.tolerance
+                                            and self.argmax_agreement >= MIN_ARGMAX_AGREEMENT)
+
+    def summary(self) -> str:
+        sizes = ", ".join("x".join(map(str, s)) for s in self.shapes)
+        if self.skipped:
+            return f"check skipped ({sizes}): {self.skipped}"
+        return (f"check {sizes}: max abs diff {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g}), "
+                f"argmax agreement {100 * (self.argmax_agreement or 0):.3f}% (needs {100 * MIN_ARGMAX_AGREEMENT:g}%)")
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    metadata: Path
+    check: CheckResult
+    opset: int | None
+
+
+def metadata_path(out: str | Path) -> Path:
+    """`model.onnx` -> `model.onnx.json` (never the model file itself, whatever its suffix)."""
+    out = Path(out)
+    return out.with_name(out.name + ".json")
+
+
+def check_sizes(depth: int) -> list[tuple[int, int, int]]:
+    """(batch, H, W) of the check: odd sizes; the first one pads at every level, the second one
+    differs in every dimension (batch too), so a graph with a baked-in shape fails it."""
+    s = 2**depth
+    return [(1, 3 * s - 1, 4 * s - 1), (2, 5 * s + 1, 2 * s + 1)]
+
+
+def missing_onnx_exporter() -> str | None:
+    """The one-line reason torch's ONNX exporter cannot run here, or None."""
+    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"--format onnx needs {' and '.join(missing)} (torch's exporter uses them): {EXPORT_HINT}"
+    return None
+
+
+def export(
+    checkpoint_path: str | Path,
+    out: str | Path,
+    fmt: str,
+    normalize: str = "inside",
+    *,
+    opset: int | None = None,
+    input_dtype: str = "uint8",
+    device: str | torch.device = "cpu",
+    overwrite: bool = False,
+    seed: int = 0,
+) -> ExportResult:
+    """Export, check, then rename into place; nothing is left at `out` when any step fails."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if normalize not in NORMALIZE:
+        raise UserError(f"--normalize {normalize!r}: choose one of {', '.join(NORMALIZE)}")
+    if input_dtype not in INPUT_DTYPES:
+        raise UserError(f"--input-dtype {input_dtype!r}: choose one of {', '.join(INPUT_DTYPES)}")
+    out, meta = Path(out), metadata_path(out)
+    if not overwrite:
+        for path in (out, meta):
+            if path.exists():
+                raise FileExistsError(f"{path}: already exists (pass --overwrite to replace it)")
+    if fmt == "onnx" and (reason := missing_onnx_exporter()):
+        raise UserError(reason)
+
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise UserError(f"--device {device!r}: {_first_line(e)}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available here")
+    trained = checkpoint.load_model(checkpoint_path, device)
+    if not isinstance(trained.model, UNet):
+        raise UserError(f"{checkpoint_path}: export supports model.name=unet, not {trained.cfg.model.name!r}")
+    mean, std = tuple(trained.cfg.data.mean), tuple(trained.cfg.data.std)
+    if trained.model.in_channels != len(mean) or len(mean) != len(std):
+        raise UserError(f"{checkpoint_path}: {trained.model.in_channels} input channels but data.mean/std have "
+                        f"{len(mean)}/{len(std)} values")
+    module = ExportUNet(trained.model, mean, std, normalize == "inside").to(device).eval()
+    dtype = getattr(torch, input_dtype) if normalize == "inside" else torch.float32
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _staged(out) as tmp:
+        opset_used = None
+        if fmt == "torchscript":
+            _export_torchscript(module, tmp)
+        else:
+            opset_used = _export_onnx(module, tmp, dtype, device, opset)
+        check = _check(trained.model, module, tmp, fmt, dtype, mean, std, seed)
+        if not check.ok:
+            raise RunFailed(f"{out}: the exported model does not match the eager one: {check.summary()}; "
+                            "nothing written")
+    info = _metadata(trained, checkpoint_path, out, fmt, normalize, str(dtype).removeprefix("torch."),
+                     module.min_size, opset_used, check)
+    atomic.write_text(meta, json.dumps(info, indent=2) + "\n")
+    return ExportResult(out, meta, check, opset_used)
+
+
+@contextlib.contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A temporary sibling that becomes `out` (fsync, rename, directory fsync) when the block succeeds
+    and is removed when it raises: the exporters write to a path, so `atomic.writer` does not fit."""
+    tmp = atomic.temp_path(out)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    atomic.fsync_dir(out.parent)
+
+
+def _export_torchscript(module: ExportUNet, path: Path) -> None:
+    # script, not trace: the graph keeps shape arithmetic (pad amounts, the min-size check) symbolic.
+    # torch 2.13 marks torch.jit deprecated (a warning per call); it still works, and TorchScript is
+    # what C++ (libtorch) and older runtimes load, so the notice is left to the report, not each run.
+    with _quiet(DeprecationWarning):
+        torch.jit.save(torch.jit.script(module), str(path))
+
+
+@contextlib.contextmanager
+def _quiet(*categories: type[Warning]) -> Iterator[None]:
+    with warnings.catch_warnings():
+        for category in categories:
+            warnings.simplefilter("ignore", category)
+        yield
+
+
+def _export_onnx(module: ExportUNet, path: Path, dtype: torch.dtype, device: torch.device,
+                 opset: int | None) -> int:
+    """torch.export-based exporter (torch's default since 2.9; the TorchScript one is deprecated)."""
+    from torch.export import Dim
+
+    # Batch 2 in the example: torch.export specialises a dimension whose example size is 1.
+    _, h, w = check_sizes(_depth(module))[0]
+    s = module.min_size
+    example = torch.randint(0, 256, (2, 3, h, w), device=device).to(dtype)
+    dims = {0: Dim("batch", min=1), 2: Dim("height", min=s), 3: Dim("width", min=s)}
+    with _quiet_exporter():
+        try:
+            program = torch.onnx.export(module, (example,), dynamo=True, dynamic_shapes={INPUT_NAME: dims},
+                                        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                        opset_version=opset, verbose=False)
+        except Exception as e:  # the exporter's errors run to pages; keep the first line (chained for debugging)
+            raise RunFailed(f"ONNX export failed: {type(e).__name__}: {_first_line(e)}") from e
+        # One self-contained file (the weights inside); external data is only needed past protobuf's 2 GB.
+        program.save(str(path), external_data=False)
+    return next(o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _depth(module: ExportUNet) -> int:
+    return module.min_size.bit_length() - 1
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter logs a warning per missing torchvision op and emits internal deprecation warnings:
+    noise to a user of this command, who can do nothing about either."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with _quiet(DeprecationWarning, FutureWarning):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+def _check(unet: UNet, module: ExportUNet, path: Path, fmt: str, dtype: torch.dtype, mean: tuple[float, ...],
+           std: tuple[float, ...], seed: int) -> CheckResult:
+    """Eager reference: the bare model on images normalised by `data.preprocess` (the training path), so
+    normalisation inside the graph is checked too. Everything runs on the CPU in fp32."""
+    from .config import DataConfig
+    from .data import preprocess
+
+    shapes = [[n, 3, h, w] for n, h, w in check_sizes(_depth(module))]
+    if fmt == "onnx":
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return CheckResult(shapes, skipped=f"onnxruntime is not installed: {EXPORT_HINT} to check the ONNX file")
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(session.run(None, {INPUT_NAME: x.numpy()})[0])
+    else:
+        with _quiet(DeprecationWarning):
+            scripted = torch.jit.load(str(path), map_location="cpu")
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return scripted(x)
+
+    reference = unet if next(unet.parameters()).device.type == "cpu" else copy.deepcopy(unet).cpu()
+    data_cfg = DataConfig(mean=mean, std=std)
+    gen = torch.Generator().manual_seed(seed)
+    worst, bound, agree, total = 0.0, 0.0, 0, 0
+    with torch.inference_mode():
+        for n, _, h, w in shapes:
+            images = torch.randint(0, 256, (n, h, w, 3), dtype=torch.uint8, generator=gen)
+            normalised = torch.stack([preprocess(np.ascontiguousarray(im.numpy()), data_cfg) for im in images])
+            eager = reference(normalised)  # UNet.forward itself, branches and all
+            raw = images.permute(0, 3, 1, 2).contiguous().to(dtype)
+            got = run(raw if module.normalize else normalised).float()
+            if got.shape != eager.shape:
+                return CheckResult(shapes, max_abs_diff=float("inf"), tolerance=ATOL, argmax_agreement=0.0)
+            worst = max(worst, (got - eager).abs().max().item())
+            bound = max(bound, eager.abs().max().item())
+            agree += (got.argmax(1) == eager.argmax(1)).sum().item()
+            total += got.shape[0] * got.shape[2] * got.shape[3]
+    return CheckResult(shapes, max_abs_diff=worst, tolerance=ATOL + RTOL * bound, argmax_agreement=agree / total)
+
+
+def _metadata(trained: checkpoint.TrainedModel, checkpoint_path: str | Path, out: Path, fmt: str,
+              normalize: str, input_dtype: str, min_size: int, opset: int | None, check: CheckResult) -> dict[str, Any]:
+    inside = normalize == "inside"
+    return {
+        "file": out.name,
+        "format": fmt,
+        "opset": opset,
+        "normalize": normalize,
+        "input": {
+            "name": INPUT_NAME,
+            "layout": "NCHW",
+            "channels": "RGB",
+            "dtype": input_dtype,
+            "range": "0-255 (normalised inside the graph)" if inside else "normalised: (x * scale - mean) / std",
+            "dynamic": ["batch", "height", "width"],
+            "min_size": min_size,  # height and width at least 2**depth (any size above, odd included)
+        },
+        "output": {"name": OUTPUT_NAME, "layout": "NCHW", "dtype": "float32", "what": "logits; argmax over C"},
+        # The training normalisation: x in 0-255 -> (x * scale - mean) / std, per channel (RGB).
+        "scale": 1 / 255,
+        "mean": list(trained.cfg.data.mean),
+        "std": list(trained.cfg.data.std),
+        "num_classes": trained.num_classes,
+        "class_names": trained.class_names,
+        "ignore_index": trained.ignore_index,
+        "model": to_dict(trained.cfg)["model"],
+        "checkpoint": str(checkpoint_path),
+        "global_step": trained.global_step,
+        "check": asdict(check),
+        "versions": checkpoint.versions(),
+    }
