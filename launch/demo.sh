@@ -18,9 +18,15 @@ run_dir="runs/demo-$(date +%Y%m%d-%H%M%S)"   # a new folder each time: nothing e
 torchrun --standalone --nproc_per_node="$nproc" -m seg_dist.train \
     --config configs/default.yaml run.dir="$run_dir" "$@"
 
+# Predictions on images the model never saw, through the same command users run on theirs.
+python -m seg_dist.synth --out "$run_dir/examples" --n 6 --seed 12345
+python -m seg_dist.predict --checkpoint "$run_dir/checkpoints/best.pt" --input "$run_dir/examples/images" \
+    --out "$run_dir/predictions" --overlay
+
 echo
 echo "checkpoints: $run_dir/checkpoints/{last,best}.pt"
 echo "metrics:     $run_dir/metrics.jsonl"
-echo "overlays:    $run_dir/overlays/ (image | ground truth | prediction)"
+echo "overlays:    $run_dir/overlays/ (validation: image | ground truth | prediction)"
+echo "predictions: $run_dir/predictions/ (masks as palette PNGs; *_overlay.png: image | prediction | blend)"
 echo "TensorBoard: tensorboard --logdir $run_dir/tb"
 echo "augmentation preview: shards/synth/preview.png"

@@ -13,4 +13,4 @@ python -m pip install -q --upgrade pip >/dev/null
 if ! python -c "import torch" 2>/dev/null; then
     python -m pip install -q "torch==${SEG_DIST_TORCH:-2.13.0}"
 fi
-python -m pip install -q -e '.[dev]'
+python -m pip install -q -e '.[dev,export]'
