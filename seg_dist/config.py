@@ -74,6 +74,9 @@ class ModelConfig:
     bilinear: bool = False
     encoder: str = "resnet34"  # smp_unet only
     encoder_weights: str | None = None  # smp_unet only: a local state-dict file; nothing downloads
+    # Epochs at the start with the encoder's learning rate at 0 and its BatchNorm statistics kept (unet: the
+    # contracting path; smp_unet: the encoder). Needs a per-iteration schedule (not plateau).
+    freeze_encoder_epochs: int = 0
 
 
 @dataclass
@@ -88,6 +91,7 @@ class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
+    encoder_lr_mult: float = 1.0  # the encoder's learning rate is lr x this (e.g. 0.1 for a pretrained one)
 
 
 @dataclass
