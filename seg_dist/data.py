@@ -27,7 +27,6 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
-from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import shuffle as wds_shuffle
 from webdataset.gopen import gopen
@@ -53,6 +52,9 @@ __all__ = [
     "augmented_samples",
     "build_transforms",
     "iter_samples",
+    "mask_dtype",
+    "normalize",
+    "normalize_padded",
     "pad_collate",
     "plan_batches",
     "preprocess",
@@ -89,12 +91,9 @@ def resolve_classes(data_cfg: DataConfig, manifest: dict[str, Any]) -> ClassInfo
 # --- transforms --------------------------------------------------------------------------------
 
 
-def _normalize_ops(data_cfg: DataConfig) -> list[Any]:
-    return [A.Normalize(mean=tuple(data_cfg.mean), std=tuple(data_cfg.std), max_pixel_value=255.0), ToTensorV2()]
-
-
 def build_transforms(data_cfg: DataConfig, train: bool, ignore_index: int) -> A.Compose:
-    """Image+mask augmentation (train) or resize/normalise (val); masks always use nearest.
+    """Image+mask augmentation (train) or resize (val, when data.val_size is set) on uint8 HxWx3 images;
+    masks always use nearest. Normalisation is not here: it runs on the device (`normalize`).
 
     Every op that can introduce pixels fills the mask with `ignore_index`: albumentations fills
     masks with 0, a real class, unless told otherwise.
@@ -103,7 +102,7 @@ def build_transforms(data_cfg: DataConfig, train: bool, ignore_index: int) -> A.
         ops: list[Any] = []
         if data_cfg.val_size > 0:
             ops.append(A.Resize(data_cfg.val_size, data_cfg.val_size, mask_interpolation=cv2.INTER_NEAREST))
-        return A.Compose(ops + _normalize_ops(data_cfg))
+        return A.Compose(ops)
     aug = data_cfg.augment
     size = data_cfg.image_size
     ops = []
@@ -127,25 +126,53 @@ def build_transforms(data_cfg: DataConfig, train: bool, ignore_index: int) -> A.
             border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=ignore_index,
             mask_interpolation=cv2.INTER_NEAREST, p=aug.affine,
         ))
-    return A.Compose(ops + _normalize_ops(data_cfg))
+    return A.Compose(ops)
 
 
-@functools.lru_cache(maxsize=8)
-def _normalizer(mean: tuple[float, ...], std: tuple[float, ...]) -> A.Compose:
-    return A.Compose([A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()])
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+              channels_last: bool = False) -> torch.Tensor:
+    """uint8 (N x) H x W x 3 images, as batches leave the loader -> float32 (N x) 3 x H x W, normalised.
+
+    The one normalisation of seg_dist (training, validation, evaluate, predict, preview): run on the
+    device, so loader workers ship 4x fewer bytes than float32. Same arithmetic as albumentations'
+    Normalize(max_pixel_value=255): (x - 255 mean) * (1 / (255 std)) in float32. The permute of an
+    N x H x W x 3 batch is already channels-last in memory; `channels_last=False` makes it contiguous.
+    """
+    if images.dtype != torch.uint8 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 ... x H x W x 3 images, got {images.dtype} {tuple(images.shape)}")
+    shift = torch.tensor([255.0 * m for m in mean], dtype=torch.float32, device=images.device)
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32, device=images.device)
+    x = (images.float() - shift) * scale
+    x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x.permute(2, 0, 1)
+    if x.ndim == 4 and channels_last:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous()
 
 
 def preprocess(image: np.ndarray, data_cfg: DataConfig) -> torch.Tensor:
     """uint8 HxWx3 RGB -> 3xHxW float normalised as validation does, at the original resolution."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected a uint8 HxWx3 image, got {image.dtype} {image.shape}")
-    return _normalizer(tuple(data_cfg.mean), tuple(data_cfg.std))(image=image)["image"]
+    return normalize(torch.from_numpy(np.ascontiguousarray(image)), data_cfg.mean, data_cfg.std)
 
 
-def _apply(transform: A.Compose, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_dtype(num_classes: int, ignore_index: int) -> torch.dtype:
+    """The smallest integer type holding every class id and the ignore index (shipped between processes)."""
+    top = max(num_classes - 1, ignore_index)
+    lowest = min(0, ignore_index)
+    if lowest >= 0 and top <= 255:
+        return torch.uint8
+    if lowest >= -(2**15) and top < 2**15:
+        return torch.int16
+    return torch.int32
+
+
+def _apply(transform: A.Compose, image: np.ndarray, mask: np.ndarray,
+           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 H x W x 3 image and compact H x W mask tensors (see `normalize` for the rest)."""
     out = transform(image=image, mask=mask)
-    # ToTensorV2 keeps the mask dtype albumentations worked in (int32 for int64 input).
-    return out["image"], out["mask"].long()
+    mask = torch.from_numpy(np.ascontiguousarray(out["mask"])).to(dtype)
+    return torch.from_numpy(np.ascontiguousarray(out["image"])), mask
 
 
 # --- raw samples -------------------------------------------------------------------------------
@@ -227,12 +254,13 @@ class _TrainStream(IterableDataset):
     """Endless augmented (image, mask) pairs; the seed depends on (seed, epoch, rank, worker, skip)."""
 
     def __init__(self, urls: list[str], counts: list[int], transform: A.Compose, shuffle_buffer: int,
-                 seed: int, epoch: int, rank: int, skip_steps: int) -> None:
+                 seed: int, epoch: int, rank: int, skip_steps: int, mask_type: torch.dtype) -> None:
         if not urls or sum(counts) == 0:
             raise ValueError("training split has no samples")
         self.urls, self.counts, self.transform = urls, counts, transform
         self.shuffle_buffer = shuffle_buffer
         self.seed_parts = (seed, epoch, rank, skip_steps)
+        self.mask_type = mask_type
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         worker, _ = _worker()
@@ -246,7 +274,7 @@ class _TrainStream(IterableDataset):
                               rng=random.Random(shuffle_seed))(raw)
         for sample in raw:
             s = _decode(sample)
-            yield _apply(self.transform, s["image"], s["mask"])
+            yield _apply(self.transform, s["image"], s["mask"], self.mask_type)
 
 
 @dataclass(frozen=True)
@@ -301,7 +329,8 @@ def _loader_kwargs(cfg: Config) -> dict[str, Any]:
 
 
 class TrainBatches:
-    """Exactly `len(self)` batches of (images Bx3xHxW float, masks BxHxW int64); re-iterable, and
+    """Exactly `len(self)` batches of (uint8 images B x H x W x 3, compact masks B x H x W: see
+    `normalize` and `mask_dtype`); re-iterable, and
     iterating again repeats the same batches."""
 
     def __init__(self, dataset: _TrainStream, batch_size: int, steps: int, loader_kwargs: dict[str, Any],
@@ -340,9 +369,11 @@ def train_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, wo
         raise ValueError(f"skip_steps={skip_steps} must be >= 0")
     split = cfg.data.train_split
     steps = max(0, steps_per_epoch(manifest, cfg, world_size) - skip_steps)
-    transform = build_transforms(cfg.data, train=True, ignore_index=resolve_classes(cfg.data, manifest).ignore_index)
+    classes = resolve_classes(cfg.data, manifest)
+    transform = build_transforms(cfg.data, train=True, ignore_index=classes.ignore_index)
     dataset = _TrainStream(shard_urls(root, manifest, split), shard_counts(manifest, split), transform,
-                           cfg.data.shuffle_buffer, cfg.train.seed, epoch, rank, skip_steps)
+                           cfg.data.shuffle_buffer, cfg.train.seed, epoch, rank, skip_steps,
+                           mask_dtype(classes.num_classes, classes.ignore_index))
     kw = _loader_kwargs(cfg)
     # A new loader comes each epoch, so persistent workers would only outlive their use.
     kw.pop("persistent_workers", None)
@@ -352,9 +383,7 @@ def train_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, wo
 def augmented_samples(cfg: Config, manifest: dict[str, Any], n: int, split: str,
                       epoch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """`n` (uint8 HxWx3 image, int64 HxW mask) pairs as training sees them: the trainer's own loader,
-    one sample per batch and in-process, denormalised for display."""
-    from .visualize import denormalize
-
+    one sample per batch and in-process."""
     split_count(manifest, split)  # a one-line error for an unknown split
     cfg = dataclasses.replace(
         cfg,
@@ -362,7 +391,7 @@ def augmented_samples(cfg: Config, manifest: dict[str, Any], n: int, split: str,
         train=dataclasses.replace(cfg.train, batch_size=1, steps_per_epoch=n),
     )
     for images, masks in train_loader(cfg, manifest, cfg.data.root, 0, 1, epoch):
-        yield denormalize(images[0], cfg.data.mean, cfg.data.std), masks[0].numpy()
+        yield images[0].numpy(), masks[0].long().numpy()
 
 
 # --- validation --------------------------------------------------------------------------------
@@ -383,8 +412,9 @@ class _ValStream(IterableDataset):
     worker opens only the shards overlapping its range and decodes only its own samples."""
 
     def __init__(self, urls: list[str], counts: list[int], transform: A.Compose | None, start: int,
-                 stop: int) -> None:
+                 stop: int, mask_type: torch.dtype = torch.int64) -> None:
         self.urls, self.counts, self.transform = urls, counts, transform  # None: decoded numpy, untransformed
+        self.mask_type = mask_type
         self.start, self.stop = start, stop
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, str]]:
@@ -414,28 +444,43 @@ class _ValStream(IterableDataset):
             if self.transform is None:
                 yield s["image"], s["mask"], s["key"]
             else:
-                image, mask = _apply(self.transform, s["image"], s["mask"])
+                image, mask = _apply(self.transform, s["image"], s["mask"], self.mask_type)
                 yield image, mask, s["key"]
         if read != count:
             raise ValueError(f"{url}: {read} samples, the manifest lists {count}")
 
 
 def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor, str]], ignore_index: int
-                ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Stack samples of different sizes: pad to the largest H and W (bottom/right), images with 0
-    and masks with `ignore_index`, so padded pixels never count."""
-    h = max(img.shape[1] for img, _, _ in batch)
-    w = max(img.shape[2] for img, _, _ in batch)
-    images = batch[0][0].new_zeros((len(batch), batch[0][0].shape[0], h, w))
-    masks = torch.full((len(batch), h, w), ignore_index, dtype=torch.int64)
+                ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[tuple[int, int]]]:
+    """Stack samples of different sizes: pad uint8 H x W x 3 images to the largest H and W (bottom/right)
+    with 0 and masks with `ignore_index`, so padded pixels never count; the sizes come along, so the
+    padding can be zeroed again after normalisation (`normalize_padded`)."""
+    h = max(img.shape[0] for img, _, _ in batch)
+    w = max(img.shape[1] for img, _, _ in batch)
+    images = torch.zeros((len(batch), h, w, 3), dtype=torch.uint8)
+    masks = torch.full((len(batch), h, w), ignore_index, dtype=batch[0][1].dtype)
     for i, (img, mask, _) in enumerate(batch):
-        images[i, :, : img.shape[1], : img.shape[2]] = img
+        images[i, : img.shape[0], : img.shape[1]] = img
         masks[i, : mask.shape[0], : mask.shape[1]] = mask
-    return images, masks, [key for _, _, key in batch]
+    return images, masks, [key for _, _, key in batch], [tuple(img.shape[:2]) for img, _, _ in batch]
+
+
+def normalize_padded(images: torch.Tensor, sizes: Sequence[tuple[int, int]], mean: Sequence[float],
+                     std: Sequence[float], channels_last: bool = False) -> torch.Tensor:
+    """`normalize` for a padded batch: the padding is 0 after normalisation, as if padded then, so a
+    batch's numbers do not depend on how it was assembled."""
+    x = normalize(images, mean, std, channels_last)
+    h, w = x.shape[-2:]
+    for i, (hi, wi) in enumerate(sizes):
+        if hi < h:
+            x[i, :, hi:, :] = 0
+        if wi < w:
+            x[i, :, :, wi:] = 0
+    return x
 
 
 class ValBatches:
-    """(images, masks, keys) batches of this rank's share; iterating again restarts (with
+    """(uint8 images, masks, keys, sizes) batches of this rank's share; iterating again restarts (with
     persistent workers the same worker processes are reused)."""
 
     def __init__(self, loader: DataLoader, num_samples: int, num_batches: int) -> None:
@@ -444,7 +489,7 @@ class ValBatches:
     def __len__(self) -> int:
         return self.num_batches
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str], list[tuple[int, int]]]]:
         try:
             yield from self.loader
         except ShardError as e:  # from a worker, its message followed by the worker's traceback
@@ -458,9 +503,11 @@ def val_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, worl
     split = split or cfg.data.val_split
     counts = shard_counts(manifest, split)
     start, stop = _share(sum(counts), rank, world_size)
-    ignore = resolve_classes(cfg.data, manifest).ignore_index
+    classes = resolve_classes(cfg.data, manifest)
+    ignore = classes.ignore_index
     dataset = _ValStream(shard_urls(root, manifest, split), counts,
-                         build_transforms(cfg.data, train=False, ignore_index=ignore), start, stop)
+                         build_transforms(cfg.data, train=False, ignore_index=ignore), start, stop,
+                         mask_dtype(classes.num_classes, ignore))
     batch_size = cfg.data.val_batch_size or cfg.train.batch_size
     # Each worker batches its own samples, so each worker's last batch may be partial.
     workers = max(1, cfg.data.workers)

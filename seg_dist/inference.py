@@ -26,6 +26,7 @@ from torch import nn
 
 from . import checkpoint, precision
 from .config import DataConfig
+from .data import normalize
 from .visualize import overlay_with_legend
 
 __all__ = ["AUTO_TILE_PIXELS", "Predictor", "tile_starts"]
@@ -97,10 +98,8 @@ class Predictor:
     # --- internals ------------------------------------------------------------------------------------
 
     def _to_tensor(self, image: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(_rgb(image))).to(self.device).permute(2, 0, 1).float()
-        mean = torch.tensor(self.data.mean, device=self.device).view(3, 1, 1)
-        std = torch.tensor(self.data.std, device=self.device).view(3, 1, 1)
-        return (x / 255.0 - mean) / std
+        return normalize(torch.from_numpy(np.ascontiguousarray(_rgb(image))).to(self.device), self.data.mean,
+                         self.data.std)
 
     def _logits(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         size = self.data.val_size

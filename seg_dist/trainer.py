@@ -34,9 +34,9 @@ from . import atomic, checkpoint, data, distributed, precision, shards
 from .config import Config, ConfigError, to_dict
 from .errors import RunFailed, UserError
 from .losses import SegLoss, class_weights
-from .models import build_model, count_parameters
+from .models import build_model, count_parameters, encoder_of, freeze_encoder_batchnorm
 from .runlog import RunLog, clear_stop_marker, progress
-from .schedule import build_scheduler, is_per_iteration
+from .schedule import build_scheduler, is_per_iteration, param_groups
 from .validation import Validation, validate
 from .visualize import validation_pictures
 
@@ -275,10 +275,14 @@ def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> t
     weights = class_weights(manifest["splits"][cfg.data.train_split]["class_histogram"], cfg.loss.class_weights)
     loss_fn = SegLoss(classes.num_classes, classes.ignore_index, cfg.loss.ce_weight, cfg.loss.dice_weight,
                       weights.to(device) if weights is not None else None)
-    # Fused: it can skip a non-finite step on the device (see precision.optimizer_step).
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+    # Fused: it can skip a non-finite step on the device (see precision.optimizer_step). The encoder gets a
+    # param group of its own only when a fine-tuning knob asks for it (frozen = lr factor 0, see schedule.py).
+    fine_tune = cfg.model.freeze_encoder_epochs > 0 or cfg.optim.encoder_lr_mult != 1.0
+    groups = param_groups(model, cfg.optim.lr, encoder_of(model), cfg.optim.encoder_lr_mult, separate=fine_tune)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                   betas=cfg.optim.betas, fused=True)
-    scheduler = build_scheduler(optimizer, cfg.schedule, total_steps)
+    scheduler = build_scheduler(optimizer, cfg.schedule, total_steps,
+                                freeze_steps=cfg.model.freeze_encoder_epochs * steps_per_epoch)
     amp_dtype = precision.resolve_amp(cfg.train.amp, device)
     scaler = precision.grad_scaler(device, amp_dtype)
 
@@ -353,6 +357,9 @@ def train_one_epoch(run: Run, state: TrainState, meter: StepMeter, stop: distrib
     """Optimiser steps to the end of the epoch or of the step budget; True if the ranks agreed to stop."""
     cfg = run.cfg
     run.model.train()
+    if state.epoch < cfg.model.freeze_encoder_epochs:  # frozen encoder: its BatchNorm statistics stay too
+        norms = freeze_encoder_batchnorm(run.model)
+        log.info("epoch %d: encoder frozen (learning rate 0, %d BatchNorm layers in eval mode)", state.epoch, norms)
     batches = iter(data.train_loader(cfg, run.manifest, cfg.data.root, run.denv.rank, run.denv.world_size,
                                      state.epoch, skip_steps=state.epoch_step * cfg.train.accum_steps))
     with progress(run.steps_per_epoch, f"epoch {state.epoch}", run.denv.is_main and cfg.logging.progress,
@@ -382,10 +389,10 @@ def train_step(run: Run, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], m
     for micro in range(accum):
         with meter.waiting_for_data():
             images, masks = next(batches)
-        images = images.to(device, non_blocking=True)
-        masks = masks.to(device, non_blocking=True)
-        if run.cfg.train.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        # uint8 over the bus, normalised and cast on the device.
+        images = data.normalize(images.to(device, non_blocking=True), run.cfg.data.mean, run.cfg.data.std,
+                                run.cfg.train.channels_last)
+        masks = masks.to(device, non_blocking=True).long()
         sync = micro == accum - 1 or not run.denv.distributed
         with (contextlib.nullcontext() if sync else run.model.no_sync()), precision.autocast(device, run.amp_dtype):
             loss, parts = run.loss_fn(run.model(images), masks)
@@ -465,7 +472,7 @@ def run_validation(run: Run) -> Validation:
     share = data.val_share(run.manifest, cfg.data.val_split, denv.rank, denv.world_size)
     with progress(share, "val", denv.is_main and cfg.logging.progress) as bar:
         result = validate(run.raw_model, run.val_loader, run.classes.num_classes, run.classes.ignore_index,
-                          run.device, run.amp_dtype, cfg.train.channels_last,
+                          run.device, cfg.data, run.amp_dtype, cfg.train.channels_last,
                           keep=cfg.logging.overlays if denv.is_main else 0, progress=bar)
     expected = shards.split_count(run.manifest, cfg.data.val_split)
     if result.samples_seen != expected:

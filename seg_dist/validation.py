@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import DataConfig
+from .data import normalize_padded
 from .inference import Predictor
 from .metrics import ConfusionMatrix
 from .precision import autocast
@@ -34,10 +36,11 @@ class Validation:
 @torch.no_grad()
 def validate(
     model: nn.Module,
-    loader: Iterable[tuple[torch.Tensor, torch.Tensor, list[str]]],
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor, list[str], list[tuple[int, int]]]],
     num_classes: int,
     ignore_index: int,
     device: torch.device,
+    data_cfg: DataConfig,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     keep: int = 0,
@@ -53,11 +56,10 @@ def validate(
     model.eval()
     cm = ConfusionMatrix(num_classes, ignore_index, device)
     examples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    for images, masks, _keys in loader:
-        images = images.to(device, non_blocking=True)
-        masks = masks.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+    for images, masks, _keys, sizes in loader:
+        images = normalize_padded(images.to(device, non_blocking=True), sizes, data_cfg.mean, data_cfg.std,
+                                  channels_last)
+        masks = masks.to(device, non_blocking=True).long()
         with autocast(device, amp_dtype):
             logits = model(images)
         logits = logits.float()

@@ -85,7 +85,7 @@ def dataset(tmp_path_factory):
 
 def _val_keys(cfg, manifest, root, split, world, **kw) -> list[list[str]]:
     return [
-        [k for _, _, keys in data.val_loader(cfg, manifest, str(root), r, world, split=split, **kw) for k in keys]
+        [k for _, _, keys, _ in data.val_loader(cfg, manifest, str(root), r, world, split=split, **kw) for k in keys]
         for r in range(world)
     ]
 
@@ -102,9 +102,33 @@ def test_train_transforms_leave_out_p0_and_use_affine(dataset):
     root, _ = dataset
     cfg = _cfg(root, "data.augment.vflip=0", "data.augment.brightness_contrast=0")
     names = [type(t).__name__ for t in data.build_transforms(cfg.data, True, IGNORE).transforms]
-    assert names == ["RandomScale", "PadIfNeeded", "RandomCrop", "HorizontalFlip", "Affine", "Normalize", "ToTensorV2"]
+    # Normalisation is not among them: batches leave the workers as uint8 and are normalised on the device.
+    assert names == ["RandomScale", "PadIfNeeded", "RandomCrop", "HorizontalFlip", "Affine"]
     val = [type(t).__name__ for t in data.build_transforms(cfg.data, False, IGNORE).transforms]
-    assert val == ["Normalize", "ToTensorV2"]
+    assert val == []
+
+
+def test_device_normalisation_equals_the_albumentations_float_path():
+    import albumentations as A
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    image = np.random.default_rng(0).integers(0, 256, (37, 29, 3), dtype=np.uint8)
+    image[0, :3] = [[0, 0, 0], [255, 255, 255], [128, 64, 32]]
+    reference = A.Normalize(mean=mean, std=std, max_pixel_value=255.0)(image=image)["image"]  # H x W x 3 float32
+    ours = data.normalize(torch.from_numpy(image)[None], mean, std)[0]
+    torch.testing.assert_close(ours, torch.from_numpy(reference).permute(2, 0, 1), rtol=0, atol=2e-6)
+    # A batch in channels-last memory gives the same numbers as a contiguous one.
+    batch = torch.from_numpy(np.stack([image, image[::-1].copy()]))
+    cl = data.normalize(batch, mean, std, channels_last=True)
+    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, data.normalize(batch, mean, std))
+    with pytest.raises(ValueError, match="expected uint8"):
+        data.normalize(batch.float(), mean, std)
+
+
+def test_masks_travel_in_the_smallest_type():
+    assert data.mask_dtype(21, 255) == torch.uint8
+    assert data.mask_dtype(300, 255) == torch.int16 and data.mask_dtype(19, -1) == torch.int16
+    assert data.mask_dtype(70_000, 255) == torch.int32
 
 
 def test_padding_and_affine_fill_mask_with_ignore(dataset):
@@ -122,8 +146,8 @@ def test_padding_and_affine_fill_mask_with_ignore(dataset):
     t.set_random_seed(0)
     for _ in range(5):
         out = t(image=np.full((32, 32, 3), 200, np.uint8), mask=np.ones((32, 32), np.int64))
-        mask = out["mask"].long()
-        assert out["image"].shape == (3, 48, 48) and out["image"].dtype == torch.float32
+        mask = torch.from_numpy(out["mask"]).long()
+        assert out["image"].shape == (48, 48, 3) and out["image"].dtype == np.uint8
         values = set(mask.unique().tolist())
         assert values == {1, IGNORE}, values  # 0 would be a real class invented by padding
         assert (mask == IGNORE).sum() > 48 * 48 // 2
@@ -136,13 +160,14 @@ def test_val_resize_keeps_labels_and_preprocess_matches_val(dataset):
     assert sample["image"].dtype == np.uint8 and sample["mask"].dtype == np.int64
     assert sample["meta"]["key"] == sample["key"]
     val = data.build_transforms(cfg.data, False, IGNORE)(image=sample["image"], mask=sample["mask"])
-    assert torch.equal(data.preprocess(sample["image"], cfg.data), val["image"])
-    assert torch.equal(val["mask"].long(), torch.from_numpy(sample["mask"]))
+    assert torch.equal(data.preprocess(sample["image"], cfg.data),
+                       data.normalize(torch.from_numpy(val["image"]), cfg.data.mean, cfg.data.std))
+    assert torch.equal(torch.from_numpy(val["mask"]).long(), torch.from_numpy(sample["mask"]))
     resized = data.build_transforms(_cfg(root, "data.val_size=40").data, False, IGNORE)(
         image=sample["image"], mask=sample["mask"]
     )
-    assert resized["image"].shape == (3, 40, 40)
-    assert set(resized["mask"].unique().tolist()) <= set(np.unique(sample["mask"]).tolist())
+    assert resized["image"].shape == (40, 40, 3)
+    assert set(np.unique(resized["mask"]).tolist()) <= set(np.unique(sample["mask"]).tolist())
 
 
 def test_batch_plan_keeps_the_global_batch_on_any_world_size():
@@ -181,8 +206,8 @@ def test_train_batches_shapes_and_determinism(dataset):
     a = _batches(cfg, manifest, root, 0, 0)
     assert len(a) == 3
     for images, masks in a:
-        assert images.shape == (2, 3, 32, 32) and images.dtype == torch.float32
-        assert masks.shape == (2, 32, 32) and masks.dtype == torch.int64
+        assert images.shape == (2, 32, 32, 3) and images.dtype == torch.uint8  # normalised on the device
+        assert masks.shape == (2, 32, 32) and masks.dtype == torch.uint8  # 6 classes and 255 fit a byte
         assert set(masks.unique().tolist()) <= {*range(NUM_CLASSES), IGNORE}
 
     def same(x, y):
@@ -237,19 +262,21 @@ def test_val_collate_pads_with_ignore_and_loader_restarts(dataset):
     assert len(batches) == len(loader) == 4 and loader.num_samples == 13
     originals = {s["key"]: s for s in data.iter_samples([str(root / f"val-{i:06d}.tar") for i in range(3)])}
     padded = 0
-    for images, masks, keys in batches:
-        assert masks.dtype == torch.int64 and images.shape[0] == masks.shape[0] == len(keys)
-        for img, mask, key in zip(images, masks, keys, strict=True):
+    for images, masks, keys, sizes in batches:
+        assert masks.dtype == torch.uint8 and images.shape[0] == masks.shape[0] == len(keys) == len(sizes)
+        images = data.normalize_padded(images, sizes, cfg.data.mean, cfg.data.std)
+        for img, mask, key, size in zip(images, masks, keys, sizes, strict=True):
             s = originals[key]
             h, w = s["mask"].shape
-            assert torch.equal(mask[:h, :w], torch.from_numpy(s["mask"]))
+            assert size == (h, w)
+            assert torch.equal(mask[:h, :w].long(), torch.from_numpy(s["mask"]))
             assert torch.equal(img[:, :h, :w], data.preprocess(s["image"], cfg.data))
             assert (mask[h:] == IGNORE).all() and (mask[:, w:] == IGNORE).all()
             assert (img[:, h:] == 0).all() and (img[:, :, w:] == 0).all()
             padded += int(mask.shape[0] > h or mask.shape[1] > w)
     assert padded > 0
-    again = [keys for _, _, keys in loader]
-    assert again == [keys for _, _, keys in batches]
+    again = [keys for _, _, keys, _ in loader]
+    assert again == [keys for _, _, keys, _ in batches]
 
 
 def test_shard_disagreeing_with_manifest_is_an_error(dataset, tmp_path):
@@ -285,12 +312,12 @@ def _rank_main(rank: int, tmp: str, root: str) -> None:
         steps = 0
         for images, _masks in data.train_loader(cfg, manifest, root, rank, 2, epoch=0):
             # Like DDP's gradient all-reduce: a rank with fewer batches would hang the other.
-            t = images.sum().reshape(1)
+            t = images.sum().reshape(1).float()
             dist.all_reduce(t)
             steps += 1
         resumed = len(list(data.train_loader(cfg, manifest, root, rank, 2, epoch=0, skip_steps=3)))
         loader = data.val_loader(cfg, manifest, root, rank, 2)
-        keys = [[k for _, _, ks in loader for k in ks] for _ in range(2)]  # twice: persistent workers
+        keys = [[k for _, _, ks, _ in loader for k in ks] for _ in range(2)]  # twice: persistent workers
         Path(tmp, f"rank{rank}.json").write_text(
             json.dumps(
                 {"steps": steps, "resumed": resumed, "keys": keys, "share": data.val_share(manifest, "val", rank, 2)}

@@ -1,0 +1,226 @@
+"""Pretrained encoders: `model.name=smp_unet`, `model.encoder_weights`, `model.freeze_encoder_epochs` and
+`optim.encoder_lr_mult`.
+
+The first part (our U-Net's contracting path as the encoder, frozen with 2 DDP ranks) needs nothing extra
+and runs everywhere. The rest needs segmentation_models_pytorch, which the project venv does not have:
+it is skipped there and runs in the smp environment (README, "Pretrained encoders"):
+`/work/smp-venv/bin/python -m pytest tests/test_smp.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import REPO, child_env, free_port, tiny_overrides
+
+from seg_dist import checkpoint, distributed, pack
+from seg_dist.config import ModelConfig, load_config
+from seg_dist.errors import UserError
+from seg_dist.models import build_model, encoder_of
+from seg_dist.trainer import train
+
+try:
+    import segmentation_models_pytorch  # noqa: F401
+
+    SMP_MISSING = ""
+except Exception as e:  # ImportError, or RuntimeError from a torchvision built for another torch
+    SMP_MISSING = f"{type(e).__name__}: {e}"
+
+needs_smp = pytest.mark.skipif(
+    bool(SMP_MISSING),
+    reason=f"segmentation_models_pytorch is not importable ({SMP_MISSING[:120]}); run this file with the smp "
+    "environment: /work/smp-venv/bin/python -m pytest tests/test_smp.py",
+)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """In-process training on a loaded 2-core machine: one intra-op thread is several times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _snapshots(run: Path) -> list[dict]:
+    """The end-of-epoch checkpoints, oldest first."""
+    paths = sorted((run / checkpoint.CHECKPOINT_DIR).glob("epoch*-step*.pt"))
+    return [torch.load(p, weights_only=True) for p in paths]
+
+
+def _encoder_keys(state: dict[str, torch.Tensor], model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """Keys of `state` (a whole-model state dict) inside and outside the model's encoder."""
+    encoder_tensors = {id(t) for t in encoder_of(model).state_dict(keep_vars=True).values()}
+    own = model.state_dict(keep_vars=True)
+    inside = [k for k in state if id(own[k]) in encoder_tensors]
+    return inside, [k for k in state if k not in inside]
+
+
+def _initial_weights(cfg_overrides: list[str], num_classes: int = 6) -> tuple[torch.nn.Module, dict]:
+    """The weights a run starts from: `setup_run` seeds with train.seed right before building the model."""
+    cfg = load_config(REPO / "configs" / "default.yaml", cfg_overrides)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, num_classes)
+    return model, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _check_frozen_then_trained(snapshots: list[dict], model: torch.nn.Module, initial: dict) -> None:
+    """Epoch 0 left the encoder (weights and BatchNorm statistics) exactly as it started and trained the
+    rest; epoch 1 trained the encoder too."""
+    inside, outside = _encoder_keys(initial, model)
+    assert any(k.endswith("running_mean") for k in inside), inside
+    after0, after1 = snapshots[0]["model"], snapshots[1]["model"]
+    for k in inside:
+        assert torch.equal(after0[k], initial[k]), f"{k} changed while the encoder was frozen"
+    assert any(not torch.equal(after0[k], initial[k]) for k in outside if after0[k].is_floating_point())
+    changed = [k for k in inside if not torch.equal(after1[k], after0[k])]
+    assert any(k.endswith("weight") for k in changed) and any(k.endswith("running_mean") for k in changed)
+    # The groups' rates in the checkpoint: encoder at 0 in epoch 0, then encoder_lr_mult x the main rate.
+    main0, enc0 = (g["lr"] for g in snapshots[0]["optimizer"]["param_groups"])
+    main1, enc1 = (g["lr"] for g in snapshots[1]["optimizer"]["param_groups"])
+    assert enc0 > 0 and enc0 == pytest.approx(0.5 * main0)  # the rate of the first unfrozen step
+    assert enc1 == pytest.approx(0.5 * main1)
+
+
+# --- without smp: our U-Net's contracting path is the encoder ----------------------------------------
+
+
+def _rank_worker(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    with distributed.setup() as (denv, device):
+        result = train(load_config(REPO / "configs" / "default.yaml", overrides), denv, device)
+        torch.save({"model": result.model.state_dict(), "history": result.history}, f"{out}.{rank}")
+
+
+def test_frozen_unet_encoder_with_two_ddp_ranks(tiny_shards, tmp_path):
+    """Frozen by learning rate, not requires_grad: DDP runs unchanged, the ranks agree, and the contracting
+    path (with its BatchNorm statistics) is untouched for exactly the frozen epoch."""
+    run = tmp_path / "run"
+    overrides = tiny_overrides(tiny_shards, run, "train.epochs=2", "model.freeze_encoder_epochs=1",
+                               "optim.encoder_lr_mult=0.5", "logging.tensorboard=false", "train.amp=off")
+    out = str(tmp_path / "rank")
+    mp.spawn(_rank_worker, args=(2, free_port(), overrides, out), nprocs=2)
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    for key, value in ranks[0]["model"].items():
+        assert torch.equal(value, ranks[1]["model"][key]), key
+    model, initial = _initial_weights(overrides)
+    _check_frozen_then_trained(_snapshots(run), model, initial)
+
+
+# --- with smp --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def odd_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 px samples (32 train, 8 val): neither crops nor validation images are multiples of 32."""
+    out = tmp_path_factory.mktemp("shards") / "synthetic40"
+    pack.pack_synthetic(out, n=40, size=40, samples_per_shard=12, workers=1)
+    return out
+
+
+def _smp_overrides(shards: Path, run: Path, *extra: str) -> list[str]:
+    return tiny_overrides(shards, run, "model.name=smp_unet", "model.encoder=resnet18", "train.amp=off",
+                          "logging.tensorboard=false", *extra)
+
+
+def _resnet18_encoder_file(path: Path, with_head: bool = True, encoder: str = "resnet18") -> dict:
+    """A local encoder checkpoint (no downloads): a seeded smp encoder's state dict, plus a torchvision-style
+    `fc.*` classifier head."""
+    torch.manual_seed(123)
+    state = build_model(ModelConfig(name="smp_unet", encoder=encoder), 2).encoder.state_dict()
+    if with_head:
+        state = {**state, "fc.weight": torch.randn(1000, 512), "fc.bias": torch.zeros(1000)}
+    torch.save(state, path)
+    return state
+
+
+@needs_smp
+def test_smp_takes_any_size_and_keeps_its_own_keys():
+    model = build_model(ModelConfig(name="smp_unet", encoder="resnet18"), 5)
+    assert model.stride == 32 and encoder_of(model) is model.smp.encoder
+    assert {k.split(".")[1] for k in model.state_dict()} == {"encoder", "decoder", "segmentation_head"}
+    assert all(k.startswith("smp.") for k in model.state_dict())
+    model.eval()
+    x = torch.randn(2, 3, 40, 33)
+    with torch.no_grad():
+        out = model(x)
+        assert out.shape == (2, 5, 40, 33)
+        # The pad is at the bottom/right and cropped away: the same as smp on the padded input.
+        padded = model.smp(torch.nn.functional.pad(x, [0, 31, 0, 24]))
+    assert torch.equal(out, padded[..., :40, :33])
+
+
+@needs_smp
+def test_smp_unet_learns_and_evaluate_agrees(odd_shards, tmp_path, one_thread):
+    run = tmp_path / "run"
+    cfg = load_config(REPO / "configs" / "default.yaml", _smp_overrides(odd_shards, run, "data.image_size=40"))
+    result = train(cfg, distributed.DistEnv(), torch.device("cpu"))
+    mious = [h["miou"] for h in result.history]
+    assert len(mious) == 3 and mious[-1] > mious[0] + 0.1, mious
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+    best = run / checkpoint.CHECKPOINT_DIR / checkpoint.BEST
+    out = subprocess.run([sys.executable, "-m", "seg_dist.evaluate", "--checkpoint", str(best)],
+                         capture_output=True, text=True, cwd=REPO, env=child_env(), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["samples"] == 8 and report["miou"] == pytest.approx(max(mious), abs=1e-6)
+
+
+@needs_smp
+def test_encoder_weights_load_and_a_mismatch_is_one_line(tiny_shards, tmp_path, caplog):
+    weights = tmp_path / "resnet18.pth"
+    state = _resnet18_encoder_file(weights)
+    with caplog.at_level(logging.INFO, logger="seg_dist.models"):
+        model = build_model(ModelConfig(name="smp_unet", encoder="resnet18", encoder_weights=str(weights)), 3)
+    assert "ignoring the classifier head (fc.bias, fc.weight)" in caplog.text
+    for k, v in model.smp.encoder.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+    wrong = tmp_path / "resnet34.pth"
+    _resnet18_encoder_file(wrong, with_head=False, encoder="resnet34")
+    with pytest.raises(UserError, match=r"resnet34\.pth does not fit the resnet18 encoder: \d+ unexpected keys"):
+        build_model(ModelConfig(name="smp_unet", encoder="resnet18", encoder_weights=str(wrong)), 3)
+    with pytest.raises(UserError, match=r"resnet18\.pth does not fit .* shape mismatches, file vs model "
+                                        r"\(conv1\.weight \(64, 3, 7, 7\) vs \(64, 4, 7, 7\)\)"):
+        build_model(ModelConfig(name="smp_unet", encoder="resnet18", in_channels=4, encoder_weights=str(weights)), 3)
+    junk = tmp_path / "junk.pth"
+    junk.write_text("not a checkpoint")
+    with pytest.raises(UserError, match=r"junk\.pth: not a readable torch state dict"):
+        build_model(ModelConfig(name="smp_unet", encoder="resnet18", encoder_weights=str(junk)), 3)
+
+    # Through the command: one line naming the file, exit 2, no traceback.
+    cmd = [sys.executable, "-m", "seg_dist.train", "--config", "configs/default.yaml", "model.name=smp_unet",
+           "model.encoder=resnet18", f"model.encoder_weights={wrong}", f"run.dir={tmp_path / 'run'}",
+           f"data.root={tiny_shards}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=child_env(), timeout=600)
+    text = out.stdout + out.stderr  # the error line goes through the run's rank-prefixed logging
+    assert out.returncode == 2, text[-3000:]
+    assert "Traceback" not in text
+    errors = [line for line in text.splitlines() if "does not fit" in line]
+    assert len(errors) == 1 and f"model.encoder_weights={wrong} does not fit the resnet18 encoder" in errors[0]
+
+
+@needs_smp
+def test_frozen_pretrained_encoder_then_fine_tuned(tiny_shards, tmp_path, one_thread):
+    weights = tmp_path / "resnet18.pth"
+    _resnet18_encoder_file(weights)
+    run = tmp_path / "run"
+    overrides = _smp_overrides(tiny_shards, run, "train.epochs=2", f"model.encoder_weights={weights}",
+                               "model.freeze_encoder_epochs=1", "optim.encoder_lr_mult=0.5")
+    train(load_config(REPO / "configs" / "default.yaml", overrides), distributed.DistEnv(), torch.device("cpu"))
+    model, initial = _initial_weights(overrides)
+    loaded = torch.load(weights, weights_only=True)
+    assert torch.equal(initial["smp.encoder.layer4.1.conv2.weight"], loaded["layer4.1.conv2.weight"])
+    _check_frozen_then_trained(_snapshots(run), model, initial)
