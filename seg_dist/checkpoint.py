@@ -6,6 +6,7 @@ in a fresh process without unpickling arbitrary objects.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import platform
@@ -156,7 +157,8 @@ def load_model(path: str | Path, device: torch.device, overrides: Sequence[str] 
     """The model stored in a checkpoint, on `device`, with the config it was trained with."""
     state = load(path, map_location=device)
     cfg = load_config_dict(state["config"], list(overrides))
-    model = build_model(cfg.model, state["num_classes"]).to(device)
+    # The weights are all in the checkpoint: an encoder_weights file used at training time need not exist here.
+    model = build_model(dataclasses.replace(cfg.model, encoder_weights=None), state["num_classes"]).to(device)
     model.load_state_dict(state["model"])
     model.eval()
     return TrainedModel(model, cfg, state["num_classes"], state["ignore_index"], list(state["class_names"]),

@@ -16,6 +16,8 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -175,7 +177,8 @@ def check_topology(denv: DistEnv, environ: Mapping[str, str] | None = None) -> N
         if per_node.isdigit() and int(per_node) * nodes != denv.world_size:
             raise ValueError(f"SLURM_NTASKS={denv.world_size} but {nodes} node(s) x --ntasks-per-node={per_node}: "
                              "ask for one task per GPU on every node")
-    if denv.local_rank >= denv.local_world_size:
+    told = "LOCAL_WORLD_SIZE" in env or (denv.launcher == "slurm" and "SLURM_NTASKS_PER_NODE" in env)
+    if told and denv.local_rank >= denv.local_world_size:
         raise ValueError(f"local rank {denv.local_rank} is outside the {denv.local_world_size} processes of this node")
     if torch.cuda.is_available() and denv.local_world_size > torch.cuda.device_count() > 0:
         raise ValueError(f"{denv.local_world_size} processes on a node with {torch.cuda.device_count()} visible "
@@ -221,8 +224,6 @@ def _torchrun_shares_its_store(environ: Mapping[str, str] | None = None) -> bool
 
 def _store_answers(host: str, port: int, nonce: str) -> dist.Store | None:
     """A client of the store at host:port if it is up and carries `nonce`; None for a dead generation's."""
-    import socket  # local: the module's imports are shared ground (move them up when convenient)
-
     try:  # a plain connect first: refused at once for a dead store, and quiet (a TCPStore client logs every retry)
         socket.create_connection((host, port), timeout=5).close()
         store = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=10))
@@ -245,9 +246,6 @@ def _generation_store(denv: DistEnv, timeout: datetime.timedelta) -> dist.Store:
     generation's address is refused (torchrun stops all old workers before it starts new ones), so a
     stale entry costs a retry, never a wrong group.
     """
-    import time
-    import uuid
-
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     shared = dist.TCPStore(host, port, is_master=False, timeout=timeout)
     if denv.rank == 0:
@@ -278,6 +276,7 @@ def setup(device: str = "auto", timeout_minutes: float = 30.0) -> Iterator[tuple
     the others blocked on a half-torn-down group.
     """
     denv = read_env()
+    check_topology(denv)
     dev = pick_device(denv.local_rank, device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
