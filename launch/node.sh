@@ -13,11 +13,12 @@
 #     starts with SIGUSR1 ignored (an ignored signal stays ignored across exec; the trainer installs its own
 #     handler, which replaces the inherited "ignore"). This script catches USR1 itself and forwards it to
 #     torchrun's workers (its direct children), which stop at an agreed step with a checkpoint and exit 0.
-#   - torchrun turns SIGTERM into terminating its workers and exits 1 with a traceback (SIGTERM, then
-#     SIGKILL after its shutdown timeout). SLURM sends SIGTERM to every process of the step anyway (time
-#     limit, scancel, and the end of the running job after the trainer's `scontrol requeue`), and the
-#     trainer takes it as a stop request. So torchrun starts with SIGTERM ignored as well: the workers
-#     checkpoint and exit 0, and torchrun with them; on TERM this script also forwards USR1.
+#   - torchrun turns SIGTERM into terminating its workers (SIGTERM, then SIGKILL after its shutdown
+#     timeout). The trainer treats SIGTERM as a stop request too, so they still checkpoint; on TERM this
+#     script also forwards USR1 so the workers start stopping at once. (Ignoring SIGTERM for torchrun does
+#     not help: its agent installs a handler of its own. So after the trainer's `scontrol requeue`, the
+#     SIGTERM that ends the running job makes torchrun exit 1 with a SignalException traceback in the
+#     log, after the checkpoint: harmless, the job is already requeued.)
 # bash runs a trap only between commands, so torchrun runs in the background and `wait` (which a trapped
 # signal interrupts) is repeated until torchrun has really exited. Exit status: torchrun's.
 set -uo pipefail
@@ -35,7 +36,7 @@ TAG="[node $NODE_RANK $(hostname -s)]"
 echo "$TAG torchrun: $NNODES node(s) x $NPROC process(es), rendezvous $MASTER:$PORT, job $SLURM_JOB_ID" \
     "(restart ${SLURM_RESTART_COUNT:-0})"
 
-trap '' USR1 TERM  # inherited by torchrun (see above); the trainer installs its own handlers
+trap '' USR1  # inherited by torchrun (see above)
 torchrun \
     --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NPROC" \
     --rdzv_backend=c10d --rdzv_endpoint="$MASTER:$PORT" --rdzv_id="$SLURM_JOB_ID" \
