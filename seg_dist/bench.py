@@ -1,0 +1,153 @@
+"""Benchmarks of the input pipeline, the trainer's step and DDP scaling: ratios measured side by side.
+
+    python -m seg_dist.bench data [--data SHARDS] [--size PX] [--batch N] [--workers 0,1,2]
+    python -m seg_dist.bench train [--width 64] [--size 256] [--batch 2] [--amp bf16|off] [--channels-last]
+                                   [--compile] [--device cpu|cuda]
+    python -m seg_dist.bench scaling [--procs 2] [--batch GLOBAL]
+    python -m seg_dist.bench all [--device cuda] [--json OUT]          # the three, defaults (< 10 min on 2 cores)
+    seg-dist bench ...
+
+Each measurement prints a progress line on stderr; the tables go to stdout, with min/median/max over
+the timed repeats and a warning where max/min > 1.3. `--json OUT` writes every figure beside the
+settings and environment it was measured in (data.pipeline_vs_bound, data.pipeline_vs_folder,
+data.worker_scaling, train.overhead_ratio, train.mfu, scaling.efficiency, ...). Without `--data` the
+procedural dataset is packed into a temporary folder at the size measured. `--device cuda` measures
+16 x 256^2 and 8 x 512^2 (width 64, bf16, channels_last) and the loader at 512^2. The measurements
+are `seg_dist.benchmarks`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from . import atomic, cli
+
+SECTIONS = ("data", "train", "scaling")
+
+
+def _workers(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected worker counts like 0,1,2") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected worker counts >= 0 like 0,1,2")
+    return values
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if there")
+    common.add_argument("--data", default=None, help="shard folder (default: the synthetic set, packed at --size)")
+    common.add_argument("--json", default=None, metavar="OUT", help="write every figure and its settings here")
+    common.add_argument("--repeats", type=int, default=None, help="timed repeats (default 3)")
+    common.add_argument("--synthetic", type=int, default=96, metavar="N", help="samples in the synthetic set")
+
+    p = argparse.ArgumentParser(prog="python -m seg_dist.bench", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="section", required=True, metavar="{data,train,scaling,all}")
+
+    d = sub.add_parser("data", parents=[common], help="decode, augment, shard pipeline, folder Dataset")
+    d.add_argument("--size", type=int, default=None, help="training crop (default 256; 512 on cuda)")
+    d.add_argument("--batch", type=int, default=None, help="default 8")
+    d.add_argument("--workers", type=_workers, default=None, help="loader workers to try, e.g. 0,1,2 (default: "
+                   "0 up to the cores)")
+    d.add_argument("--samples", type=int, default=None, help="samples per timed repeat (default 512)")
+
+    def model_args(q: argparse.ArgumentParser, width: int, size: int, batch: str, channels_last: str) -> None:
+        q.add_argument("--width", type=int, default=None, help=f"U-Net base channels (default {width})")
+        q.add_argument("--depth", type=int, default=None, help="U-Net levels (default 4)")
+        q.add_argument("--size", type=int, default=None, help=f"training crop (default {size})")
+        q.add_argument("--batch", type=int, default=None, help=batch)
+        q.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default=None,
+                       help="autocast dtype (default auto: bf16 where supported)")
+        q.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help=f"channels_last model and batches (default {channels_last})")
+        q.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+        q.add_argument("--workers", type=int, default=None, help="the trainer's loader workers (default 0; cuda: "
+                       "cores - 2)")
+        q.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3)")
+        q.add_argument("--steps", type=int, default=None, help="steps per timed repeat (default 5)")
+
+    t = sub.add_parser("train", parents=[common], help="trainer step vs a bare loop: overhead, MFU, memory")
+    model_args(t, 64, 256, "batch (default 2; cuda: 16 x 256^2 and 8 x 512^2)", "on")
+    t.add_argument("--no-ddp", dest="ddp", action="store_false", default=None,
+                   help="leave out the DDP wrapper over a 1-rank group")
+
+    s = sub.add_parser("scaling", parents=[common], help="1 process vs N at the same global batch")
+    s.add_argument("--procs", type=int, default=None, help="processes to compare with 1 (default 2)")
+    model_args(s, 16, 128, "global batch, the same for 1 and N processes (default 8)", "off")
+
+    a = sub.add_parser("all", parents=[common], help="data, train and scaling with their defaults")
+    a.add_argument("--compile", action="store_true", default=None, help="torch.compile in bench train")
+    return p.parse_args(argv)
+
+
+def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    return {n: getattr(args, n, None) for n in names}
+
+
+def _say(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+def _bench(argv: Sequence[str] | None) -> int:
+    args = parse_args(argv)
+    from . import benchmarks as b  # late: `--help` stays quick
+
+    device = b.resolve_device(args.device)
+    sections = SECTIONS if args.section == "all" else (args.section,)
+    report: dict[str, Any] = {"command": ["seg-dist", "bench", *(sys.argv[1:] if argv is None else argv)]}
+    with tempfile.TemporaryDirectory(prefix="seg_dist_bench_") as tmp:
+        synthetic = b.SyntheticShards(tmp, n=args.synthetic, progress=_say)
+
+        def root(size: int) -> str:
+            return args.data or synthetic.root(size)
+
+        common = {"repeats": args.repeats}
+        if "data" in sections:
+            given = {**common, **_given(args, "size", "batch", "workers", "samples")}
+            settings = b.DataSettings.for_device(device, root="", **given)
+            settings.root = root(settings.size)
+            report["data"] = b.bench_data(settings, progress=_say)
+            print(b.render("data", report["data"]), flush=True)
+        if "train" in sections:
+            given = {**common, **_given(args, "width", "depth", "size", "batch", "amp", "channels_last", "compile",
+                                        "workers", "warmup", "steps", "ddp")}
+            cases = []
+            for settings in b.TrainSettings.for_device(device, root="", **given):
+                settings.root = root(settings.size)
+                cases.append(b.bench_train(settings, progress=_say))
+                print(b.render("train", cases[-1]), flush=True)
+            last = cases[-1]  # the largest images: where the GPU targets are set
+            report["train"] = {k: last[k] for k in ("overhead_ratio", "mfu", "images_per_s", "settings", "env")}
+            report["train"]["cases"] = cases
+        if "scaling" in sections:
+            given = {**common, **_given(args, "procs", "width", "depth", "size", "batch", "amp", "channels_last",
+                                        "compile", "workers", "warmup", "steps")}
+            settings = b.ScalingSettings.for_device(device, root="", **given)
+            why = b.scaling_unavailable(device, settings.procs) if args.section == "all" else None
+            if why:  # `all` on one GPU still reports the other sections
+                report["scaling"] = {"skipped": why}
+                _say(f"bench scaling skipped: {why}")
+            else:
+                settings.root = root(settings.size)
+                report["scaling"] = b.bench_scaling(settings, progress=_say)
+                print(b.render("scaling", report["scaling"]), flush=True)
+    if args.json:
+        atomic.write_text(args.json, json.dumps(report, indent=2) + "\n")
+        _say(f"wrote {args.json}")
+    return cli.EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(_bench, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
