@@ -537,16 +537,9 @@ def train_config(s: TrainSettings | ScalingSettings, run_dir: str, batch: int) -
 
 def _float_batch(images: torch.Tensor, masks: torch.Tensor, cfg: Config, device: torch.device
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A loader batch on the device as the model takes it."""
-    images, masks = images.to(device), masks.to(device)
-    if not images.is_floating_point():  # uint8 batches (normalised on the device): do it here, untimed
-        if images.shape[-1] == cfg.model.in_channels and images.shape[1] != cfg.model.in_channels:
-            images = images.permute(0, 3, 1, 2)
-        mean = torch.tensor(cfg.data.mean, device=device).view(1, -1, 1, 1)
-        std = torch.tensor(cfg.data.std, device=device).view(1, -1, 1, 1)
-        images = (images.float() / 255 - mean) / std
-    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    return images.contiguous(memory_format=fmt), masks.long()
+    """A loader batch on the device as the model takes it (normalised as the trainer does, untimed here)."""
+    images = data.normalize(images.to(device), cfg.data.mean, cfg.data.std, cfg.train.channels_last)
+    return images, masks.to(device).long()
 
 
 def _trainer_work(run: Run, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], meter: StepMeter

@@ -259,19 +259,7 @@ def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> t
         total_steps = min(total_steps, cfg.train.max_steps)
     val_loader = data.val_loader(cfg, manifest, cfg.data.root, denv.rank, denv.world_size)
 
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
-    model = build_model(cfg.model, classes.num_classes)
-    if cfg.train.sync_bn and distributed.is_initialized():
-        if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:  # DDP refuses SyncBatchNorm on CPU modules
-            log.warning("train.sync_bn needs CUDA: keeping per-rank BatchNorm on %s", device.type)
-    model.to(device)
-    if cfg.train.channels_last:
-        model.to(memory_format=torch.channels_last)
-
+    model = build_train_model(cfg, classes.num_classes, device)
     weights = class_weights(manifest["splits"][cfg.data.train_split]["class_histogram"], cfg.loss.class_weights)
     loss_fn = SegLoss(classes.num_classes, classes.ignore_index, cfg.loss.ce_weight, cfg.loss.dice_weight,
                       weights.to(device) if weights is not None else None)
@@ -288,11 +276,9 @@ def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> t
 
     state = TrainState()
     manifest_digest = shards.manifest_digest(manifest)
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
+    if resumed is not None:
+        for part, target in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+            target.load_state_dict(saved[part])
         state.load_state_dict(saved, seed=cfg.train.seed)
         if saved.get("manifest_digest") != manifest_digest:
             log.warning("the shards changed since %s was written", resumed[0])
@@ -324,6 +310,23 @@ def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> t
     run = Run(cfg, user_cfg, denv, device, manifest, classes, model, raw_model, loss_fn, optimizer, scheduler,
               scaler, amp_dtype, batches, steps_per_epoch, total_steps, val_loader, manifest_digest, runlog)
     return run, state
+
+
+def build_train_model(cfg: Config, num_classes: int, device: torch.device) -> nn.Module:
+    """The bare model on `device`: the same initial weights on every rank, SyncBatchNorm where it works."""
+    torch.manual_seed(cfg.train.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+    model = build_model(cfg.model, num_classes)
+    if cfg.train.sync_bn and distributed.is_initialized():
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:  # DDP refuses SyncBatchNorm on CPU modules
+            log.warning("train.sync_bn needs CUDA: keeping per-rank BatchNorm on %s", device.type)
+    model.to(device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
 
 
 def resolve_batch_plan(cfg: Config, world_size: int, saved: dict[str, Any] | None) -> data.BatchPlan:
