@@ -1,16 +1,20 @@
 """A checkpoint as a deployable TorchScript or ONNX file, checked against the eager model.
 
-`export()` loads a checkpoint (`checkpoint.load_model`), wraps its U-Net in `ExportUNet` (optionally
-with the run's normalisation inside the graph), writes the file under a temporary name, runs the
-exported file and the eager model on random images of two odd sizes, and only then renames it to
-`out` and writes `<out>.json` beside it: class names, ignore index, mean/std and the input layout,
-what a deployer needs to feed the file and read its output.
+`export()` loads a checkpoint (`checkpoint.load_model`), wraps its model in `ExportUNet` (model.name=unet)
+or `ExportSmp` (model.name=smp_unet), optionally with the run's normalisation inside the graph, writes the
+file under a temporary name, runs the exported file and the eager model on random images of two odd sizes,
+and only then renames it to `out` and writes `<out>.json` beside it: class names, ignore index, mean/std
+and the input layout, what a deployer needs to feed the file and read its output.
 
 Why a wrapper instead of the model itself: `UNet.forward` cannot be scripted (an f-string over a
 shape tuple) and `Up.forward` pads only `if dh or dw`, a branch that `torch.jit.trace` bakes in for
 the traced size and that `torch.export` turns into a guard on H % 2. `ExportUNet` calls the same
 submodules (same weights, same arithmetic) but always pads, by amounts that are zero where nothing
 is missing, so the graph has no shape branch and height, width and batch stay dynamic.
+`SmpSegmenter.forward` has the same kind of branch (it pads to the encoder stride only `if ph or pw`);
+`ExportSmp` always pads (zero where the side is already a multiple) and always crops, around the same
+smp module. smp's U-Net scripts and exports through torch.export with symbolic height and width (its
+decoder upsamples by scale_factor=2 and, at multiples of the stride, never needs a size-dependent fix).
 """
 
 from __future__ import annotations
@@ -35,11 +39,12 @@ from torch import nn
 from . import atomic, checkpoint
 from .config import to_dict
 from .errors import RunFailed, UserError
+from .models import SmpSegmenter
 from .models.unet import UNet
 
 __all__ = [
-    "ATOL", "FORMATS", "INPUT_DTYPES", "NORMALIZE", "RTOL", "CheckResult", "ExportResult", "ExportUNet",
-    "check_sizes", "export", "metadata_path",
+    "ATOL", "FORMATS", "INPUT_DTYPES", "NORMALIZE", "RTOL", "CheckResult", "ExportResult", "ExportSmp",
+    "ExportUNet", "check_sizes", "export", "export_module", "metadata_path",
 ]
 
 FORMATS = ("torchscript", "onnx")
@@ -105,6 +110,46 @@ class _UpStep(nn.Module):
         dw = skip.shape[-1] - x.shape[-1]
         x = F.pad(x, [dw // 2, dw - dw // 2, dh // 2, dh - dh // 2])
         return self.conv(torch.cat([skip, x], dim=1))
+
+
+class ExportSmp(nn.Module):
+    """`SmpSegmenter.forward` without its shape branch, optionally preceded by the training normalisation
+    (the input convention of `ExportUNet`). The input is normalised first and then zero-padded at the
+    bottom/right to the next multiple of the encoder stride, as the eager model pads its (normalised)
+    input, so the output is the eager one; `min_size` is the stride, the smallest side the graph accepts."""
+
+    def __init__(self, segmenter: SmpSegmenter, mean: tuple[float, ...], std: tuple[float, ...],
+                 normalize: bool) -> None:
+        super().__init__()
+        self.normalize = normalize
+        self.stride = int(segmenter.stride)
+        self.min_size = self.stride
+        self.smp = segmenter.smp  # the smp module itself (shared weights)
+        shape = (1, len(mean), 1, 1)
+        self.register_buffer("offset", torch.tensor(mean, dtype=torch.float32).mul(255.0).reshape(shape))
+        self.register_buffer("inv_scale", torch.tensor(std, dtype=torch.float32).mul(255.0).reciprocal().reshape(shape))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if image.shape[-2] < self.min_size or image.shape[-1] < self.min_size:
+            raise ValueError("input height and width must be at least the encoder stride (min_size in the JSON)")
+        x = (image.to(torch.float32) - self.offset) * self.inv_scale if self.normalize else image
+        h = x.shape[-2]
+        w = x.shape[-1]
+        # (s - h % s) % s, not -h % s: the same amount, in arithmetic every exporter keeps symbolic.
+        ph = (self.stride - h % self.stride) % self.stride
+        pw = (self.stride - w % self.stride) % self.stride
+        x = F.pad(x, [0, pw, 0, ph])
+        return self.smp(x)[:, :, :h, :w]
+
+
+def export_module(model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
+                  normalize: bool) -> ExportUNet | ExportSmp:
+    """The export wrapper for a trained model (our U-Net or an smp model), sharing its weights."""
+    if isinstance(model, UNet):
+        return ExportUNet(model, mean, std, normalize)
+    if isinstance(model, SmpSegmenter):
+        return ExportSmp(model, mean, std, normalize)
+    raise TypeError(f"no export wrapper for {type(model).__name__}")
 
 
 @dataclass
@@ -195,13 +240,15 @@ def export(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available here")
     trained = checkpoint.load_model(checkpoint_path, device)
-    if not isinstance(trained.model, UNet):
-        raise UserError(f"{checkpoint_path}: export supports model.name=unet, not {trained.cfg.model.name!r}")
+    if not isinstance(trained.model, (UNet, SmpSegmenter)):
+        raise UserError(f"{checkpoint_path}: export supports model.name=unet and smp_unet, "
+                        f"not {trained.cfg.model.name!r}")
     mean, std = tuple(trained.cfg.data.mean), tuple(trained.cfg.data.std)
-    if trained.model.in_channels != len(mean) or len(mean) != len(std):
-        raise UserError(f"{checkpoint_path}: {trained.model.in_channels} input channels but data.mean/std have "
+    in_channels = trained.model.in_channels if isinstance(trained.model, UNet) else trained.cfg.model.in_channels
+    if in_channels != len(mean) or len(mean) != len(std):
+        raise UserError(f"{checkpoint_path}: {in_channels} input channels but data.mean/std have "
                         f"{len(mean)}/{len(std)} values")
-    module = ExportUNet(trained.model, mean, std, normalize == "inside").to(device).eval()
+    module = export_module(trained.model, mean, std, normalize == "inside").to(device).eval()
     dtype = getattr(torch, input_dtype) if normalize == "inside" else torch.float32
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -236,11 +283,12 @@ def _staged(out: Path) -> Iterator[Path]:
     atomic.fsync_dir(out.parent)
 
 
-def _export_torchscript(module: ExportUNet, path: Path) -> None:
+def _export_torchscript(module: ExportUNet | ExportSmp, path: Path) -> None:
     # script, not trace: the graph keeps shape arithmetic (pad amounts, the min-size check) symbolic.
-    # torch 2.13 marks torch.jit deprecated (a warning per call); it still works, and TorchScript is
-    # what C++ (libtorch) and older runtimes load, so the notice is left to the report, not each run.
-    with _quiet(DeprecationWarning):
+    # torch 2.13 marks torch.jit deprecated (a warning per call; torch 2.14's load warns with a FutureWarning);
+    # it still works, and TorchScript is what C++ (libtorch) and older runtimes load, so the notice is left
+    # to the report, not each run. smp's U-Net scripts too (checked with torch 2.14.1, smp 0.6.0).
+    with _quiet(DeprecationWarning, FutureWarning):
         torch.jit.save(torch.jit.script(module), str(path))
 
 
@@ -252,7 +300,7 @@ def _quiet(*categories: type[Warning]) -> Iterator[None]:
         yield
 
 
-def _export_onnx(module: ExportUNet, path: Path, dtype: torch.dtype, device: torch.device,
+def _export_onnx(module: ExportUNet | ExportSmp, path: Path, dtype: torch.dtype, device: torch.device,
                  opset: int | None) -> int:
     """torch.export-based exporter (torch's default since 2.9; the TorchScript one is deprecated)."""
     from torch.export import Dim
@@ -274,7 +322,8 @@ def _export_onnx(module: ExportUNet, path: Path, dtype: torch.dtype, device: tor
     return next(o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def _depth(module: ExportUNet) -> int:
+def _depth(module: ExportUNet | ExportSmp) -> int:
+    """log2 of the minimum side: the U-Net's depth, or 5 for an smp encoder of stride 32."""
     return module.min_size.bit_length() - 1
 
 
@@ -296,8 +345,8 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0]
 
 
-def _check(unet: UNet, module: ExportUNet, path: Path, fmt: str, dtype: torch.dtype, mean: tuple[float, ...],
-           std: tuple[float, ...], seed: int) -> CheckResult:
+def _check(unet: nn.Module, module: ExportUNet | ExportSmp, path: Path, fmt: str, dtype: torch.dtype,
+           mean: tuple[float, ...], std: tuple[float, ...], seed: int) -> CheckResult:
     """Eager reference: the bare model on images normalised by `data.preprocess` (the training path), so
     normalisation inside the graph is checked too. Everything runs on the CPU in fp32."""
     from .config import DataConfig
@@ -314,7 +363,7 @@ def _check(unet: UNet, module: ExportUNet, path: Path, fmt: str, dtype: torch.dt
         def run(x: torch.Tensor) -> torch.Tensor:
             return torch.from_numpy(session.run(None, {INPUT_NAME: x.numpy()})[0])
     else:
-        with _quiet(DeprecationWarning):
+        with _quiet(DeprecationWarning, FutureWarning):
             scripted = torch.jit.load(str(path), map_location="cpu")
 
         def run(x: torch.Tensor) -> torch.Tensor:
@@ -328,7 +377,7 @@ def _check(unet: UNet, module: ExportUNet, path: Path, fmt: str, dtype: torch.dt
         for n, _, h, w in shapes:
             images = torch.randint(0, 256, (n, h, w, 3), dtype=torch.uint8, generator=gen)
             normalised = torch.stack([preprocess(np.ascontiguousarray(im.numpy()), data_cfg) for im in images])
-            eager = reference(normalised)  # UNet.forward itself, branches and all
+            eager = reference(normalised)  # UNet/SmpSegmenter.forward itself, branches and all
             raw = images.permute(0, 3, 1, 2).contiguous().to(dtype)
             got = run(raw if module.normalize else normalised).float()
             if got.shape != eager.shape:
@@ -355,7 +404,7 @@ def _metadata(trained: checkpoint.TrainedModel, checkpoint_path: str | Path, out
             "dtype": input_dtype,
             "range": "0-255 (normalised inside the graph)" if inside else "normalised: (x * scale - mean) / std",
             "dynamic": ["batch", "height", "width"],
-            "min_size": min_size,  # height and width at least 2**depth (any size above, odd included)
+            "min_size": min_size,  # height and width at least 2**depth / the smp stride (any size above)
         },
         "output": {"name": OUTPUT_NAME, "layout": "NCHW", "dtype": "float32", "what": "logits; argmax over C"},
         # The training normalisation: x in 0-255 -> (x * scale - mean) / std, per channel (RGB).

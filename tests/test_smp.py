@@ -17,13 +17,15 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import REPO, child_env, free_port, tiny_overrides
 
-from seg_dist import checkpoint, distributed, pack
-from seg_dist.config import ModelConfig, load_config
+from seg_dist import checkpoint, distributed, exporting, pack
+from seg_dist.config import Config, DataConfig, ModelConfig, load_config, to_dict
+from seg_dist.data import preprocess
 from seg_dist.errors import UserError
 from seg_dist.models import build_model, encoder_of
 from seg_dist.trainer import train
@@ -224,3 +226,122 @@ def test_frozen_pretrained_encoder_then_fine_tuned(tiny_shards, tmp_path, one_th
     loaded = torch.load(weights, weights_only=True)
     assert torch.equal(initial["smp.encoder.layer4.1.conv2.weight"], loaded["layer4.1.conv2.weight"])
     _check_frozen_then_trained(_snapshots(run), model, initial)
+
+
+# --- exporting and predicting an smp checkpoint -------------------------------------------------------------
+
+SMP_CLASSES = ["background", "road", "car", "person"]
+SMP_MEAN, SMP_STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)  # not the defaults, so a lost mean/std shows
+SMP_SIZES = [(1, 37, 53), (2, 71, 33)]  # odd, not multiples of 32, and not the exporter's own check sizes
+
+
+@pytest.fixture(scope="module")
+def smp_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An smp resnet18 U-Net (random weights) saved with the keys the trainer writes (BatchNorm statistics
+    not 0/1)."""
+    if SMP_MISSING:
+        pytest.skip("segmentation_models_pytorch is not importable")
+    cfg = Config()
+    cfg.model = ModelConfig(name="smp_unet", encoder="resnet18")
+    cfg.data.mean, cfg.data.std = SMP_MEAN, SMP_STD
+    torch.manual_seed(0)
+    model = build_model(cfg.model, len(SMP_CLASSES))
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("smp_ckpt") / "best.pt"
+    checkpoint.save(path, {"model": model.state_dict(), "config": to_dict(cfg), "num_classes": len(SMP_CLASSES),
+                           "ignore_index": 255, "class_names": SMP_CLASSES, "global_step": 7})
+    return path
+
+
+def _smp_images(n: int, h: int, w: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (n, h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def _smp_eager(ckpt: Path, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalised NCHW input, logits) of the checkpoint's eager SmpSegmenter for uint8 N x H x W x 3 images."""
+    model = checkpoint.load_model(ckpt, torch.device("cpu")).model
+    data_cfg = DataConfig(mean=SMP_MEAN, std=SMP_STD)
+    x = torch.stack([preprocess(np.ascontiguousarray(im.numpy()), data_cfg) for im in images])
+    with torch.inference_mode():
+        return x, model(x)
+
+
+def _assert_matches(got: torch.Tensor, want: torch.Tensor) -> float:
+    """The exporter's own criterion: max abs diff within ATOL + RTOL * max |eager|, argmax agreeing."""
+    assert got.shape == want.shape
+    diff = (got - want).abs().max().item()
+    assert diff <= exporting.ATOL + exporting.RTOL * want.abs().max().item(), diff
+    agree = (got.argmax(1) == want.argmax(1)).float().mean().item()
+    assert agree >= exporting.MIN_ARGMAX_AGREEMENT, agree
+    return diff
+
+
+@needs_smp
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning", "ignore:`torch.jit:FutureWarning")
+def test_smp_export_torchscript_and_onnx(smp_checkpoint: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from seg_dist.export import main as export_main
+
+    ts, onnx_out = tmp_path / "smp.pt", tmp_path / "smp.onnx"
+    assert export_main(["--checkpoint", str(smp_checkpoint), "--format", "torchscript", "--out", str(ts)]) == 0
+    assert export_main(["--checkpoint", str(smp_checkpoint), "--format", "onnx", "--out", str(onnx_out)]) == 0
+    scripted = torch.jit.load(str(ts))
+    session = ort.InferenceSession(str(onnx_out), providers=["CPUExecutionProvider"])
+    for seed, (n, h, w) in enumerate(SMP_SIZES):
+        images = _smp_images(n, h, w, seed)
+        raw = images.permute(0, 3, 1, 2).contiguous()
+        _, want = _smp_eager(smp_checkpoint, images)
+        with torch.inference_mode():
+            _assert_matches(scripted(raw), want)  # uint8 in
+            _assert_matches(scripted(raw.float()), want)
+        _assert_matches(torch.from_numpy(session.run(None, {"image": raw.numpy()})[0]), want)
+    for out, fmt in ((ts, "torchscript"), (onnx_out, "onnx")):
+        meta = json.loads(exporting.metadata_path(out).read_text())
+        assert meta["format"] == fmt and meta["normalize"] == "inside" and meta["input"]["min_size"] == 32
+        assert meta["model"]["name"] == "smp_unet" and meta["model"]["encoder"] == "resnet18"
+        assert meta["class_names"] == SMP_CLASSES and meta["mean"] == pytest.approx(SMP_MEAN)
+        assert meta["check"]["shapes"] == [[1, 3, 95, 127], [2, 3, 161, 65]]  # check_sizes(5): stride 32
+        assert meta["check"]["max_abs_diff"] <= meta["check"]["tolerance"]
+    # Below the stride the graph refuses (the JSON's min_size), as the U-Net's does below 2**depth.
+    with pytest.raises(Exception, match="at least the encoder stride"):
+        scripted(torch.zeros(1, 3, 31, 40, dtype=torch.uint8))
+
+
+@needs_smp
+def test_smp_export_json_mode_onnx(smp_checkpoint: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    out = tmp_path / "bare.onnx"
+    exporting.export(smp_checkpoint, out, "onnx", "json")
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    meta = json.loads(exporting.metadata_path(out).read_text())
+    assert meta["normalize"] == "json" and meta["input"]["dtype"] == "float32"
+    images = _smp_images(1, 45, 61, seed=3)
+    x, want = _smp_eager(smp_checkpoint, images)
+    _assert_matches(torch.from_numpy(session.run(None, {"image": x.numpy()})[0]), want)
+
+
+@needs_smp
+def test_smp_predictor_and_predict_command_keep_the_image_size(smp_checkpoint: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from seg_dist.predict import Predictor
+
+    image = _smp_images(1, 37, 53, seed=5)[0].numpy()
+    predictor = Predictor.from_checkpoint(smp_checkpoint, device="cpu")
+    mask = predictor(image)
+    assert mask.shape == (37, 53) and mask.min() >= 0 and mask.max() < len(SMP_CLASSES)
+
+    Image.fromarray(image).save(tmp_path / "odd.png")
+    out = tmp_path / "masks"
+    proc = subprocess.run([sys.executable, "-m", "seg_dist.predict", "--checkpoint", str(smp_checkpoint),
+                           "--input", str(tmp_path / "odd.png"), "--out", str(out), "--device", "cpu"],
+                          capture_output=True, text=True, cwd=REPO, env=child_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = np.array(Image.open(out / "odd.png"))
+    assert written.shape == (37, 53)
+    assert np.array_equal(written, mask)
