@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . launch/setup.sh
-ruff check seg_dist tests
+ruff check seg_dist tests tools
 python -m pytest -q "$@"

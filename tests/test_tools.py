@@ -1,0 +1,47 @@
+"""tools/convert_ccp.py on a miniature CCP layout: folders the packer takes, a fixed split, class names."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+from conftest import REPO
+from PIL import Image
+from scipy.io import savemat
+
+
+def _mini_ccp(root, n: int = 5):
+    (root / "annotations" / "pixel-level").mkdir(parents=True)
+    (root / "photos").mkdir()
+    names = np.empty((1, 4), dtype=object)
+    for i, name in enumerate(["null", "bag", "belt", "skin"]):
+        names[0, i] = np.array([name])
+    savemat(root / "label_list.mat", {"label_list": names})
+    rng = np.random.default_rng(0)
+    for i in range(1, n + 1):
+        labels = rng.integers(0, 4, (12, 9), dtype=np.uint8)
+        savemat(root / "annotations" / "pixel-level" / f"{i:04d}.mat", {"groundtruth": labels})
+        Image.fromarray(rng.integers(0, 256, (12, 9, 3), dtype=np.uint8)).save(root / "photos" / f"{i:04d}.jpg")
+    Image.new("RGB", (9, 12)).save(root / "photos" / "9999.jpg")  # a photo without labels: not converted
+
+
+def test_ccp_conversion_writes_pairs_a_fixed_split_and_names(tmp_path):
+    _mini_ccp(tmp_path / "ccp")
+    out = tmp_path / "data"
+    run = subprocess.run([sys.executable, "tools/convert_ccp.py", "--src", str(tmp_path / "ccp"), "--out", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in (out / "images").iterdir()) == [f"{i:04d}.jpg" for i in range(1, 6)]
+    mask = np.array(Image.open(out / "masks" / "0003.png"))
+    from scipy.io import loadmat
+
+    assert np.array_equal(mask, loadmat(tmp_path / "ccp" / "annotations" / "pixel-level" / "0003.mat")["groundtruth"])
+    assert (out / "images" / "0002.jpg").read_bytes() == (tmp_path / "ccp" / "photos" / "0002.jpg").read_bytes()
+    # 5 samples: all go to train (the first 804 by stem order); val and test stay empty but exist.
+    assert (out / "splits" / "train.txt").read_text().split() == ["0001", "0002", "0003", "0004", "0005"]
+    assert (out / "splits" / "val.txt").read_text() == "" and (out / "splits" / "test.txt").read_text() == ""
+    assert (out / "class_names.txt").read_text().strip() == "background,bag,belt,skin"
+    again = subprocess.run([sys.executable, "tools/convert_ccp.py", "--src", str(tmp_path / "ccp"), "--out",
+                            str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "--overwrite" in again.stderr  # nothing replaced without asking

@@ -1,0 +1,94 @@
+"""Clothing Co-Parsing (CCP) -> the image/mask folders `seg_dist.pack` takes, with a fixed split.
+
+    python tools/convert_ccp.py --src clothing-co-parsing --out data/ccp
+
+CCP (Yang et al., CVPR 2014; github.com/bearpaw/clothing-co-parsing, Apache-2.0): 1,004 street-fashion
+photos have pixel labels (`annotations/pixel-level/NNNN.mat`, variable `groundtruth`, uint8 class ids) and
+59 classes named in `label_list.mat` (0 = background, long-tailed). Writes
+
+    OUT/images/NNNN.jpg        the original photo bytes (nothing re-encoded)
+    OUT/masks/NNNN.png         single-channel PNG of class ids
+    OUT/splits/{train,val,test}.txt   a fixed split by stem order: first 804 / next 100 / last 100
+    OUT/class_names.txt        the 59 names, comma-separated (for --class-names)
+
+then pack it as shards/README.md ("Clothing Co-Parsing") shows. Needs scipy (`loadmat`), which
+albumentations already brings. The data stays out of the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SPLIT = (("train", 804), ("val", 100), ("test", 100))
+
+
+def class_names(src: Path) -> list[str]:
+    from scipy.io import loadmat
+
+    raw = loadmat(src / "label_list.mat")["label_list"][0]
+    names = [str(x[0]) if len(x) else "" for x in raw]
+    names[0] = "background"  # CCP calls it "null"
+    return [n.replace(",", " ") for n in names]
+
+
+def convert(src: Path, out: Path, overwrite: bool = False) -> dict[str, int]:
+    """Write images, masks, split lists and class names; returns the sample count per split."""
+    from scipy.io import loadmat
+
+    annotations = sorted((src / "annotations" / "pixel-level").glob("*.mat"))
+    if not annotations:
+        raise FileNotFoundError(f"{src / 'annotations' / 'pixel-level'}: no .mat files (is --src a CCP checkout?)")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out}: not empty; pass --overwrite to replace what is there")
+    for sub in ("images", "masks", "splits"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    names = class_names(src)
+    stems = []
+    for mat in annotations:
+        photo = src / "photos" / f"{mat.stem}.jpg"
+        if not photo.is_file():
+            raise FileNotFoundError(f"{photo}: the photo of {mat} is missing")
+        labels = np.asarray(loadmat(mat)["groundtruth"], dtype=np.uint8)
+        if labels.max() >= len(names):
+            raise ValueError(f"{mat}: class id {labels.max()} but only {len(names)} classes")
+        with Image.open(photo) as im:
+            if im.size != (labels.shape[1], labels.shape[0]):
+                raise ValueError(f"{mat}: mask {labels.shape[::-1]} and photo {im.size} differ in size")
+        shutil.copyfile(photo, out / "images" / photo.name)
+        buf = io.BytesIO()
+        Image.fromarray(labels, mode="L").save(buf, format="PNG")
+        (out / "masks" / f"{mat.stem}.png").write_bytes(buf.getvalue())
+        stems.append(mat.stem)
+    counts, start = {}, 0
+    for split, n in SPLIT:
+        part = stems[start : start + n] if split != "test" else stems[start:]
+        (out / "splits" / f"{split}.txt").write_text("".join(f"{s}\n" for s in part))
+        counts[split], start = len(part), start + n
+    (out / "class_names.txt").write_text(",".join(names) + "\n")
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--src", required=True, help="a checkout of github.com/bearpaw/clothing-co-parsing")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        counts = convert(Path(args.src), Path(args.out), args.overwrite)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {sum(counts.values())} samples to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
