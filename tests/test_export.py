@@ -23,8 +23,10 @@ REPO = Path(__file__).resolve().parents[1]
 CLASS_NAMES = ["background", "road", "car", "person"]
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)  # not the defaults, so a lost mean/std shows
 SIZES = [(1, 45, 61), (2, 33, 83)]  # odd, and different in batch, height and width
-# torch 2.13 deprecates torch.jit (script/load warn); TorchScript still works and is one of the formats here.
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+# torch 2.13 deprecates torch.jit (script/load warn; 2.14's load with a FutureWarning); TorchScript still works
+# and is one of the formats here.
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")]
 ONNX_MISSING = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
 
 
