@@ -125,7 +125,14 @@ class StepMeter:
         self._restart()
 
     def _restart(self) -> None:
-        self.steps, self.data_wait, self.started = 0, 0.0, time.perf_counter()
+        self.steps, self.data_wait, self.started, self.paused = 0, 0.0, time.perf_counter(), 0.0
+
+    @contextlib.contextmanager
+    def pause(self) -> Iterator[None]:
+        """Time that is not training (validation, checkpoints) does not count against images/s."""
+        t0 = time.perf_counter()
+        yield
+        self.paused += time.perf_counter() - t0
 
     @contextlib.contextmanager
     def waiting_for_data(self) -> Iterator[None]:
@@ -148,7 +155,8 @@ class StepMeter:
     def flush(self) -> StepStats:
         *totals, taken, skipped, in_a_row = torch.cat([self.sums, self.counts, self.in_a_row.view(1)]).tolist()
         stats = StepStats({k: t / max(1.0, taken) for k, t in zip(self.NAMES, totals, strict=True)}, self.steps,
-                          int(skipped), int(in_a_row), time.perf_counter() - self.started, self.data_wait)
+                          int(skipped), int(in_a_row), time.perf_counter() - self.started - self.paused,
+                          self.data_wait)
         self.sums.zero_()
         self.counts.zero_()
         self._restart()
@@ -224,7 +232,8 @@ def train(
                 distributed.sync_buffers(run.raw_model)
                 save_checkpoint(run, state)
             else:
-                metrics = end_of_epoch(run, state, meter, history) or metrics
+                with meter.pause():
+                    metrics = end_of_epoch(run, state, meter, history) or metrics
                 stopped = not run.finished(state) and stop.agreed(device)
                 if stopped:
                     log.info("stop requested (%s) at the end of an epoch, global step %d", stop.describe(),

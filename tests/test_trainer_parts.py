@@ -93,3 +93,18 @@ def test_errors_become_one_line_with_exit_codes(capsys):
     assert capsys.readouterr().err == "error: diverged at step 7\n"
     with pytest.raises(KeyError):
         cli.run(bug)
+
+
+def test_step_meter_leaves_paused_time_out_of_the_rate():
+    import time
+
+    meter = StepMeter(CPU)
+    _step(meter, 1.0, False)
+    with meter.pause():  # validation between two log lines
+        time.sleep(0.3)
+    stats = meter.flush()
+    assert stats.seconds < 0.2 and stats.steps == 1
+    with meter.pause():
+        time.sleep(0.05)
+    meter.flush()
+    assert meter.paused == 0.0  # a flush starts the next interval afresh
