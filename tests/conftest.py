@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 # The suite is about behaviour on CPU with gloo (what CI has). On a GPU machine, 2 ranks would each
@@ -105,3 +106,80 @@ def jpeg_bytes(array: np.ndarray, quality: int = 95) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+# --- real processes: 2-rank training in-process, and torchrun process trees ---------------------------
+
+
+def _train_rank(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
+    from seg_dist import distributed
+    from seg_dist.config import load_config
+    from seg_dist.trainer import train
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    with distributed.setup() as (denv, device):
+        result = train(load_config(REPO / "configs" / "default.yaml", overrides), denv, device)
+        torch.save({"model": result.model.state_dict(), "history": result.history, "step": result.global_step},
+                   f"{out}.{rank}")
+
+
+def spawn_train(world: int, overrides: list[str], tmp_path: Path) -> list[dict]:
+    """Train with `world` real gloo processes (torch.multiprocessing); each rank's weights and history."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "rank")
+    mp.spawn(_train_rank, args=(world, free_port(), overrides, out), nprocs=world)
+    return [torch.load(f"{out}.{r}", weights_only=True) for r in range(world)]
+
+
+def descendants(pid: int) -> list[int]:
+    """Child processes, read from /proc (torchrun starts workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def rank_pid(root: int, rank: int) -> int | None:
+    """The pid of torchrun's worker with global rank `rank` under process `root`."""
+    for pid in descendants(root):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"GROUP_RANK=0" in env:
+            return pid
+    return None
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and everything under it, if still running (no chance to clean up)."""
+    import contextlib
+    import signal
+
+    if proc.poll() is None:
+        for child in [*descendants(proc.pid), proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        proc.wait()
+
+
+def last_step(path: Path) -> int:
+    """The global step of a checkpoint, -1 while it is missing or being replaced."""
+    from seg_dist import checkpoint
+
+    try:
+        return checkpoint.load(path)["global_step"]
+    except (FileNotFoundError, RuntimeError):
+        return -1

@@ -14,8 +14,16 @@ import uuid
 
 import pytest
 import torch.distributed as dist
-from conftest import REPO, child_env, free_port, tiny_overrides, torchrun_cmd
-from test_train import _descendants, _last_step, _rank_pid
+from conftest import (
+    REPO,
+    child_env,
+    free_port,
+    kill_tree,
+    last_step,
+    rank_pid,
+    tiny_overrides,
+    torchrun_cmd,
+)
 
 from seg_dist import checkpoint
 
@@ -113,19 +121,15 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes_at_the_full_step_coun
                                 text=True)
         try:
             deadline = time.monotonic() + 120
-            while _last_step(last) < 6 and proc.poll() is None and time.monotonic() < deadline:
+            while last_step(last) < 6 and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
-            pid = _rank_pid(proc.pid, 1)
+            pid = rank_pid(proc.pid, 1)
             assert pid is not None, "rank 1 not found"
-            killed_after = _last_step(last)
+            killed_after = last_step(last)
             os.kill(pid, signal.SIGKILL)  # no chance to clean up
             out, _ = proc.communicate(timeout=240)
         finally:
-            if proc.poll() is None:
-                for child in [*_descendants(proc.pid), proc.pid]:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(child, signal.SIGKILL)
-                proc.wait()
+            kill_tree(proc)
     assert proc.returncode == 0, out[-4000:]
     total = epochs * steps_per_epoch
     assert 6 <= killed_after < total, "the run finished before it could be killed"
@@ -151,11 +155,7 @@ def test_two_hosts_simulated_on_one_machine_train_to_the_end_and_agree(tiny_shar
         outs = [h.communicate(timeout=240)[0] for h in hosts]
     finally:
         for h in hosts:
-            if h.poll() is None:
-                for child in [*_descendants(h.pid), h.pid]:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(child, signal.SIGKILL)
-                h.wait()
+            kill_tree(h)
     for h, out in zip(hosts, outs, strict=True):
         assert h.returncode == 0, out[-4000:]
         assert "2 host(s) x 1 process(es)" in out

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
-from conftest import REPO, child_env, free_port, tiny_overrides
+from conftest import REPO, child_env, spawn_train, tiny_overrides
 
 from seg_dist import checkpoint, distributed, exporting, pack
 from seg_dist.config import Config, DataConfig, ModelConfig, load_config, to_dict
@@ -96,24 +94,13 @@ def _check_frozen_then_trained(snapshots: list[dict], model: torch.nn.Module, in
 # --- without smp: our U-Net's contracting path is the encoder ----------------------------------------
 
 
-def _rank_worker(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    with distributed.setup() as (denv, device):
-        result = train(load_config(REPO / "configs" / "default.yaml", overrides), denv, device)
-        torch.save({"model": result.model.state_dict(), "history": result.history}, f"{out}.{rank}")
-
-
 def test_frozen_unet_encoder_with_two_ddp_ranks(tiny_shards, tmp_path):
     """Frozen by learning rate, not requires_grad: DDP runs unchanged, the ranks agree, and the contracting
     path (with its BatchNorm statistics) is untouched for exactly the frozen epoch."""
     run = tmp_path / "run"
     overrides = tiny_overrides(tiny_shards, run, "train.epochs=2", "model.freeze_encoder_epochs=1",
                                "optim.encoder_lr_mult=0.5", "logging.tensorboard=false", "train.amp=off")
-    out = str(tmp_path / "rank")
-    mp.spawn(_rank_worker, args=(2, free_port(), overrides, out), nprocs=2)
-    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    ranks = spawn_train(2, overrides, tmp_path)
     for key, value in ranks[0]["model"].items():
         assert torch.equal(value, ranks[1]["model"][key]), key
     model, initial = _initial_weights(overrides)

@@ -2,44 +2,35 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from conftest import REPO, child_env, free_port, tiny_overrides, torchrun, torchrun_cmd
+from conftest import (
+    REPO,
+    child_env,
+    kill_tree,
+    last_step,
+    rank_pid,
+    spawn_train,
+    tiny_overrides,
+    torchrun,
+    torchrun_cmd,
+)
 
 from seg_dist import checkpoint, distributed, pack
 from seg_dist.config import load_config
 from seg_dist.trainer import train
 
 
-def _rank_worker(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    with distributed.setup() as (denv, device):
-        result = train(load_config(REPO / "configs" / "default.yaml", overrides), denv, device)
-        torch.save({"model": result.model.state_dict(), "history": result.history, "step": result.global_step},
-                   f"{out}.{rank}")
-
-
-def _spawn_train(world: int, overrides: list[str], tmp_path: Path) -> list[dict]:
-    out = str(tmp_path / "rank")
-    mp.spawn(_rank_worker, args=(world, free_port(), overrides, out), nprocs=world)
-    return [torch.load(f"{out}.{r}", weights_only=True) for r in range(world)]
-
-
 def test_two_ranks_converge_agree_and_leave_artifacts(tiny_shards, tmp_path):
     run = tmp_path / "run"
-    ranks = _spawn_train(2, tiny_overrides(tiny_shards, run, "train.epochs=8", "optim.lr=1e-2", "train.grad_clip=5.0"),
+    ranks = spawn_train(2, tiny_overrides(tiny_shards, run, "train.epochs=8", "optim.lr=1e-2", "train.grad_clip=5.0"),
                          tmp_path)
 
     # All ranks hold identical weights after training (DDP kept them in step).
@@ -73,34 +64,10 @@ def test_plateau_scheduler_stays_in_step_across_ranks(tiny_shards, tmp_path):
     # validation loss, so both ranks cut the rate at the same epochs although their batches differ.
     overrides = tiny_overrides(tiny_shards, tmp_path / "run", "train.epochs=4", "schedule.name=plateau",
                                "schedule.plateau_patience=0", "optim.lr=1e-7")
-    ranks = _spawn_train(2, overrides, tmp_path)
+    ranks = spawn_train(2, overrides, tmp_path)
     lrs = [[h["lr"] for h in r["history"]] for r in ranks]
     assert lrs[0] == lrs[1]
     assert lrs[0][-1] < lrs[0][0]  # it did fire
-
-
-def _descendants(pid: int) -> list[int]:
-    """Child processes, read from /proc (torchrun starts workers in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _last_step(path: Path) -> int:
-    try:
-        return checkpoint.load(path)["global_step"]
-    except (FileNotFoundError, RuntimeError):
-        return -1
 
 
 def test_killed_run_resumes_at_the_saved_step(tiny_shards, tmp_path):
@@ -114,13 +81,10 @@ def test_killed_run_resumes_at_the_saved_step(tiny_shards, tmp_path):
     last = run / "checkpoints" / "last.pt"
     try:
         deadline = time.monotonic() + 120
-        while _last_step(last) < 6 and proc.poll() is None and time.monotonic() < deadline:
+        while last_step(last) < 6 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
-        for pid in [*_descendants(proc.pid), proc.pid]:  # no chance to clean up: like a node failure
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        proc.wait()
+        kill_tree(proc)  # no chance to clean up: like a node failure
     saved = checkpoint.load(last)
     total = 30 * (64 // (2 * 4))
     assert 6 <= saved["global_step"] < total, "the run finished before it could be killed"
@@ -203,17 +167,6 @@ def test_fresh_run_refuses_to_overwrite_checkpoints(tiny_shards, tmp_path):
         train(cfg, distributed.DistEnv(), torch.device("cpu"))
 
 
-def _rank_pid(root: int, rank: int) -> int | None:
-    for pid in _descendants(root):
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in env and b"GROUP_RANK=0" in env:
-            return pid
-    return None
-
-
 def test_stop_signal_to_one_rank_stops_all_at_the_same_step(tiny_shards, tmp_path):
     run = tmp_path / "run"
     args = ["--config", "configs/default.yaml",
@@ -225,18 +178,14 @@ def test_stop_signal_to_one_rank_stops_all_at_the_same_step(tiny_shards, tmp_pat
     last = run / "checkpoints" / "last.pt"
     try:
         deadline = time.monotonic() + 120
-        while _last_step(last) < 4 and proc.poll() is None and time.monotonic() < deadline:
+        while last_step(last) < 4 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        pid = _rank_pid(proc.pid, 1)
+        pid = rank_pid(proc.pid, 1)
         assert pid is not None, "rank 1 not found"
         os.kill(pid, signal.SIGUSR1)  # only rank 1 hears it, as when SLURM signals one node first
         out, _ = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            for child in [*_descendants(proc.pid), proc.pid]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(child, signal.SIGKILL)
-            proc.wait()
+        kill_tree(proc)
     assert proc.returncode == 0, out[-3000:]
     # Rank 0 never got the signal; it stopped because rank 1 did.
     assert "stop requested (signalled on another rank): checkpointing at global step" in out, out[-3000:]
