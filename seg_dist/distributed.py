@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import logging
 import os
 import re
@@ -56,6 +57,9 @@ class DistEnv:
         return self.world_size > 1
 
 
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # what a scheduler sends before it preempts or ends a job
+
+
 class StopRequest:
     """Set by SIGUSR1/SIGTERM (a scheduler's warning before preemption); read only at step boundaries.
 
@@ -67,9 +71,12 @@ class StopRequest:
         self.signal: int | None = None
         self.signals_seen: list[str] = []  # over all ranks, once `agreed` said yes
 
-    def install(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
+    def install(self, signals: tuple[int, ...] = STOP_SIGNALS) -> None:
         for sig in signals:
             signal.signal(sig, self._handle)
+            # Restart system calls the signal interrupts (SA_RESTART), in whatever thread it lands on:
+            # native code (gloo, NCCL, the loader) need not expect EINTR from a mere stop request.
+            signal.siginterrupt(sig, False)
 
     def _handle(self, signum: int, _frame: Any) -> None:
         self.signal = signum
@@ -269,6 +276,16 @@ def _generation_store(denv: DistEnv, timeout: datetime.timedelta) -> dist.Store:
 
 
 @contextlib.contextmanager
+def _signals_blocked(signals: tuple[int, ...]) -> Iterator[None]:
+    """Block `signals` in this thread (and so in every thread started meanwhile) for the block."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
 def setup(device: str = "auto", timeout_minutes: float = 30.0) -> Iterator[tuple[DistEnv, torch.device]]:
     """Join the process group (if there is more than one process) and pick this rank's device.
 
@@ -285,24 +302,33 @@ def setup(device: str = "auto", timeout_minutes: float = 30.0) -> Iterator[tuple
         # The timeout bounds the rendezvous and every collective: a rank whose peer stopped answering
         # inside a collective raises after it instead of hanging (gloo and NCCL both honour it).
         timeout = datetime.timedelta(minutes=timeout_minutes)
-        kwargs: dict[str, Any] = {}
-        if _torchrun_shares_its_store():
-            kwargs["store"] = _generation_store(denv, timeout)  # not env://: see _generation_store
-        else:
-            kwargs["init_method"] = "env://"
-        if dev.type == "cuda":
-            kwargs["device_id"] = dev  # binds NCCL to this GPU and avoids a guess at the first collective
-        dist.init_process_group(
-            backend=backend_for(dev),
-            rank=denv.rank,
-            world_size=denv.world_size,
-            timeout=timeout,
-            **kwargs,
-        )
+        # The stop signals must reach the main thread only: landing on one of the threads the process
+        # group and its stores start, they interrupt a blocking call there (EINTR), which can abort the
+        # process (seen once: "terminate called without an active exception" after a SIGUSR1). Threads
+        # inherit the signal mask of the thread that starts them, so they start with the signals blocked.
+        with _signals_blocked(STOP_SIGNALS):
+            kwargs: dict[str, Any] = {}
+            if _torchrun_shares_its_store():
+                kwargs["store"] = _generation_store(denv, timeout)  # not env://: see _generation_store
+            else:
+                kwargs["init_method"] = "env://"
+            if dev.type == "cuda":
+                kwargs["device_id"] = dev  # binds NCCL to this GPU and avoids a guess at the first collective
+            dist.init_process_group(
+                backend=backend_for(dev),
+                rank=denv.rank,
+                world_size=denv.world_size,
+                timeout=timeout,
+                **kwargs,
+            )
     try:
         yield denv, dev
     finally:
         if dist.is_available() and dist.is_initialized():
+            # Objects that hold the group (a DDP wrapper in a reference cycle, say) go first, here in the
+            # main thread: destroyed later, during interpreter exit, the group's native threads can take the
+            # process down with "terminate called without an active exception".
+            gc.collect()
             dist.destroy_process_group()
 
 

@@ -241,6 +241,7 @@ def train(
         if history and not stopped:
             log.info("done: best val mIoU %.4f; checkpoints in %s, TensorBoard in %s", state.best_miou,
                      run.ckpt_dir, Path(cfg.run.dir) / "tb")
+    run.model = run.raw_model  # let go of the DDP wrapper (and its hold on the process group) now
     return TrainResult(run.raw_model, state.global_step, stopped, ",".join(stop.signals_seen), metrics, history)
 
 
