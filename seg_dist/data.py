@@ -140,13 +140,21 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
     """
     if images.dtype != torch.uint8 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 ... x H x W x 3 images, got {images.dtype} {tuple(images.shape)}")
-    shift = torch.tensor([255.0 * m for m in mean], dtype=torch.float32, device=images.device)
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32, device=images.device)
+    shift, scale = _normalize_constants(images.device, tuple(mean), tuple(std))
     x = (images.float() - shift) * scale
     x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x.permute(2, 0, 1)
     if x.ndim == 4 and channels_last:
         return x.contiguous(memory_format=torch.channels_last)
     return x.contiguous()
+
+
+@functools.lru_cache(maxsize=16)
+def _normalize_constants(device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: a tensor built from a Python list on a GPU is a blocking copy, every step.
+    shift = torch.tensor([255.0 * m for m in mean], dtype=torch.float32, device=device)
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32, device=device)
+    return shift, scale
 
 
 def preprocess(image: np.ndarray, data_cfg: DataConfig) -> torch.Tensor:

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny_checkpoint
 
 from seg_dist import checkpoint, exporting
-from seg_dist.config import Config, DataConfig, ModelConfig, to_dict
+from seg_dist.config import DataConfig, ModelConfig
 from seg_dist.data import preprocess
 from seg_dist.export import main
-from seg_dist.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 CLASS_NAMES = ["background", "road", "car", "person"]
@@ -33,19 +33,8 @@ ONNX_MISSING = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.ut
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A width-8, depth-3 U-Net saved with the keys the trainer writes (BatchNorm statistics not 0/1)."""
-    cfg = Config()
-    cfg.model = ModelConfig(width=8, depth=3)
-    cfg.data.mean, cfg.data.std = MEAN, STD
-    torch.manual_seed(0)
-    model = build_model(cfg.model, len(CLASS_NAMES))
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
-    checkpoint.save(path, {"model": model.state_dict(), "config": to_dict(cfg), "num_classes": len(CLASS_NAMES),
-                           "ignore_index": 255, "class_names": CLASS_NAMES, "global_step": 12})
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt", ModelConfig(width=8, depth=3),
+                                CLASS_NAMES, MEAN, STD, global_step=12)
 
 
 def _eager(ckpt: Path, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

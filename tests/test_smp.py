@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, child_env, spawn_train, tiny_overrides
+from conftest import REPO, child_env, save_tiny_checkpoint, spawn_train, tiny_overrides
 
 from seg_dist import checkpoint, distributed, exporting, pack
-from seg_dist.config import Config, DataConfig, ModelConfig, load_config, to_dict
+from seg_dist.config import DataConfig, ModelConfig, load_config
 from seg_dist.data import preprocess
 from seg_dist.errors import UserError
 from seg_dist.models import build_model, encoder_of
@@ -228,19 +228,9 @@ def smp_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     not 0/1)."""
     if SMP_MISSING:
         pytest.skip("segmentation_models_pytorch is not importable")
-    cfg = Config()
-    cfg.model = ModelConfig(name="smp_unet", encoder="resnet18")
-    cfg.data.mean, cfg.data.std = SMP_MEAN, SMP_STD
-    torch.manual_seed(0)
-    model = build_model(cfg.model, len(SMP_CLASSES))
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    path = tmp_path_factory.mktemp("smp_ckpt") / "best.pt"
-    checkpoint.save(path, {"model": model.state_dict(), "config": to_dict(cfg), "num_classes": len(SMP_CLASSES),
-                           "ignore_index": 255, "class_names": SMP_CLASSES, "global_step": 7})
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("smp_ckpt") / "best.pt",
+                                ModelConfig(name="smp_unet", encoder="resnet18"), SMP_CLASSES, SMP_MEAN, SMP_STD,
+                                global_step=7)
 
 
 def _smp_images(n: int, h: int, w: int, seed: int) -> torch.Tensor:
