@@ -5,6 +5,7 @@
                                    [--compile] [--device cpu|cuda]
     python -m seg_dist.bench scaling [--procs 2] [--batch GLOBAL]
     python -m seg_dist.bench all [--device cuda] [--json OUT]          # the three, defaults (< 10 min on 2 cores)
+    python -m seg_dist.bench recipe --data SHARDS --minutes 12 [--ranks 2] [--seeds 0,1] [key=value ...]
     seg-dist bench ...
 
 Each measurement prints a progress line on stderr; the tables go to stdout, with min/median/max over
@@ -14,6 +15,9 @@ data.worker_scaling, train.overhead_ratio, train.mfu, scaling.efficiency, ...). 
 procedural dataset is packed into a temporary folder at the size measured. `--device cuda` measures
 16 x 256^2 and 8 x 512^2 (width 64, bf16, channels_last) and the loader at 512^2. The measurements
 are `seg_dist.benchmarks`.
+
+`recipe` is about results, not speed: the seed tutorial's recipe and seg_dist's default, each trained for
+the same wall-clock minutes on this machine, scored on the test split (`seg_dist.recipes`).
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     common.add_argument("--synthetic", type=int, default=96, metavar="N", help="samples in the synthetic set")
 
     p = argparse.ArgumentParser(prog="python -m seg_dist.bench", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="section", required=True, metavar="{data,train,scaling,all}")
+    sub = p.add_subparsers(dest="section", required=True, metavar="{data,train,scaling,all,recipe}")
 
     d = sub.add_parser("data", parents=[common], help="decode, augment, shard pipeline, folder Dataset")
     d.add_argument("--size", type=int, default=None, help="training crop (default 256; 512 on cuda)")
@@ -85,7 +89,33 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
     a = sub.add_parser("all", parents=[common], help="data, train and scaling with their defaults")
     a.add_argument("--compile", action="store_true", default=None, help="torch.compile in bench train")
+
+    r = sub.add_parser("recipe", help="the seed tutorial's recipe vs seg_dist's at the same training minutes")
+    r.add_argument("--data", required=True, help="shard folder with train, val and test splits")
+    r.add_argument("--minutes", type=float, default=12.0, help="training budget per run (default 12)")
+    r.add_argument("--width", type=int, default=16, help="U-Net base channels for both (default 16)")
+    r.add_argument("--batch", type=int, default=8, help="global batch for both (default 8, the tutorial's)")
+    r.add_argument("--ranks", type=int, default=2, help="seg_dist's processes (default 2)")
+    r.add_argument("--seeds", type=_workers, default=(0,), help="e.g. 0,1: one run per recipe and seed")
+    r.add_argument("--recipes", default="seed,seg_dist", help="which to run (default seed,seg_dist)")
+    r.add_argument("--seed-lr", type=float, default=1e-4, help="the tutorial's learning rate (default 1e-4, "
+                   "as in the article)")
+    r.add_argument("--seed-size", type=_size, default=None, metavar="H,W",
+                   help="the tutorial's Resize (default: the train split's mean size)")
+    r.add_argument("--config", default=None, help="seg_dist's recipe (default: the built-in defaults)")
+    r.add_argument("--out", default=None, help="folder for the runs (default runs/recipe-<data folder name>)")
+    r.add_argument("--test-split", default="test")
+    r.add_argument("--json", default=None, metavar="OUT", help="write the runs, means and per-class IoU here")
+    r.add_argument("overrides", nargs="*", help="key.sub=value for seg_dist's recipe")
     return p.parse_args(argv)
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected H,W like 208,136") from None
+    return h, w
 
 
 def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
@@ -96,8 +126,30 @@ def _say(message: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
 
+def _recipe(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import recipes
+
+    settings = recipes.RecipeSettings(
+        data=args.data, minutes=args.minutes, width=args.width, global_batch=args.batch, ranks=args.ranks,
+        seeds=args.seeds, recipes=tuple(r.strip() for r in args.recipes.split(",") if r.strip()),
+        seed_lr=args.seed_lr, seed_size=args.seed_size, config=args.config, overrides=tuple(args.overrides),
+        out=args.out or f"runs/recipe-{Path(args.data).resolve().name}", test_split=args.test_split,
+    )
+    report = recipes.compare(settings, progress=_say)
+    report["command"] = ["seg-dist", "bench", *sys.argv[1:]]
+    print(recipes.render(report), flush=True)
+    if args.json:
+        atomic.write_text(args.json, json.dumps(report, indent=2) + "\n")
+        _say(f"wrote {args.json}")
+    return cli.EXIT_OK
+
+
 def _bench(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
+    if args.section == "recipe":
+        return _recipe(args)
     from . import benchmarks as b  # late: `--help` stays quick
 
     device = b.resolve_device(args.device)

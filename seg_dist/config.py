@@ -44,7 +44,9 @@ class DataConfig:
     root: str = "shards/synth"  # a shard directory holding manifest.json
     train_split: str = "train"
     val_split: str = "val"
-    image_size: int = 64  # square training crop; validation uses val_size
+    # Training crop: N (square) or [H, W]; smaller images are padded with the ignore label. [H, W] at the
+    # packed size trains on whole frames (with the scale range around 1).
+    image_size: int | tuple[int, int] = 64
     val_size: int = 0  # 0: validate at the original resolution (batches padded with the ignore label)
     # Taken from the manifest when unset.
     num_classes: int | None = None
@@ -72,6 +74,9 @@ class ModelConfig:
     depth: int = 4
     in_channels: int = 3
     bilinear: bool = False
+    # batch: BatchNorm (statistics of each rank's batch, so results move with the per-rank batch on CPU);
+    # group: GroupNorm, no batch statistics, the same on any number of ranks and at any batch size.
+    norm: str = "batch"
     encoder: str = "resnet34"  # smp_unet only
     encoder_weights: str | None = None  # smp_unet only: a local state-dict file; nothing downloads
     # Epochs at the start with the encoder's learning rate at 0 and its BatchNorm statistics kept (unet: the
@@ -83,7 +88,7 @@ class ModelConfig:
 class LossConfig:
     ce_weight: float = 1.0
     dice_weight: float = 1.0
-    class_weights: str = "none"  # none | inverse | median (from the manifest's pixel histogram)
+    class_weights: str = "none"  # none | inverse | sqrt_inverse | median (from the manifest's pixel histogram)
 
 
 @dataclass
@@ -128,6 +133,12 @@ class TrainConfig:
     val_every: int = 1  # epochs
     max_nonfinite: int = 20  # consecutive skipped (non-finite) steps that stop the run; checked per log line
     max_steps: int = 0  # stop after this many optimiser steps in total (0: no limit)
+    # Wall-clock training budget (validation included; 0: none). The step count, and with it the schedule's
+    # horizon, is re-estimated from the measured rate as the run goes; train.epochs is then only a cap.
+    budget_minutes: float = 0.0
+    # Exponential moving average of the weights (0: off; e.g. 0.999): validated, checkpointed as `model` and
+    # so used by evaluate/predict/export; the trained weights are kept for resuming.
+    ema_decay: float = 0.0
     # After a stop request under a SLURM batch job, rank 0 runs `scontrol requeue $SLURM_JOB_ID`.
     requeue: bool = True
     # A collective that waits longer than this (a peer died inside it) fails instead of hanging the job.
@@ -169,9 +180,16 @@ class Config:
 # The valid values of each choice key; the modules that act on them import these.
 AMP_MODES = ("off", "bf16", "fp16", "auto")
 SCHEDULES = ("poly", "cosine", "plateau", "constant")
-CLASS_WEIGHTS = ("none", "inverse", "median")
+CLASS_WEIGHTS = ("none", "inverse", "sqrt_inverse", "median")
+NORMS = ("batch", "group")
 DEVICES = ("auto", "cpu", "cuda")
 VERIFY = ("off", "size", "full")
+
+
+def crop_hw(data_cfg: DataConfig) -> tuple[int, int]:
+    """The training crop as (height, width)."""
+    size = data_cfg.image_size
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def _check_choices(cfg: Config) -> None:
@@ -180,6 +198,7 @@ def _check_choices(cfg: Config) -> None:
     choices = [
         ("model.name", cfg.model.name, tuple(MODELS)),
         ("train.amp", cfg.train.amp, AMP_MODES),
+        ("model.norm", cfg.model.norm, NORMS),
         ("schedule.name", cfg.schedule.name, SCHEDULES),
         ("loss.class_weights", cfg.loss.class_weights, CLASS_WEIGHTS),
         ("train.device", cfg.train.device, DEVICES),
@@ -191,13 +210,17 @@ def _check_choices(cfg: Config) -> None:
     positive = [
         ("train.batch_size", cfg.train.batch_size),
         ("train.accum_steps", cfg.train.accum_steps),
-        ("data.image_size", cfg.data.image_size),
+        *(("data.image_size", v) for v in crop_hw(cfg.data)),
         ("model.width", cfg.model.width),
         ("model.depth", cfg.model.depth),
     ]
     for key, value in positive:
         if value < 1:
             raise ConfigError(f"{key}={value}: must be at least 1")
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay={cfg.train.ema_decay}: expected 0 (off) or a decay in (0, 1)")
+    if cfg.train.budget_minutes < 0:
+        raise ConfigError(f"train.budget_minutes={cfg.train.budget_minutes}: must be at least 0")
 
 
 # --- typed conversion ---------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from webdataset.filters import shuffle as wds_shuffle
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from .config import Config, DataConfig
+from .config import Config, DataConfig, crop_hw
 from .errors import UserError
 from .shards import (
     IMAGE_EXTS,
@@ -104,15 +104,15 @@ def build_transforms(data_cfg: DataConfig, train: bool, ignore_index: int) -> A.
             ops.append(A.Resize(data_cfg.val_size, data_cfg.val_size, mask_interpolation=cv2.INTER_NEAREST))
         return A.Compose(ops)
     aug = data_cfg.augment
-    size = data_cfg.image_size
+    height, width = crop_hw(data_cfg)
     ops = []
     lo, hi = aug.scale
     if (lo, hi) != (1.0, 1.0):
         # RandomScale samples from (1 + low, 1 + high).
         ops.append(A.RandomScale(scale_limit=(lo - 1.0, hi - 1.0), mask_interpolation=cv2.INTER_NEAREST, p=1.0))
     ops += [
-        A.PadIfNeeded(size, size, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=ignore_index),
-        A.RandomCrop(size, size),
+        A.PadIfNeeded(height, width, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=ignore_index),
+        A.RandomCrop(height, width),
     ]
     if aug.hflip > 0:
         ops.append(A.HorizontalFlip(p=aug.hflip))

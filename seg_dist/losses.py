@@ -18,6 +18,8 @@ def class_weights(histogram: list[int] | np.ndarray, mode: str) -> torch.Tensor 
 
     - "none": None (unweighted CE).
     - "inverse": 1 / freq_c, scaled so the weights average to 1 over present classes.
+    - "sqrt_inverse": 1 / sqrt(freq_c), scaled to average 1 over present classes: rare classes count
+      more without the extreme weights of "inverse", which trade away pixel accuracy.
     - "median": median frequency balancing, median(freq) / freq_c, the median taken over present
       classes (frequencies are global pixel fractions, not the per-image variant of Eigen & Fergus).
 
@@ -36,8 +38,8 @@ def class_weights(histogram: list[int] | np.ndarray, mode: str) -> torch.Tensor 
         raise ValueError("histogram has no pixels; cannot derive class weights")
     freq = counts / counts.sum()
     weights = np.zeros_like(freq)
-    if mode == "inverse":
-        weights[present] = 1.0 / freq[present]
+    if mode in ("inverse", "sqrt_inverse"):
+        weights[present] = 1.0 / (freq[present] if mode == "inverse" else np.sqrt(freq[present]))
         weights[present] /= weights[present].mean()
     else:
         weights[present] = np.median(freq[present]) / freq[present]

@@ -15,6 +15,7 @@ decay is lr x weight_decay).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -79,9 +80,13 @@ def param_groups(model: nn.Module, lr: float, encoder: nn.Module | None, encoder
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int, freeze_steps: int = 0
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int | Callable[[], int],
+    freeze_steps: int = 0,
 ) -> LRScheduler | ReduceLROnPlateau:
-    """The run's schedule; `freeze_steps` > 0 holds the "encoder" param group at 0 for that many steps."""
+    """The run's schedule; `freeze_steps` > 0 holds the "encoder" param group at 0 for that many steps.
+
+    `total_steps` may be a function, read at every step: a run with a time budget learns its horizon as
+    it goes, and the rate stays a function of the step and that horizon."""
     groups = optimizer.param_groups
     if freeze_steps < 0:
         raise ConfigError(f"model.freeze_encoder_epochs: {freeze_steps} frozen steps, must be at least 0")
@@ -100,9 +105,10 @@ def build_scheduler(
             min_lr=min_lrs if len(groups) > 1 else cfg.min_lr,
         )
     base_lr = groups[0]["lr"]
+    horizon = total_steps if callable(total_steps) else lambda: total_steps
 
     def factor(frozen: int) -> Any:
-        return lambda step: group_factor(step, total_steps, cfg, base_lr, frozen)
+        return lambda step: group_factor(step, horizon(), cfg, base_lr, frozen)
 
     return LambdaLR(optimizer, [factor(freeze_steps if g.get("name") == ENCODER_GROUP else 0) for g in groups])
 

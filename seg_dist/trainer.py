@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import atomic, checkpoint, data, distributed, precision, shards
 from .config import Config, ConfigError, to_dict
+from .ema import WeightAverage
 from .errors import RunFailed, UserError
 from .losses import SegLoss, class_weights
 from .models import build_model, count_parameters, encoder_of, freeze_encoder_batchnorm
@@ -77,6 +78,7 @@ class TrainState:
     epoch_step: int = 0  # optimiser steps taken in `epoch`
     global_step: int = 0
     best_miou: float = -1.0
+    train_seconds: float = 0.0  # wall-clock time spent in the run so far, over every resume (train.budget_minutes)
 
     def state_dict(self) -> dict[str, Any]:
         """The counters and every rank's RNG states: a collective, call it on every rank."""
@@ -86,7 +88,7 @@ class TrainState:
         """Counters, and this rank's RNG states; saved with another number of ranks, the states are
         re-derived from `seed`, the step and the rank instead (the same on every resume)."""
         for f in dataclasses.fields(self):
-            setattr(self, f.name, state[f.name])
+            setattr(self, f.name, state.get(f.name, f.default))  # a counter newer than the checkpoint: its default
         rngs, rank = state.get("rng", []), distributed.rank()
         if len(rngs) == distributed.world_size():
             set_rng_state(rngs[rank])
@@ -174,6 +176,14 @@ class StepMeter:
 
 
 @dataclass
+class Horizon:
+    """The number of optimiser steps the run will take; mutable, so the schedule follows a time budget."""
+
+    steps: int
+    cap: int  # train.epochs x steps per epoch, and train.max_steps
+
+
+@dataclass
 class Run:
     """Everything a run is made of on this rank; built once by `setup_run`."""
 
@@ -192,14 +202,29 @@ class Run:
     amp_dtype: torch.dtype | None
     batches: data.BatchPlan
     steps_per_epoch: int  # optimiser steps
-    total_steps: int
+    horizon: Horizon  # the run's step count: the schedule reads it, train.budget_minutes moves it
     val_loader: data.ValBatches
     manifest_digest: str  # stored in checkpoints, so a resume can tell that the shards changed
     runlog: RunLog = field(repr=False)
+    ema: WeightAverage | None = None
+    clock: tuple[float, float] = (0.0, 0.0)  # (time.perf_counter() at the start, seconds spent before it)
 
     @property
     def ckpt_dir(self) -> Path:
         return Path(self.cfg.run.dir) / checkpoint.CHECKPOINT_DIR
+
+    @property
+    def total_steps(self) -> int:
+        return self.horizon.steps
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What is validated and saved as the checkpoint's `model`: the weight average when there is one."""
+        return self.ema.module if self.ema is not None else self.raw_model
+
+    def elapsed(self) -> float:
+        started, before = self.clock
+        return before + time.perf_counter() - started
 
     def finished(self, state: TrainState) -> bool:
         return state.epoch >= self.cfg.train.epochs or state.global_step >= self.total_steps
@@ -221,6 +246,7 @@ def train(
     """The whole run on this rank."""
     stop = stop or distributed.StopRequest()
     run, state = setup_run(cfg, denv, device)
+    run.clock = (time.perf_counter(), state.train_seconds)
     meter = StepMeter(device)
     history: list[dict[str, Any]] = []
     metrics: dict[str, Any] = {}
@@ -234,6 +260,7 @@ def train(
             else:
                 with meter.pause():
                     metrics = end_of_epoch(run, state, meter, history) or metrics
+                    fit_budget(run, state)
                 stopped = not run.finished(state) and stop.agreed(device)
                 if stopped:
                     log.info("stop requested (%s) at the end of an epoch, global step %d", stop.describe(),
@@ -267,6 +294,7 @@ def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> t
     total_steps = steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
+    horizon = Horizon(total_steps, total_steps)
     val_loader = data.val_loader(cfg, manifest, cfg.data.root, denv.rank, denv.world_size)
 
     model = build_train_model(cfg, classes.num_classes, device)
@@ -279,7 +307,7 @@ def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> t
     groups = param_groups(model, cfg.optim.lr, encoder_of(model), cfg.optim.encoder_lr_mult, separate=fine_tune)
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                   betas=cfg.optim.betas, fused=True)
-    scheduler = build_scheduler(optimizer, cfg.schedule, total_steps,
+    scheduler = build_scheduler(optimizer, cfg.schedule, lambda: horizon.steps,
                                 freeze_steps=cfg.model.freeze_encoder_epochs * steps_per_epoch)
     amp_dtype = precision.resolve_amp(cfg.train.amp, device)
     scaler = precision.grad_scaler(device, amp_dtype)
@@ -287,7 +315,9 @@ def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> t
     state = TrainState()
     manifest_digest = shards.manifest_digest(manifest)
     if resumed is not None:
-        for part, target in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        # With a weight average, `model` holds the average and `trained_model` the weights that train on.
+        model.load_state_dict(saved.get("trained_model", saved["model"]))
+        for part, target in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
             target.load_state_dict(saved[part])
         state.load_state_dict(saved, seed=cfg.train.seed)
         if saved.get("manifest_digest") != manifest_digest:
@@ -296,6 +326,12 @@ def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> t
                  resumed[0], state.epoch, state.epoch_step, state.global_step, optimizer.param_groups[0]["lr"],
                  saved["scaler"].get("scale", "off"), saved["scaler"].get("_growth_tracker", "off"))
 
+    ema = None
+    if cfg.train.ema_decay > 0:
+        ema = WeightAverage(model, cfg.train.ema_decay)
+        if saved is not None and "ema" in saved:
+            ema.module.load_state_dict(saved["model"])
+            ema.load_state_dict(saved["ema"])
     raw_model = model
     if cfg.train.compile:
         model = torch.compile(model)  # before DDP, so DDP's bucketing sees the compiled graph
@@ -318,7 +354,7 @@ def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> t
                     resumed_at=state.global_step if saved is not None else None)
     runlog.text("config", "    " + json.dumps(resolved, indent=2).replace("\n", "\n    "), state.global_step)
     run = Run(cfg, user_cfg, denv, device, manifest, classes, model, raw_model, loss_fn, optimizer, scheduler,
-              scaler, amp_dtype, batches, steps_per_epoch, total_steps, val_loader, manifest_digest, runlog)
+              scaler, amp_dtype, batches, steps_per_epoch, horizon, val_loader, manifest_digest, runlog, ema)
     return run, state
 
 
@@ -385,6 +421,8 @@ def train_one_epoch(run: Run, state: TrainState, meter: StepMeter, stop: distrib
             at_log = state.global_step % cfg.logging.log_every == 0
             if at_log:
                 log_train_step(run, meter.flush(), state.global_step, bar)
+            if at_log:
+                fit_budget(run, state)
             if state.global_step >= run.total_steps:
                 break
             # Ranks agree on a stop at the same step: the check is a collective at a fixed cadence.
@@ -419,6 +457,8 @@ def train_step(run: Run, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], m
     run.optimizer.zero_grad(set_to_none=True)
     if is_per_iteration(run.scheduler):
         run.scheduler.step()
+    if run.ema is not None:
+        run.ema.update(run.raw_model)
     meter.update(loss, parts, grad_norm, skipped)
 
 
@@ -450,6 +490,8 @@ def end_of_epoch(run: Run, state: TrainState, meter: StepMeter,
     Returns the validation's metrics, or None in an epoch without validation."""
     cfg = run.cfg
     distributed.sync_buffers(run.raw_model)  # the weights validated and checkpointed are rank 0's
+    if run.ema is not None:
+        distributed.sync_buffers(run.ema.module)
     train_loss = meter.epoch_loss()
     finished_epoch = state.epoch
     if state.epoch_step >= run.steps_per_epoch:
@@ -484,7 +526,7 @@ def run_validation(run: Run) -> Validation:
     cfg, denv = run.cfg, run.denv
     share = data.val_share(run.manifest, cfg.data.val_split, denv.rank, denv.world_size)
     with progress(share, "val", denv.is_main and cfg.logging.progress) as bar:
-        result = validate(run.raw_model, run.val_loader, run.classes.num_classes, run.classes.ignore_index,
+        result = validate(run.eval_model, run.val_loader, run.classes.num_classes, run.classes.ignore_index,
                           run.device, cfg.data, run.amp_dtype, cfg.train.channels_last,
                           keep=cfg.logging.overlays if denv.is_main else 0, progress=bar)
     expected = shards.split_count(run.manifest, cfg.data.val_split)
@@ -496,12 +538,15 @@ def run_validation(run: Run) -> Validation:
 
 def save_checkpoint(run: Run, state: TrainState, is_best: bool = False, snapshot: bool = False) -> None:
     """Every rank contributes its RNG state (a collective); rank 0 writes last.pt, best.pt and snapshots."""
+    state.train_seconds = run.elapsed()
     counters = state.state_dict()
     if not run.denv.is_main:
         return
     classes = run.classes
+    averaged = {} if run.ema is None else {"trained_model": run.raw_model.state_dict(), "ema": run.ema.state_dict()}
     checkpoint.save(run.ckpt_dir / checkpoint.LAST, {
-        "model": run.raw_model.state_dict(),  # the bare module: no `module.`/`_orig_mod.` prefixes
+        "model": run.eval_model.state_dict(),  # the bare module: no `module.`/`_orig_mod.` prefixes
+        **averaged,
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(),
@@ -521,6 +566,20 @@ def save_checkpoint(run: Run, state: TrainState, is_best: bool = False, snapshot
         name = checkpoint.snapshot_name(state.epoch, state.global_step)
         checkpoint.copy(run.ckpt_dir / checkpoint.LAST, run.ckpt_dir / name)
         checkpoint.prune_snapshots(run.ckpt_dir, run.cfg.checkpoint.keep_last)
+
+
+def fit_budget(run: Run, state: TrainState) -> None:
+    """With train.budget_minutes: set the run's step count to what fits in the budget at the rate so far
+    (validation and checkpoints included). A collective: the ranks take the slowest clock, so they agree."""
+    budget = run.cfg.train.budget_minutes * 60
+    if budget <= 0:
+        return
+    elapsed = distributed.all_reduce_(torch.tensor([run.elapsed()], dtype=torch.float64), "max").item()
+    if state.global_step == 0:
+        return
+    per_step = elapsed / state.global_step
+    fits = state.global_step + max(0, int((budget - elapsed) / per_step))
+    run.horizon.steps = max(state.global_step, min(fits, run.horizon.cap))
 
 
 def memory_mb(device: torch.device) -> float:

@@ -44,7 +44,7 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 def build_unet(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """Our U-Net (`models/unet.py`): `width` base channels, `depth` down-steps, any input size."""
-    return UNet(cfg.in_channels, num_classes, width=cfg.width, depth=cfg.depth, bilinear=cfg.bilinear)
+    return UNet(cfg.in_channels, num_classes, width=cfg.width, depth=cfg.depth, bilinear=cfg.bilinear, norm=cfg.norm)
 
 
 class SmpSegmenter(nn.Module):
@@ -80,6 +80,8 @@ def build_smp_unet(cfg: ModelConfig, num_classes: int) -> nn.Module:
     downloaded: `cfg.encoder_weights` is a local state dict for the encoder (e.g. a torchvision/timm
     ResNet checkpoint, whose `fc.*` head is ignored), or None for random initialisation."""
     encoder_weights = cfg.encoder_weights
+    if cfg.norm != "batch":  # the pretrained encoders come with BatchNorm statistics of their own
+        raise UserError(f"model.norm={cfg.norm}: smp_unet keeps its encoder's BatchNorm; use model.norm=batch")
     # Checked before the heavy import so a config typo fails fast, and so named weights such as
     # "imagenet" (smp's own convention, which downloads) are rejected instead of fetched.
     if encoder_weights is not None and not Path(encoder_weights).is_file():

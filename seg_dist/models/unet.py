@@ -1,7 +1,8 @@
 """The classic U-Net (Ronneberger et al., 2015) built from small composable blocks.
 
-Differences from the paper: 'same' padding plus BatchNorm, so the output has the input's
-spatial size for any H x W (odd sizes are handled by padding the upsampled tensor in `Up`).
+Differences from the paper: 'same' padding plus a norm layer (BatchNorm, or GroupNorm, which uses no
+batch statistics), so the output has the input's spatial size for any H x W (odd sizes are handled by
+padding the upsampled tensor in `Up`).
 """
 
 from __future__ import annotations
@@ -11,17 +12,31 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class DoubleConv(nn.Sequential):
-    """2 x (3x3 conv -> BatchNorm -> ReLU); conv bias is redundant before BatchNorm."""
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """"batch": BatchNorm2d. "group": GroupNorm with at least 4 channels per group (at most 32 groups),
+    so a narrow U-Net (16 channels) still normalises over groups, not single channels."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        groups = max(1, min(32, channels // 4))
+        while channels % groups:
+            groups -= 1
+        return nn.GroupNorm(groups, channels)
+    raise ValueError(f"unknown norm {kind!r}: expected batch or group")
 
-    def __init__(self, in_channels: int, out_channels: int, mid_channels: int | None = None) -> None:
+
+class DoubleConv(nn.Sequential):
+    """2 x (3x3 conv -> norm -> ReLU); conv bias is redundant before a norm layer."""
+
+    def __init__(self, in_channels: int, out_channels: int, mid_channels: int | None = None,
+                 norm: str = "batch") -> None:
         mid = mid_channels or out_channels
         super().__init__(
             nn.Conv2d(in_channels, mid, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(mid),
+            norm_layer(norm, mid),
             nn.ReLU(inplace=True),
             nn.Conv2d(mid, out_channels, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
+            norm_layer(norm, out_channels),
             nn.ReLU(inplace=True),
         )
 
@@ -29,8 +44,8 @@ class DoubleConv(nn.Sequential):
 class Down(nn.Sequential):
     """Halve the resolution, then DoubleConv."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(nn.MaxPool2d(2), DoubleConv(in_channels, out_channels))
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "batch") -> None:
+        super().__init__(nn.MaxPool2d(2), DoubleConv(in_channels, out_channels, norm=norm))
 
 
 class Up(nn.Module):
@@ -42,14 +57,14 @@ class Up(nn.Module):
     and the DoubleConv squeezes through `in_channels // 2` mid channels.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, bilinear: bool = False) -> None:
+    def __init__(self, in_channels: int, out_channels: int, bilinear: bool = False, norm: str = "batch") -> None:
         super().__init__()
         if bilinear:
             self.up: nn.Module = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
-            self.conv = DoubleConv(in_channels, out_channels, in_channels // 2)
+            self.conv = DoubleConv(in_channels, out_channels, in_channels // 2, norm=norm)
         else:
             self.up = nn.ConvTranspose2d(in_channels, in_channels // 2, kernel_size=2, stride=2)
-            self.conv = DoubleConv(in_channels, out_channels)
+            self.conv = DoubleConv(in_channels, out_channels, norm=norm)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = self.up(x)
@@ -84,6 +99,7 @@ class UNet(nn.Module):
         width: int = 64,
         depth: int = 4,
         bilinear: bool = False,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         if depth < 1:
@@ -96,13 +112,13 @@ class UNet(nn.Module):
         factor = 2 if bilinear else 1
         ch = [width * 2**i for i in range(depth + 1)]
 
-        self.inc = DoubleConv(in_channels, ch[0])
+        self.inc = DoubleConv(in_channels, ch[0], norm=norm)
         self.downs = nn.ModuleList(
-            Down(ch[i], ch[i + 1] // (factor if i == depth - 1 else 1)) for i in range(depth)
+            Down(ch[i], ch[i + 1] // (factor if i == depth - 1 else 1), norm) for i in range(depth)
         )
         # Up block i maps level i+1 to level i; the last one (level 0) is never reduced.
         self.ups = nn.ModuleList(
-            Up(ch[i + 1], ch[i] // (factor if i > 0 else 1), bilinear) for i in reversed(range(depth))
+            Up(ch[i + 1], ch[i] // (factor if i > 0 else 1), bilinear, norm) for i in reversed(range(depth))
         )
         self.head = OutConv(ch[0], num_classes)
 

@@ -1,0 +1,111 @@
+"""The recipe's levers: a wall-clock budget, a weight average, GroupNorm, rectangular crops, square-root
+class weights, and `seg-dist bench recipe` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, spawn_train, tiny_overrides
+
+from seg_dist import bench, checkpoint
+from seg_dist.config import ConfigError, DataConfig, ModelConfig, load_config
+from seg_dist.data import build_transforms
+from seg_dist.ema import WeightAverage
+from seg_dist.losses import class_weights
+from seg_dist.models import build_model
+
+
+def test_budget_ends_the_run_on_every_rank_at_one_step_with_the_schedule_run_down(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    # 300 epochs would take minutes; 0.1 min of budget must end it, the learning rate having decayed to ~0.
+    ranks = spawn_train(2, tiny_overrides(tiny_shards, run, "train.epochs=300", "train.budget_minutes=0.1",
+                                          "train.val_every=5"), tmp_path)
+    saved = checkpoint.load(run / "checkpoints" / "last.pt")
+    assert ranks[0]["step"] == ranks[1]["step"] == saved["global_step"]
+    assert 0 < saved["global_step"] < 300 * 8
+    # The step count is an estimate from the rate so far: close to the budget, over it by a validation at most.
+    assert 0.7 * 6.0 <= saved["train_seconds"] < 6.0 + 90
+    assert saved["optimizer"]["param_groups"][0]["lr"] < 0.25 * 3e-3  # poly reached (near) the horizon
+
+
+def test_weight_average_warms_up_and_resumes_exactly(tiny_shards, tmp_path):
+    model = build_model(ModelConfig(width=4, depth=2), 3)
+    avg = WeightAverage(model, 0.99)
+    assert avg.rate() == pytest.approx(1 - 1 / 10)  # early steps count a lot: the random init fades fast
+    avg.updates = 10_000
+    assert avg.rate() == pytest.approx(0.01)
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    # A constant rate, so that the 1-epoch first half follows the same schedule as the 2-epoch run.
+    extra = ("train.ema_decay=0.9", "train.amp=off", "schedule.name=constant")
+    spawn_train(1, tiny_overrides(tiny_shards, straight, "train.epochs=2", *extra), tmp_path)
+    spawn_train(1, tiny_overrides(tiny_shards, split, "train.epochs=1", *extra), tmp_path)
+    spawn_train(1, tiny_overrides(tiny_shards, split, "train.epochs=2", *extra), tmp_path)
+    a = checkpoint.load(straight / "checkpoints" / "last.pt")
+    b = checkpoint.load(split / "checkpoints" / "last.pt")
+    assert a["ema"]["updates"] == b["ema"]["updates"] == a["global_step"]
+    for key in a["model"]:
+        torch.testing.assert_close(a["trained_model"][key], b["trained_model"][key])
+        torch.testing.assert_close(a["model"][key], b["model"][key])  # the average survived the resume
+    differs = [k for k in a["model"] if a["model"][k].is_floating_point()
+               and not torch.equal(a["model"][k], a["trained_model"][k])]
+    assert differs, "the checkpoint's model should be the average, not the trained weights"
+    trained = checkpoint.load_model(straight / "checkpoints" / "last.pt", torch.device("cpu"))
+    torch.testing.assert_close(trained.model.state_dict()["head.weight"], a["model"]["head.weight"])
+
+
+def test_group_norm_output_does_not_depend_on_the_batch():
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, 24, 20)
+    outputs = {}
+    for norm in ("batch", "group"):
+        model = build_model(ModelConfig(width=8, depth=2, norm=norm), 3).train()
+        alone = model(images[:1])
+        together = model(images)[:1]
+        outputs[norm] = torch.allclose(alone, together, atol=1e-5)
+    assert outputs == {"batch": False, "group": True}
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in build_model(ModelConfig(width=16, norm="group"), 3).modules())
+    with pytest.raises(ConfigError, match=r"model\.norm"):
+        load_config(REPO / "configs" / "default.yaml", ["model.norm=layer"])
+
+
+def test_rectangular_crop_pads_with_the_ignore_label():
+    cfg = DataConfig(image_size=(40, 24))
+    cfg.augment.scale = (1.0, 1.0)
+    image = np.full((30, 30, 3), 200, np.uint8)
+    out = build_transforms(cfg, train=True, ignore_index=255)(image=image, mask=np.ones((30, 30), np.uint8))
+    assert out["image"].shape == (40, 24, 3) and out["mask"].shape == (40, 24)
+    assert (out["mask"] == 255).any() and set(np.unique(out["mask"])) <= {1, 255}
+
+
+def test_square_root_inverse_weights_sit_between_none_and_inverse():
+    hist = [900, 100, 25, 0]
+    sqrt = class_weights(hist, "sqrt_inverse").numpy()
+    inverse = class_weights(hist, "inverse").numpy()
+    assert sqrt[3] == 0 and sqrt[:3].mean() == pytest.approx(1.0)
+    assert sqrt[0] < sqrt[1] < sqrt[2]
+    assert sqrt[2] / sqrt[0] == pytest.approx(6.0)  # sqrt(900 / 25)
+    assert inverse[2] / inverse[0] > sqrt[2] / sqrt[0]
+
+
+def test_bench_recipe_runs_both_recipes_and_scores_them(tiny_shards, tmp_path, capsys):
+    out = tmp_path / "recipe.json"
+    args = ["recipe", "--data", str(tiny_shards), "--minutes", "0.05", "--width", "4", "--batch", "4",
+            "--test-split", "val", "--out", str(tmp_path / "runs"), "--json", str(out),
+            "model.depth=2", "data.image_size=32", "logging.log_every=2"]
+    assert bench.main(args) == 0
+    report = json.loads(out.read_text())
+    table = capsys.readouterr().out
+    assert [r["recipe"] for r in report["runs"]] == ["seed", "seg_dist"]
+    for run in report["runs"]:
+        assert 0.0 <= run["miou"] <= 1.0 and 0.0 <= run["pixel_accuracy"] <= 1.0
+        assert run["steps"] > 0 and len(run["per_class_iou"]) == 6
+    assert report["runs"][1]["setup"].startswith("2 process(es) x batch 2")
+    assert "test mIoU" in table and "seed" in table and "seg_dist" in table
+    assert len(table.splitlines()) >= 2 + 1 + 1 + 6  # header, 2 recipes, gap, class header, a row per class
+    # The same --out again would overwrite the runs: refused before anything trains.
+    assert bench.main(args) == 2
+    assert "already there" in capsys.readouterr().err
