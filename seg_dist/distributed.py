@@ -360,6 +360,28 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """Forward: the sum of the tensor over ranks. Backward: the sum of the gradients over ranks, since every
+    rank's loss depends on every rank's input through that sum."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, differentiable (the backward sums the gradients over ranks); 1 rank: the tensor."""
+    return _SumOverRanks.apply(tensor) if is_initialized() else tensor
+
+
 def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     """True on every rank when it is true on any rank: how ranks agree to stop at the same step."""
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)

@@ -127,7 +127,7 @@ def run_seg_dist(s: RecipeSettings, seed: int, manifest: dict[str, Any], splits:
     torch.set_num_threads(s.threads)
     predictor = Predictor.from_checkpoint(last, device="cpu")
     metrics = score(predictor, splits[s.test_split], state["ignore_index"])
-    steps_per_epoch = max(1, shards.split_count(manifest, "train") // s.global_batch)
+    steps_per_epoch = math.ceil(shards.split_count(manifest, "train") / s.global_batch)  # as the trainer counts
     per_rank = s.global_batch // s.ranks
     return {"recipe": "seg_dist", "seed": seed, "epochs": state["global_step"] / steps_per_epoch,
             "steps": state["global_step"], "train_minutes": state.get("train_seconds", math.nan) / 60,

@@ -36,6 +36,7 @@ from .ema import WeightAverage
 from .errors import RunFailed, UserError
 from .losses import SegLoss, class_weights
 from .models import build_model, count_parameters, encoder_of, freeze_encoder_batchnorm
+from .models.norms import convert_to_global_batchnorm
 from .runlog import RunLog, clear_stop_marker, progress
 from .schedule import build_scheduler, is_per_iteration, param_groups
 from .validation import Validation, validate
@@ -364,11 +365,11 @@ def build_train_model(cfg: Config, num_classes: int, device: torch.device) -> nn
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     model = build_model(cfg.model, num_classes)
-    if cfg.train.sync_bn and distributed.is_initialized():
+    if cfg.train.sync_bn and distributed.world_size() > 1:
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:  # DDP refuses SyncBatchNorm on CPU modules
-            log.warning("train.sync_bn needs CUDA: keeping per-rank BatchNorm on %s", device.type)
+        else:  # torch's SyncBatchNorm runs on CUDA only; the same statistics through the process group
+            model = convert_to_global_batchnorm(model)
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)

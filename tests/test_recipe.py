@@ -109,3 +109,53 @@ def test_bench_recipe_runs_both_recipes_and_scores_them(tiny_shards, tmp_path, c
     # The same --out again would overwrite the runs: refused before anything trains.
     assert bench.main(args) == 2
     assert "already there" in capsys.readouterr().err
+
+
+def _global_bn_rank(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    from seg_dist import distributed
+    from seg_dist.models.norms import GlobalBatchNorm2d
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    with distributed.setup(device="cpu"):
+        x, w_out, bn = _global_bn_case()
+        norm = GlobalBatchNorm2d(3)
+        norm.load_state_dict(bn.state_dict())
+        mine = x[rank * 2:(rank + 1) * 2].clone().requires_grad_(True)
+        y = norm(mine)
+        (y * w_out[rank * 2:(rank + 1) * 2]).sum().backward()
+        torch.save({"y": y.detach(), "dx": mine.grad, "dw": norm.weight.grad, "db": norm.bias.grad,
+                    "running_var": norm.running_var}, f"{out}.{rank}")
+
+
+def _global_bn_case() -> tuple[torch.Tensor, torch.Tensor, torch.nn.BatchNorm2d]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 5, 6, generator=g) * 3 + 1
+    w_out = torch.randn(4, 3, 5, 6, generator=g)
+    bn = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.5, 1.5, -1.0]))
+        bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    return x, w_out, bn
+
+
+def test_global_batchnorm_on_two_cpu_ranks_equals_batchnorm_over_the_whole_batch(tmp_path):
+    import torch.multiprocessing as mp
+    from conftest import free_port
+
+    out = str(tmp_path / "bn")
+    mp.spawn(_global_bn_rank, args=(2, free_port(), out), nprocs=2)
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    x, w_out, bn = _global_bn_case()
+    x = x.clone().requires_grad_(True)
+    y = bn(x)
+    (y * w_out).sum().backward()
+    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([r["dx"] for r in ranks]), x.grad, atol=1e-5, rtol=1e-5)
+    # Parameter gradients are per rank (DDP then averages them): their sum is the whole batch's.
+    torch.testing.assert_close(ranks[0]["dw"] + ranks[1]["dw"], bn.weight.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ranks[0]["db"] + ranks[1]["db"], bn.bias.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ranks[0]["running_var"], bn.running_var, atol=1e-6, rtol=1e-5)
