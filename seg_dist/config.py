@@ -30,11 +30,11 @@ class ConfigError(UserError):
 class AugmentConfig:
     """Training augmentation; each probability 0 switches that transform off."""
 
-    scale: tuple[float, float] = (0.5, 2.0)  # random rescale before the crop
+    scale: tuple[float, float] = (0.75, 1.5)  # random rescale before the crop
     hflip: float = 0.5
     vflip: float = 0.0
     brightness_contrast: float = 0.2  # probability of RandomBrightnessContrast
-    affine: float = 0.3  # probability of a small Affine (translate, rotate)
+    affine: float = 0.2  # probability of a small Affine (translate, rotate)
     rotate: float = 10.0  # degrees, for the Affine
     translate: float = 0.1  # fraction of the crop size, for the Affine
 
@@ -44,9 +44,9 @@ class DataConfig:
     root: str = "shards/synth"  # a shard directory holding manifest.json
     train_split: str = "train"
     val_split: str = "val"
-    # Training crop: N (square) or [H, W]; smaller images are padded with the ignore label. [H, W] at the
-    # packed size trains on whole frames (with the scale range around 1).
-    image_size: int | tuple[int, int] = 64
+    # Training crop: N (square) or [H, W]; smaller images are padded with the ignore label. 0 (auto): a square
+    # of the train split's mean shorter side, rounded down to a multiple of 32, at most 512 (data.training_crop).
+    image_size: int | tuple[int, int] = 0
     val_size: int = 0  # 0: validate at the original resolution (batches padded with the ignore label)
     # Taken from the manifest when unset.
     num_classes: int | None = None
@@ -93,7 +93,9 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
+    # For short runs of small U-Nets (the measured recipe, docs/recipe.md); a large model fine-tuned for
+    # long on many GPUs wants less (configs/voc_unet_8gpu.yaml: 1e-4 with 500 warm-up steps).
+    lr: float = 3e-3
     weight_decay: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     encoder_lr_mult: float = 1.0  # the encoder's learning rate is lr x this (e.g. 0.1 for a pretrained one)
@@ -102,7 +104,7 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     name: str = "poly"  # poly | cosine | plateau | constant
-    warmup_iters: int = 0  # linear warmup for poly and cosine
+    warmup_iters: int = 20  # linear warmup for poly and cosine
     power: float = 0.9  # poly
     min_lr: float = 0.0
     plateau_factor: float = 0.5
@@ -123,7 +125,9 @@ class TrainConfig:
     accum_steps: int = 1
     amp: str = "auto"  # off | bf16 | fp16 | auto
     grad_clip: float = 0.0  # 0: off
-    sync_bn: bool = False
+    # BatchNorm statistics over the global batch (CUDA: SyncBatchNorm; CPU: models/norms.py), so the same
+    # global batch trains alike on any number of ranks; a no-op on 1 rank.
+    sync_bn: bool = True
     channels_last: bool = False
     compile: bool = False
     cudnn_benchmark: bool = True
@@ -138,7 +142,7 @@ class TrainConfig:
     budget_minutes: float = 0.0
     # Exponential moving average of the weights (0: off; e.g. 0.999): validated, checkpointed as `model` and
     # so used by evaluate/predict/export; the trained weights are kept for resuming.
-    ema_decay: float = 0.0
+    ema_decay: float = 0.99
     # After a stop request under a SLURM batch job, rank 0 runs `scontrol requeue $SLURM_JOB_ID`.
     requeue: bool = True
     # A collective that waits longer than this (a peer died inside it) fails instead of hanging the job.
@@ -210,7 +214,7 @@ def _check_choices(cfg: Config) -> None:
     positive = [
         ("train.batch_size", cfg.train.batch_size),
         ("train.accum_steps", cfg.train.accum_steps),
-        *(("data.image_size", v) for v in crop_hw(cfg.data)),
+        *(("data.image_size", v) for v in crop_hw(cfg.data) if cfg.data.image_size != 0),
         ("model.width", cfg.model.width),
         ("model.depth", cfg.model.depth),
     ]

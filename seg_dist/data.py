@@ -41,6 +41,7 @@ from .shards import (
     ShardError,
     decode_image,
     decode_mask,
+    mean_image_size,
     shard_counts,
     shard_urls,
     split_count,
@@ -62,6 +63,7 @@ __all__ = [
     "split_samples",
     "steps_per_epoch",
     "train_loader",
+    "training_crop",
     "val_loader",
     "val_share",
 ]
@@ -104,6 +106,8 @@ def build_transforms(data_cfg: DataConfig, train: bool, ignore_index: int) -> A.
             ops.append(A.Resize(data_cfg.val_size, data_cfg.val_size, mask_interpolation=cv2.INTER_NEAREST))
         return A.Compose(ops)
     aug = data_cfg.augment
+    if data_cfg.image_size == 0:
+        raise ValueError("data.image_size=0 (auto) is resolved from the manifest: pass the crop training_crop() gives")
     height, width = crop_hw(data_cfg)
     ops = []
     lo, hi = aug.scale
@@ -127,6 +131,16 @@ def build_transforms(data_cfg: DataConfig, train: bool, ignore_index: int) -> A.
             mask_interpolation=cv2.INTER_NEAREST, p=aug.affine,
         ))
     return A.Compose(ops)
+
+
+def training_crop(data_cfg: DataConfig, manifest: dict[str, Any]) -> tuple[int, int]:
+    """`data.image_size` as (H, W); 0 (auto): a square of the train split's mean shorter side, rounded down
+    to a multiple of 32, between 32 and 512 (CCP packed at 200 x 133: 128; VOC: 352; Cityscapes: 512)."""
+    if data_cfg.image_size != 0:
+        return crop_hw(data_cfg)
+    h, w = mean_image_size(manifest, data_cfg.train_split)
+    side = max(32, min(512, int(min(h, w)) // 32 * 32))
+    return side, side
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
@@ -378,7 +392,8 @@ def train_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, wo
     split = cfg.data.train_split
     steps = max(0, steps_per_epoch(manifest, cfg, world_size) - skip_steps)
     classes = resolve_classes(cfg.data, manifest)
-    transform = build_transforms(cfg.data, train=True, ignore_index=classes.ignore_index)
+    crop = dataclasses.replace(cfg.data, image_size=training_crop(cfg.data, manifest))
+    transform = build_transforms(crop, train=True, ignore_index=classes.ignore_index)
     dataset = _TrainStream(shard_urls(root, manifest, split), shard_counts(manifest, split), transform,
                            cfg.data.shuffle_buffer, cfg.train.seed, epoch, rank, skip_steps,
                            mask_dtype(classes.num_classes, classes.ignore_index))

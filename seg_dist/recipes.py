@@ -61,7 +61,7 @@ def split_pairs(root: str, manifest: dict[str, Any], split: str) -> list[tuple[n
 
 
 def mean_size(manifest: dict[str, Any], split: str = "train") -> tuple[int, int]:
-    h, w = manifest["splits"][split]["image_size"]["mean_hw"]
+    h, w = shards.mean_image_size(manifest, split)
     return round(h), round(w)
 
 

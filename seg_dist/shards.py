@@ -160,6 +160,12 @@ def split_count(manifest: dict[str, Any], split: str) -> int:
     return int(_split(manifest, split)["num_samples"])
 
 
+def mean_image_size(manifest: dict[str, Any], split: str) -> tuple[float, float]:
+    """The mean (height, width) of `split`'s images as packed."""
+    h, w = _split(manifest, split)["image_size"]["mean_hw"]
+    return float(h), float(w)
+
+
 def shard_counts(manifest: dict[str, Any], split: str) -> list[int]:
     """Samples per shard of `split`, in manifest order."""
     return [int(s["num_samples"]) for s in _split(manifest, split)["shards"]]

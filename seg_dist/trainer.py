@@ -342,7 +342,7 @@ def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> t
     resolved = to_dict(cfg)
     resolved["train"]["global_batch_size"] = batches.global_batch
     resolved["data"].update(num_classes=classes.num_classes, ignore_index=classes.ignore_index,
-                            class_names=classes.names)
+                            class_names=classes.names, image_size=list(data.training_crop(cfg.data, manifest)))
     if denv.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         clear_stop_marker(run_dir)

@@ -24,7 +24,7 @@ def test_poly_with_warmup():
 
 
 def test_cosine_reaches_min_lr():
-    cfg = ScheduleConfig(name="cosine", min_lr=0.1)
+    cfg = ScheduleConfig(name="cosine", min_lr=0.1, warmup_iters=0)
     lrs = _lrs(cfg, total=10)
     assert lrs[0] == pytest.approx(1.0) and lrs[5] == pytest.approx(0.55)
     assert lr_factor(10, 10, cfg, 1.0) == pytest.approx(0.1)
