@@ -135,7 +135,7 @@ def build_transforms(data_cfg: DataConfig, train: bool, ignore_index: int) -> A.
 
 def training_crop(data_cfg: DataConfig, manifest: dict[str, Any]) -> tuple[int, int]:
     """`data.image_size` as (H, W); 0 (auto): a square of the train split's mean shorter side, rounded down
-    to a multiple of 32, between 32 and 512 (CCP packed at 200 x 133: 128; VOC: 352; Cityscapes: 512)."""
+    to a multiple of 32, between 32 and 512 (CCP packed at 200 x 133: 128; VOC: 384; Cityscapes at 1024: 512)."""
     if data_cfg.image_size != 0:
         return crop_hw(data_cfg)
     h, w = mean_image_size(manifest, data_cfg.train_split)

@@ -176,8 +176,7 @@ def compare(s: RecipeSettings, progress: Progress) -> dict[str, Any]:
             if len(mine) > 1 else mine[0]["per_class_iou"],
             "setup": mine[0]["setup"],
         }
-    settings = {k: v for k, v in dataclasses.asdict(s).items()}
-    return {"settings": settings, "class_names": classes.names, "runs": runs, "means": means,
+    return {"settings": dataclasses.asdict(s), "class_names": classes.names, "runs": runs, "means": means,
             "torch": torch.__version__, "machine": f"{s.threads} CPU threads"}
 
 

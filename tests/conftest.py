@@ -111,14 +111,19 @@ def jpeg_bytes(array: np.ndarray, quality: int = 95) -> bytes:
 # --- real processes: 2-rank training in-process, and torchrun process trees ---------------------------
 
 
+def as_rank(rank: int, world: int, port: int) -> None:
+    """The environment torchrun gives rank `rank` of `world` on this machine, for a spawned test process."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+
+
 def _train_rank(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
     from seg_dist import distributed
     from seg_dist.config import load_config
     from seg_dist.trainer import train
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    as_rank(rank, world, port)
     with distributed.setup() as (denv, device):
         result = train(load_config(REPO / "configs" / "default.yaml", overrides), denv, device)
         torch.save({"model": result.model.state_dict(), "history": result.history, "step": result.global_step},

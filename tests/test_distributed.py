@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import as_rank, free_port
 
 from seg_dist import distributed as D
 
@@ -49,8 +49,7 @@ def test_device_is_cpu_without_cuda():
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    as_rank(rank, 2, port)
     with D.setup() as (_, device):
         assert D.is_initialized() and D.world_size() == 2 and D.rank() == rank
         t = D.all_reduce_(torch.tensor([rank + 1.0]))

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, spawn_train, tiny_overrides
+from conftest import REPO, as_rank, free_port, spawn_train, tiny_overrides
 
 from seg_dist import bench, checkpoint
 from seg_dist.config import ConfigError, DataConfig, ModelConfig, load_config
@@ -112,14 +112,10 @@ def test_bench_recipe_runs_both_recipes_and_scores_them(tiny_shards, tmp_path, c
 
 
 def _global_bn_rank(rank: int, world: int, port: int, out: str) -> None:
-    import os
-
     from seg_dist import distributed
     from seg_dist.models.norms import GlobalBatchNorm2d
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    as_rank(rank, world, port)
     with distributed.setup(device="cpu"):
         x, w_out, bn = _global_bn_case()
         norm = GlobalBatchNorm2d(3)
@@ -144,7 +140,6 @@ def _global_bn_case() -> tuple[torch.Tensor, torch.Tensor, torch.nn.BatchNorm2d]
 
 def test_global_batchnorm_on_two_cpu_ranks_equals_batchnorm_over_the_whole_batch(tmp_path):
     import torch.multiprocessing as mp
-    from conftest import free_port
 
     out = str(tmp_path / "bn")
     mp.spawn(_global_bn_rank, args=(2, free_port(), out), nprocs=2)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import REPO, free_port, tiny_overrides
+from conftest import REPO, as_rank, free_port, tiny_overrides
 
 from seg_dist import checkpoint, distributed
 from seg_dist.config import load_config
@@ -20,8 +19,7 @@ STEPS_PER_EPOCH = 64 // 8  # 64 train samples, global batch 8 (2 ranks x 4, or 1
 
 def _run(overrides: list[str], world: int, rank: int = 0, port: int = 0, stop_at_once: bool = False) -> None:
     if world > 1:
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                          LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        as_rank(rank, world, port)
     torch.set_num_threads(1)
     stop = distributed.StopRequest()
     if stop_at_once:
