@@ -247,7 +247,6 @@ def train(
     """The whole run on this rank."""
     stop = stop or distributed.StopRequest()
     run, state = setup_run(cfg, denv, device)
-    run.clock = (time.perf_counter(), state.train_seconds)
     meter = StepMeter(device)
     history: list[dict[str, Any]] = []
     metrics: dict[str, Any] = {}
@@ -355,7 +354,8 @@ def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> t
                     resumed_at=state.global_step if saved is not None else None)
     runlog.text("config", "    " + json.dumps(resolved, indent=2).replace("\n", "\n    "), state.global_step)
     run = Run(cfg, user_cfg, denv, device, manifest, classes, model, raw_model, loss_fn, optimizer, scheduler,
-              scaler, amp_dtype, batches, steps_per_epoch, horizon, val_loader, manifest_digest, runlog, ema)
+              scaler, amp_dtype, batches, steps_per_epoch, horizon, val_loader, manifest_digest, runlog, ema,
+              clock=(time.perf_counter(), state.train_seconds))
     return run, state
 
 
@@ -422,7 +422,6 @@ def train_one_epoch(run: Run, state: TrainState, meter: StepMeter, stop: distrib
             at_log = state.global_step % cfg.logging.log_every == 0
             if at_log:
                 log_train_step(run, meter.flush(), state.global_step, bar)
-            if at_log:
                 fit_budget(run, state)
             if state.global_step >= run.total_steps:
                 break
@@ -575,7 +574,9 @@ def fit_budget(run: Run, state: TrainState) -> None:
     budget = run.cfg.train.budget_minutes * 60
     if budget <= 0:
         return
-    elapsed = distributed.all_reduce_(torch.tensor([run.elapsed()], dtype=torch.float64), "max").item()
+    # On the run's device: NCCL reduces CUDA tensors only. Called at log steps, which sync the host anyway.
+    elapsed = distributed.all_reduce_(torch.tensor([run.elapsed()], dtype=torch.float64, device=run.device),
+                                      "max").item()
     if state.global_step == 0:
         return
     per_step = elapsed / state.global_step
