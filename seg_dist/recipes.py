@@ -135,6 +135,16 @@ def run_seg_dist(s: RecipeSettings, seed: int, manifest: dict[str, Any], splits:
             **_figures(metrics)}
 
 
+def _mean_over_runs(rows: list[list[float]]) -> list[float]:
+    """Per-class means over runs, ignoring NaN (a class absent from target and prediction in a run); NaN
+    where every run has NaN."""
+    values = np.array(rows, dtype=float)
+    seen = ~np.isnan(values)
+    sums = np.where(seen, values, 0.0).sum(axis=0)
+    counts = seen.sum(axis=0)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan).tolist()
+
+
 def _figures(metrics: dict[str, Any]) -> dict[str, Any]:
     return {"miou": metrics["miou"], "pixel_accuracy": metrics["pixel_accuracy"],
             "per_class_iou": metrics["per_class_iou"]}
@@ -172,8 +182,7 @@ def compare(s: RecipeSettings, progress: Progress) -> dict[str, Any]:
             "miou_spread": (min(r["miou"] for r in mine), max(r["miou"] for r in mine)),
             "pixel_accuracy": statistics.fmean(r["pixel_accuracy"] for r in mine),
             "epochs": statistics.fmean(r["epochs"] for r in mine),
-            "per_class_iou": np.nanmean(np.array([r["per_class_iou"] for r in mine], dtype=float), axis=0).tolist()
-            if len(mine) > 1 else mine[0]["per_class_iou"],
+            "per_class_iou": _mean_over_runs([r["per_class_iou"] for r in mine]),
             "setup": mine[0]["setup"],
         }
     return {"settings": dataclasses.asdict(s), "class_names": classes.names, "runs": runs, "means": means,
