@@ -31,11 +31,9 @@ class WeightAverage:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        rate = self.rate()
-        for mine, theirs in zip(self.module.parameters(), model.parameters(), strict=True):
-            mine.lerp_(theirs.detach(), rate)
-        for mine, theirs in zip(self.module.buffers(), model.buffers(), strict=True):
-            mine.copy_(theirs)
+        # Multi-tensor ops: a handful of kernels per step on a GPU instead of two per tensor.
+        torch._foreach_lerp_(list(self.module.parameters()), [p.detach() for p in model.parameters()], self.rate())
+        torch._foreach_copy_(list(self.module.buffers()), list(model.buffers()))
         self.updates += 1
 
     def state_dict(self) -> dict[str, Any]:

@@ -577,11 +577,16 @@ def fit_budget(run: Run, state: TrainState) -> None:
     # On the run's device: NCCL reduces CUDA tensors only. Called at log steps, which sync the host anyway.
     elapsed = distributed.all_reduce_(torch.tensor([run.elapsed()], dtype=torch.float64, device=run.device),
                                       "max").item()
+    if elapsed >= budget:
+        run.horizon.steps = state.global_step  # spent: this step is the last
+        return
     if state.global_step == 0:
         return
-    per_step = elapsed / state.global_step
-    fits = state.global_step + max(0, int((budget - elapsed) / per_step))
-    run.horizon.steps = max(state.global_step, min(fits, run.horizon.cap))
+    per_step = elapsed / state.global_step  # start-up included: pessimistic early, exact by the end
+    fits = state.global_step + int((budget - elapsed) / per_step)
+    # The clock is read again at the next log step: while time is left, the run always gets that far, so a
+    # pessimistic early estimate cannot end it before its budget.
+    run.horizon.steps = min(max(fits, state.global_step + run.cfg.logging.log_every), run.horizon.cap)
 
 
 def memory_mb(device: torch.device) -> float:
