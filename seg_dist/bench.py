@@ -2,7 +2,7 @@
 
     python -m seg_dist.bench data [--data SHARDS] [--size PX] [--batch N] [--workers 0,1,2]
     python -m seg_dist.bench train [--width 64] [--size 256] [--batch 2] [--amp bf16|off] [--channels-last]
-                                   [--compile] [--device cpu|cuda]
+                                   [--compile [--compile-mode M]] [--device cpu|cuda]
     python -m seg_dist.bench scaling [--procs 2] [--batch GLOBAL]
     python -m seg_dist.bench all [--device cuda] [--json OUT]          # the three, defaults (< 10 min on 2 cores)
     python -m seg_dist.bench recipe --data SHARDS --minutes 12 [--ranks 2] [--seeds 0,1] [key=value ...]
@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import atomic, cli
+from .config import COMPILE_MODES
 
 SECTIONS = ("data", "train", "scaling")
 
@@ -73,6 +74,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         q.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                        help=f"channels_last model and batches (default {channels_last})")
         q.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+        q.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                       help="torch.compile mode with --compile (default: default; reduce-overhead = CUDA graphs)")
         q.add_argument("--workers", type=int, default=None, help="the trainer's loader workers (default 0; cuda: "
                        "cores - 2)")
         q.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3)")
@@ -89,6 +92,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
     a = sub.add_parser("all", parents=[common], help="data, train and scaling with their defaults")
     a.add_argument("--compile", action="store_true", default=None, help="torch.compile in bench train")
+    a.add_argument("--compile-mode", choices=COMPILE_MODES, default=None, help="torch.compile mode with --compile")
 
     r = sub.add_parser("recipe", help="the seed tutorial's recipe vs seg_dist's at the same training minutes")
     r.add_argument("--data", required=True, help="shard folder with train, val and test splits")
@@ -170,7 +174,7 @@ def _bench(argv: Sequence[str] | None) -> int:
             print(b.render("data", report["data"]), flush=True)
         if "train" in sections:
             given = {**common, **_given(args, "width", "depth", "size", "batch", "amp", "channels_last", "compile",
-                                        "workers", "warmup", "steps", "ddp")}
+                                        "compile_mode", "workers", "warmup", "steps", "ddp")}
             cases = []
             for settings in b.TrainSettings.for_device(device, root="", **given):
                 settings.root = root(settings.size)
@@ -181,7 +185,7 @@ def _bench(argv: Sequence[str] | None) -> int:
             report["train"]["cases"] = cases
         if "scaling" in sections:
             given = {**common, **_given(args, "procs", "width", "depth", "size", "batch", "amp", "channels_last",
-                                        "compile", "workers", "warmup", "steps")}
+                                        "compile", "compile_mode", "workers", "warmup", "steps")}
             settings = b.ScalingSettings.for_device(device, root="", **given)
             why = b.scaling_unavailable(device, settings.procs) if args.section == "all" else None
             if why:  # `all` on one GPU still reports the other sections

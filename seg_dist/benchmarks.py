@@ -497,6 +497,7 @@ class TrainSettings:
     amp: str = "auto"  # off | bf16 | fp16 | auto (precision.resolve_amp)
     channels_last: bool = True
     compile: bool = False
+    compile_mode: str = "default"  # train.compile_mode
     ddp: bool = True  # wrap the trainer's model in DDP over a real 1-rank group, as a multi-rank run does
     workers: int = 0  # the trainer's loader workers
     warmup: int = 3
@@ -530,7 +531,7 @@ def train_config(s: TrainSettings | ScalingSettings, run_dir: str, batch: int) -
         data={"image_size": s.size, "workers": s.workers},
         model={"width": s.width, "depth": s.depth},
         train={"batch_size": batch, "amp": s.amp, "channels_last": s.channels_last, "compile": s.compile,
-               "device": s.device, "steps_per_epoch": s.warmup + s.steps * s.repeats},
+               "compile_mode": s.compile_mode, "device": s.device, "steps_per_epoch": s.warmup + s.steps * s.repeats},
         run={"dir": run_dir},
     )
 
@@ -592,11 +593,15 @@ def _bare_loop(s: TrainSettings, cfg: Config, manifest: dict[str, Any], classes:
                               data=dataclasses.replace(cfg.data, workers=0))
     in_memory = [_float_batch(x, y, cfg, device) for x, y in data.train_loader(few, manifest, s.root, 0, 1, 0)]
     flops = step_flops(model, loss_fn, *in_memory[0], device, amp_dtype)
-    called = torch.compile(model) if s.compile else model
+    # The model alone, as a bare loop would (the trainer compiles its loss too).
+    mode = None if s.compile_mode == "default" else s.compile_mode
+    called = torch.compile(model, mode=mode, dynamic=False) if s.compile else model
     nxt = _cycle(in_memory)
 
     def bare_step() -> float:
         images, masks = nxt()
+        if s.compile and s.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
         optimizer.zero_grad(set_to_none=True)
         with precision.autocast(device, amp_dtype):
             loss, _ = loss_fn(called(images), masks)
@@ -637,7 +642,7 @@ def bench_train(s: TrainSettings, progress: Progress = _quiet) -> dict[str, Any]
     amp_dtype = precision.resolve_amp(s.amp, device)
     dtype_name = precision.name(amp_dtype)
     progress(f"bench train: width {s.width}, {s.batch} x {s.size}^2, {dtype_name}, "
-             f"{'channels_last' if s.channels_last else 'NCHW'}, {'compiled' if s.compile else 'eager'}, "
+             f"{'channels_last' if s.channels_last else 'NCHW'}, {_compiled(s.compile, s.compile_mode)}, "
              f"{device.type}")
     progress(f"peak: {dtype_name} on {device.type} ...")
     peak, peak_what = peak_flops(device, amp_dtype or torch.float32, repeats=max(3, s.repeats))
@@ -697,6 +702,7 @@ class ScalingSettings:
     amp: str = "auto"
     channels_last: bool = False  # no gain at small widths on CPU
     compile: bool = False
+    compile_mode: str = "default"
     workers: int = 0
     warmup: int = 3
     steps: int = 5
@@ -889,10 +895,15 @@ def _render_data(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _compiled(compile: bool, mode: str) -> str:
+    return ("compiled" if mode == "default" else f"compiled ({mode})") if compile else "eager"
+
+
 def _render_train(r: dict[str, Any]) -> str:
     s, dev = r["settings"], r["env"]["device"].split(":")[0]
+    compiled = _compiled(s["compile"], s.get("compile_mode", "default"))
     title = (f"bench train: {s['model']}, {s['batch']} x {s['size']}^2, {s['dtype']}, "
-             f"{'channels_last' if s['channels_last'] else 'NCHW'}, {'compiled' if s['compile'] else 'eager'}, "
+             f"{'channels_last' if s['channels_last'] else 'NCHW'}, {compiled}, "
              f"{s['device']}; {s['warmup']} warm-up + {s['repeats']} x {s['steps']} steps")
     rows = [("trainer (train_step, real loader" + (", DDP 1 rank)" if s["ddp"] else ")"), r["trainer"]["rate"], 1.0),
             ("bare loop (in-memory batches)", r["bare"]["rate"], 1.0)]

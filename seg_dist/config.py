@@ -130,6 +130,9 @@ class TrainConfig:
     sync_bn: bool = True
     channels_last: bool = False
     compile: bool = False
+    # torch.compile's mode: default | reduce-overhead (CUDA graphs: replays each step's launches, for
+    # static shapes; one GPU) | max-autotune | max-autotune-no-cudagraphs. The loss is compiled with it.
+    compile_mode: str = "default"
     cudnn_benchmark: bool = True
     seed: int = 0
     device: str = "auto"  # auto (cuda:LOCAL_RANK when CUDA is there, else cpu) | cpu | cuda
@@ -188,6 +191,7 @@ CLASS_WEIGHTS = ("none", "inverse", "sqrt_inverse", "median")
 NORMS = ("batch", "group")
 DEVICES = ("auto", "cpu", "cuda")
 VERIFY = ("off", "size", "full")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def crop_hw(data_cfg: DataConfig) -> tuple[int, int]:
@@ -202,6 +206,7 @@ def _check_choices(cfg: Config) -> None:
     choices = [
         ("model.name", cfg.model.name, tuple(MODELS)),
         ("train.amp", cfg.train.amp, AMP_MODES),
+        ("train.compile_mode", cfg.train.compile_mode, COMPILE_MODES),
         ("model.norm", cfg.model.norm, NORMS),
         ("schedule.name", cfg.schedule.name, SCHEDULES),
         ("loss.class_weights", cfg.loss.class_weights, CLASS_WEIGHTS),

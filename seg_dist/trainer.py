@@ -196,7 +196,7 @@ class Run:
     classes: data.ClassInfo
     model: nn.Module  # what is called: compiled and/or DDP-wrapped
     raw_model: nn.Module  # the bare module: saved and validated
-    loss_fn: SegLoss
+    loss_fn: nn.Module  # SegLoss, compiled with the model
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: torch.amp.GradScaler
@@ -334,7 +334,7 @@ def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> t
             ema.load_state_dict(saved["ema"])
     raw_model = model
     if cfg.train.compile:
-        model = torch.compile(model)  # before DDP, so DDP's bucketing sees the compiled graph
+        model, loss_fn = compile_step_parts(model, loss_fn, cfg.train.compile_mode)
     if denv.distributed:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -357,6 +357,17 @@ def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> t
               scaler, amp_dtype, batches, steps_per_epoch, horizon, val_loader, manifest_digest, runlog, ema,
               clock=(time.perf_counter(), state.train_seconds))
     return run, state
+
+
+def compile_step_parts(model: nn.Module, loss_fn: nn.Module, mode: str) -> tuple[nn.Module, nn.Module]:
+    """`torch.compile` the model (before DDP wraps it, so DDP's bucketing sees the compiled graph) and the
+    loss, whose eager softmax, one-hot and reductions would each be a kernel launch per step.
+
+    Static shapes: training batches all have one shape, so a different one (a last, short batch) gets a
+    graph of its own instead of turning every kernel into a slower dynamic-shape one.
+    """
+    options: dict[str, Any] = {"mode": None if mode == "default" else mode, "dynamic": False}
+    return torch.compile(model, **options), torch.compile(loss_fn, **options)
 
 
 def build_train_model(cfg: Config, num_classes: int, device: torch.device) -> nn.Module:
@@ -437,6 +448,8 @@ def train_one_epoch(run: Run, state: TrainState, meter: StepMeter, stop: distrib
 def train_step(run: Run, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], meter: StepMeter) -> None:
     """One optimiser step over `train.accum_steps` micro-batches; gradients all-reduce on the last one."""
     accum, device = run.cfg.train.accum_steps, run.device
+    if run.cfg.train.compile and run.cfg.train.compile_mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are free to be overwritten
     for micro in range(accum):
         with meter.waiting_for_data():
             images, masks = next(batches)
