@@ -75,7 +75,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                        help=f"channels_last model and batches (default {channels_last})")
         q.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
         q.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
-                       help="torch.compile mode with --compile (default: default; reduce-overhead = CUDA graphs)")
+                       help="torch.compile mode with --compile (default auto: reduce-overhead, i.e. CUDA "
+                       "graphs, on one GPU; else default)")
         q.add_argument("--workers", type=int, default=None, help="the trainer's loader workers (default 0; cuda: "
                        "cores - 2)")
         q.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3)")

@@ -38,7 +38,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from . import data, distributed, precision, shards
@@ -46,7 +45,7 @@ from .config import Config, DataConfig, load_config_dict
 from .errors import RunFailed, UserError
 from .losses import SegLoss
 from .models import build_model
-from .trainer import Run, StepMeter, setup_run, train_step
+from .trainer import Run, StepMeter, compile_mode, setup_run, train_step, wrap_ddp
 
 __all__ = [
     "TARGETS",
@@ -497,7 +496,7 @@ class TrainSettings:
     amp: str = "auto"  # off | bf16 | fp16 | auto (precision.resolve_amp)
     channels_last: bool = True
     compile: bool = False
-    compile_mode: str = "default"  # train.compile_mode
+    compile_mode: str = "auto"  # train.compile_mode
     ddp: bool = True  # wrap the trainer's model in DDP over a real 1-rank group, as a multi-rank run does
     workers: int = 0  # the trainer's loader workers
     warmup: int = 3
@@ -593,14 +592,14 @@ def _bare_loop(s: TrainSettings, cfg: Config, manifest: dict[str, Any], classes:
                               data=dataclasses.replace(cfg.data, workers=0))
     in_memory = [_float_batch(x, y, cfg, device) for x, y in data.train_loader(few, manifest, s.root, 0, 1, 0)]
     flops = step_flops(model, loss_fn, *in_memory[0], device, amp_dtype)
-    # The model alone, as a bare loop would (the trainer compiles its loss too).
-    mode = None if s.compile_mode == "default" else s.compile_mode
-    called = torch.compile(model, mode=mode, dynamic=False) if s.compile else model
+    # The model alone, as a bare loop would (the trainer compiles its loss too), in the trainer's mode.
+    mode = compile_mode(s.compile_mode, device, 1)
+    called = torch.compile(model, mode=None if mode == "default" else mode, dynamic=False) if s.compile else model
     nxt = _cycle(in_memory)
 
     def bare_step() -> float:
         images, masks = nxt()
-        if s.compile and s.compile_mode == "reduce-overhead":
+        if s.compile and mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
         optimizer.zero_grad(set_to_none=True)
         with precision.autocast(device, amp_dtype):
@@ -621,8 +620,7 @@ def _trainer_loop(s: TrainSettings, cfg: Config, device: torch.device, tmp: str)
     with group:
         run, _ = setup_run(cfg, distributed.DistEnv(), device)
         if s.ddp:  # setup_run wraps only with >1 rank; over a 1-rank group DDP's hooks do their per-step work
-            run = dataclasses.replace(run, model=DDP(run.model, device_ids=[device.index]
-                                                     if device.type == "cuda" else None))
+            run = dataclasses.replace(run, model=wrap_ddp(run.model, run.raw_model, device))
         with run.runlog:
             run.model.train()
             batches = iter(data.train_loader(cfg, run.manifest, cfg.data.root, 0, 1, epoch=0))
@@ -638,6 +636,8 @@ def bench_train(s: TrainSettings, progress: Progress = _quiet) -> dict[str, Any]
     a bare loop (same model, SegLoss, backward, fused AdamW on batches already on the device), at the same
     batch, dtype, layout and compile setting; images/s, their ratio, peak memory and model FLOP utilisation."""
     device = resolve_device(s.device)
+    if s.compile:  # auto resolved as the trainer resolves it on one device, so the tables name the mode
+        s = dataclasses.replace(s, compile_mode=compile_mode(s.compile_mode, device, 1))
     env = environment(device)
     amp_dtype = precision.resolve_amp(s.amp, device)
     dtype_name = precision.name(amp_dtype)
@@ -702,7 +702,7 @@ class ScalingSettings:
     amp: str = "auto"
     channels_last: bool = False  # no gain at small widths on CPU
     compile: bool = False
-    compile_mode: str = "default"
+    compile_mode: str = "auto"
     workers: int = 0
     warmup: int = 3
     steps: int = 5
@@ -896,7 +896,7 @@ def _render_data(r: dict[str, Any]) -> str:
 
 
 def _compiled(compile: bool, mode: str) -> str:
-    return ("compiled" if mode == "default" else f"compiled ({mode})") if compile else "eager"
+    return f"compiled ({mode})" if compile else "eager"
 
 
 def _render_train(r: dict[str, Any]) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -36,7 +37,7 @@ from .ema import WeightAverage
 from .errors import RunFailed, UserError
 from .losses import SegLoss, class_weights
 from .models import build_model, count_parameters, encoder_of, freeze_encoder_batchnorm
-from .models.norms import convert_to_global_batchnorm
+from .models.norms import GlobalBatchNorm2d, convert_to_global_batchnorm
 from .runlog import RunLog, clear_stop_marker, progress
 from .schedule import build_scheduler, is_per_iteration, param_groups
 from .validation import Validation, validate
@@ -209,6 +210,7 @@ class Run:
     runlog: RunLog = field(repr=False)
     ema: WeightAverage | None = None
     clock: tuple[float, float] = (0.0, 0.0)  # (time.perf_counter() at the start, seconds spent before it)
+    cudagraphs: bool = False  # the step is compiled with CUDA graphs (each step must mark its start)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -333,10 +335,11 @@ def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> t
             ema.module.load_state_dict(saved["model"])
             ema.load_state_dict(saved["ema"])
     raw_model = model
-    if cfg.train.compile:
-        model, loss_fn = compile_step_parts(model, loss_fn, cfg.train.compile_mode)
+    mode = compile_mode(cfg.train.compile_mode, device, denv.world_size) if cfg.train.compile else None
+    if mode is not None:
+        model, loss_fn = compile_step_parts(model, loss_fn, mode)
     if denv.distributed:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = wrap_ddp(model, raw_model, device)
 
     resolved = to_dict(cfg)
     resolved["train"]["global_batch_size"] = batches.global_batch
@@ -355,8 +358,29 @@ def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> t
     runlog.text("config", "    " + json.dumps(resolved, indent=2).replace("\n", "\n    "), state.global_step)
     run = Run(cfg, user_cfg, denv, device, manifest, classes, model, raw_model, loss_fn, optimizer, scheduler,
               scaler, amp_dtype, batches, steps_per_epoch, horizon, val_loader, manifest_digest, runlog, ema,
-              clock=(time.perf_counter(), state.train_seconds))
+              clock=(time.perf_counter(), state.train_seconds), cudagraphs=mode == "reduce-overhead")
     return run, state
+
+
+def wrap_ddp(model: nn.Module, raw_model: nn.Module, device: torch.device) -> DDP:
+    """DDP over `model`. Buffers are broadcast from rank 0 before every forward only where the ranks' own
+    BatchNorm statistics would drift apart: with global (synchronised) BatchNorm or none they are equal
+    already, and the broadcast is a collective and a dozen host-side launches per step for nothing."""
+    local_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, (nn.SyncBatchNorm,
+                   GlobalBatchNorm2d)) for m in raw_model.modules())
+    sync = local_bn and distributed.world_size() > 1
+    # torch 2.13 renamed the switch (and deprecated the old name); 2.4-2.12 know only broadcast_buffers.
+    name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+        else "broadcast_buffers"
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **{name: sync})
+
+
+def compile_mode(mode: str, device: torch.device, world_size: int) -> str:
+    """train.compile_mode with auto resolved: CUDA graphs on one GPU, where they were measured to pay (the
+    host launches a step's ~hundreds of kernels at once); torch's default mode under DDP, where they never ran."""
+    if mode == "auto":
+        return "reduce-overhead" if device.type == "cuda" and world_size == 1 else "default"
+    return mode
 
 
 def compile_step_parts(model: nn.Module, loss_fn: nn.Module, mode: str) -> tuple[nn.Module, nn.Module]:
@@ -448,7 +472,7 @@ def train_one_epoch(run: Run, state: TrainState, meter: StepMeter, stop: distrib
 def train_step(run: Run, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], meter: StepMeter) -> None:
     """One optimiser step over `train.accum_steps` micro-batches; gradients all-reduce on the last one."""
     accum, device = run.cfg.train.accum_steps, run.device
-    if run.cfg.train.compile and run.cfg.train.compile_mode == "reduce-overhead":
+    if run.cudagraphs:
         torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are free to be overwritten
     for micro in range(accum):
         with meter.waiting_for_data():
@@ -462,8 +486,7 @@ def train_step(run: Run, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], m
             loss, parts = run.loss_fn(run.model(images), masks)
         run.scaler.scale(loss / accum).backward()
     run.scaler.unscale_(run.optimizer)
-    max_norm = run.cfg.train.grad_clip if run.cfg.train.grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), max_norm)
+    grad_norm = gradient_norm(run.raw_model, run.cfg.train.grad_clip)
     # The gradients are all-reduced, so every rank reaches the same verdict, on the device.
     skipped = (~torch.isfinite(grad_norm)).float()
     precision.optimizer_step(run.optimizer, run.scaler, skipped)
@@ -473,6 +496,15 @@ def train_step(run: Run, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], m
     if run.ema is not None:
         run.ema.update(run.raw_model)
     meter.update(loss, parts, grad_norm, skipped)
+
+
+def gradient_norm(model: nn.Module, clip: float) -> torch.Tensor:
+    """The gradients' total L2 norm (logged, and non-finite means skip the step), clipped to `clip` if > 0.
+    Without clipping nothing is rescaled: clip_grad_norm_ with an infinite bound still multiplies every
+    gradient by 1."""
+    if clip > 0 or not hasattr(torch.nn.utils, "get_total_norm"):  # get_total_norm: torch >= 2.6
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf)
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
 def log_train_step(run: Run, stats: StepStats, step: int, bar: Any) -> None:
