@@ -45,7 +45,7 @@ from .config import Config, DataConfig, load_config_dict
 from .errors import RunFailed, UserError
 from .losses import SegLoss
 from .models import build_model
-from .trainer import Run, StepMeter, compile_mode, setup_run, train_step, wrap_ddp
+from .trainer import CUDA_GRAPH_MODES, Run, StepMeter, compile_mode, setup_run, train_step, wrap_ddp
 
 __all__ = [
     "TARGETS",
@@ -618,7 +618,7 @@ def _bare_loop(s: TrainSettings, cfg: Config, manifest: dict[str, Any], classes:
 
     def bare_step() -> float:
         images, masks = nxt()
-        if s.compile and mode == "reduce-overhead":
+        if s.compile and mode in CUDA_GRAPH_MODES:
             torch.compiler.cudagraph_mark_step_begin()
         optimizer.zero_grad(set_to_none=True)
         with precision.autocast(device, amp_dtype):

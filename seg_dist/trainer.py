@@ -358,7 +358,7 @@ def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> t
     runlog.text("config", "    " + json.dumps(resolved, indent=2).replace("\n", "\n    "), state.global_step)
     run = Run(cfg, user_cfg, denv, device, manifest, classes, model, raw_model, loss_fn, optimizer, scheduler,
               scaler, amp_dtype, batches, steps_per_epoch, horizon, val_loader, manifest_digest, runlog, ema,
-              clock=(time.perf_counter(), state.train_seconds), cudagraphs=mode == "reduce-overhead")
+              clock=(time.perf_counter(), state.train_seconds), cudagraphs=mode in CUDA_GRAPH_MODES)
     return run, state
 
 
@@ -375,9 +375,12 @@ def wrap_ddp(model: nn.Module, raw_model: nn.Module, device: torch.device) -> DD
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **{name: sync})
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
+
+
 def compile_mode(mode: str, device: torch.device, world_size: int) -> str:
-    """train.compile_mode with auto resolved: CUDA graphs on one GPU, where they were measured to pay (the
-    host launches a step's ~hundreds of kernels at once); torch's default mode under DDP, where they never ran."""
+    """train.compile_mode with auto resolved: CUDA graphs on one GPU, where they were measured to pay (a step's
+    hundreds of kernel launches become one graph replay); torch's default mode under DDP, where they never ran."""
     if mode == "auto":
         return "reduce-overhead" if device.type == "cuda" and world_size == 1 else "default"
     return mode
