@@ -210,11 +210,16 @@ class Run:
     runlog: RunLog = field(repr=False)
     ema: WeightAverage | None = None
     clock: tuple[float, float] = (0.0, 0.0)  # (time.perf_counter() at the start, seconds spent before it)
-    cudagraphs: bool = False  # the step is compiled with CUDA graphs (each step must mark its start)
 
     @property
     def ckpt_dir(self) -> Path:
         return Path(self.cfg.run.dir) / checkpoint.CHECKPOINT_DIR
+
+    @property
+    def cudagraphs(self) -> bool:
+        """The step is compiled with CUDA graphs, so each step must mark its start."""
+        t = self.cfg.train
+        return t.compile and compile_mode(t.compile_mode, self.device, self.denv.world_size) in CUDA_GRAPH_MODES
 
     @property
     def total_steps(self) -> int:
@@ -358,7 +363,7 @@ def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> t
     runlog.text("config", "    " + json.dumps(resolved, indent=2).replace("\n", "\n    "), state.global_step)
     run = Run(cfg, user_cfg, denv, device, manifest, classes, model, raw_model, loss_fn, optimizer, scheduler,
               scaler, amp_dtype, batches, steps_per_epoch, horizon, val_loader, manifest_digest, runlog, ema,
-              clock=(time.perf_counter(), state.train_seconds), cudagraphs=mode in CUDA_GRAPH_MODES)
+              clock=(time.perf_counter(), state.train_seconds))
     return run, state
 
 
