@@ -45,7 +45,7 @@ from .config import Config, DataConfig, load_config_dict
 from .errors import RunFailed, UserError
 from .losses import SegLoss
 from .models import build_model
-from .trainer import CUDA_GRAPH_MODES, Run, StepMeter, compile_mode, setup_run, train_step, wrap_ddp
+from .trainer import CUDA_GRAPH_MODES, Run, StepMeter, compile_mode, compile_options, setup_run, train_step, wrap_ddp
 
 __all__ = [
     "TARGETS",
@@ -613,7 +613,7 @@ def _bare_loop(s: TrainSettings, cfg: Config, manifest: dict[str, Any], classes:
     flops = step_flops(model, loss_fn, *in_memory[0], device, amp_dtype)
     # The model alone, as a bare loop would (the trainer compiles its loss too), in the trainer's mode.
     mode = compile_mode(s.compile_mode, device, 1)
-    called = torch.compile(model, mode=None if mode == "default" else mode, dynamic=False) if s.compile else model
+    called = torch.compile(model, **compile_options(mode)) if s.compile else model
     nxt = _cycle(in_memory)
 
     def bare_step() -> float:

@@ -398,8 +398,12 @@ def compile_step_parts(model: nn.Module, loss_fn: nn.Module, mode: str) -> tuple
     Static shapes: training batches all have one shape, so a different one (a last, short batch) gets a
     graph of its own instead of turning every kernel into a slower dynamic-shape one.
     """
-    options: dict[str, Any] = {"mode": None if mode == "default" else mode, "dynamic": False}
-    return torch.compile(model, **options), torch.compile(loss_fn, **options)
+    return torch.compile(model, **compile_options(mode)), torch.compile(loss_fn, **compile_options(mode))
+
+
+def compile_options(mode: str) -> dict[str, Any]:
+    """torch.compile's arguments for a resolved train.compile_mode (see compile_step_parts)."""
+    return {"mode": None if mode == "default" else mode, "dynamic": False}
 
 
 def build_train_model(cfg: Config, num_classes: int, device: torch.device) -> nn.Module:
