@@ -44,8 +44,8 @@ class DataConfig:
     root: str = "shards/synth"  # a shard directory holding manifest.json
     train_split: str = "train"
     val_split: str = "val"
-    # Training crop: N (square) or [H, W]; smaller images are padded with the ignore label. 0 (auto): a square
-    # of the train split's mean shorter side, rounded down to a multiple of 32, at most 512 (data.training_crop).
+    # Training crop: N (square) or [H, W]; smaller images are padded with the ignore label. 0 (auto): the train
+    # split's mean frame, sides rounded up to a multiple of 8, at most 512 each (data.training_crop).
     image_size: int | tuple[int, int] = 0
     val_size: int = 0  # 0: validate at the original resolution (batches padded with the ignore label)
     # Taken from the manifest when unset.

@@ -133,14 +133,22 @@ def build_transforms(data_cfg: DataConfig, train: bool, ignore_index: int) -> A.
     return A.Compose(ops)
 
 
+AUTO_CROP_MAX = 512  # the longest auto crop side: larger frames are cropped, not trained whole
+
+
 def training_crop(data_cfg: DataConfig, manifest: dict[str, Any]) -> tuple[int, int]:
-    """`data.image_size` as (H, W); 0 (auto): a square of the train split's mean shorter side, rounded down
-    to a multiple of 32, between 32 and 512 (CCP packed at 200 x 133: 128; VOC: 384; Cityscapes at 1024: 512)."""
+    """`data.image_size` as (H, W); 0 (auto): the train split's mean frame, each side rounded up to a multiple
+    of 8 and capped at 512. Small images train whole (CCP packed at 200 x 133: 200 x 136; a 120 x 160 set:
+    120 x 160; VOC: 392 x 472) because the scene around a pixel is what tells its class apart; only sides
+    above 512 are cropped (Cityscapes at 1024 x 2048: 512 x 512). docs/recipe.md has the evidence."""
     if data_cfg.image_size != 0:
         return crop_hw(data_cfg)
     h, w = mean_image_size(manifest, data_cfg.train_split)
-    side = max(32, min(512, int(min(h, w)) // 32 * 32))
-    return side, side
+    return _auto_side(h), _auto_side(w)
+
+
+def _auto_side(mean: float) -> int:
+    return min(AUTO_CROP_MAX, max(8, math.ceil(mean / 8) * 8))
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],

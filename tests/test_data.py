@@ -338,3 +338,15 @@ def test_two_ranks_two_workers_uneven_shards(dataset, tmp_path):
     flat = out[0]["keys"][0] + out[1]["keys"][0]
     assert len(flat) == len(set(flat)) == 13 and set(flat) == _all_keys(manifest, "val")
 
+
+
+@pytest.mark.parametrize(("mean_hw", "crop"), [
+    ([200.0, 132.8], (200, 136)),  # CCP packed at 200 px: the whole frame, padded to a multiple of 8
+    ([120.0, 160.0], (120, 160)),
+    ([1024.0, 2048.0], (512, 512)),  # large frames are cropped
+    ([3.0, 900.0], (8, 512)),
+])
+def test_auto_training_crop_is_the_mean_frame(mean_hw, crop):
+    manifest = {"splits": {"train": {"image_size": {"mean_hw": mean_hw}}}}
+    assert data.training_crop(load_config(None, []).data, manifest) == crop
+    assert data.training_crop(load_config(None, ["data.image_size=[64,32]"]).data, manifest) == (64, 32)

@@ -45,3 +45,11 @@ def test_ccp_conversion_writes_pairs_a_fixed_split_and_names(tmp_path):
     again = subprocess.run([sys.executable, "tools/convert_ccp.py", "--src", str(tmp_path / "ccp"), "--out",
                             str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "--overwrite" in again.stderr  # nothing replaced without asking
+
+
+def test_ccp_coarse_label_map_covers_every_class_once():
+    from seg_dist.pack import load_label_map
+
+    lut = load_label_map(REPO / "tools" / "ccp_coarse.yaml", 12, 255)
+    assert len(lut) == 59 and lut[0] == 0  # every CCP class is mapped; background stays 0
+    assert sorted(set(lut.tolist())) == list(range(12))  # and every coarse class receives at least one
