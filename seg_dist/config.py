@@ -30,7 +30,7 @@ class ConfigError(UserError):
 class AugmentConfig:
     """Training augmentation; each probability 0 switches that transform off."""
 
-    scale: tuple[float, float] = (0.9, 1.1)  # random rescale before the crop; mild: short runs fit faster (docs/recipe.md)
+    scale: tuple[float, float] = (0.9, 1.1)  # random rescale before the crop; mild, as short runs fit faster
     hflip: float = 0.5
     vflip: float = 0.0
     brightness_contrast: float = 0.2  # probability of RandomBrightnessContrast
