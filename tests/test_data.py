@@ -339,7 +339,6 @@ def test_two_ranks_two_workers_uneven_shards(dataset, tmp_path):
     assert len(flat) == len(set(flat)) == 13 and set(flat) == _all_keys(manifest, "val")
 
 
-
 @pytest.mark.parametrize(("mean_hw", "crop"), [
     ([200.0, 132.8], (200, 136)),  # CCP packed at 200 px: the whole frame, padded to a multiple of 8
     ([120.0, 160.0], (120, 160)),
