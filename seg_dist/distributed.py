@@ -360,26 +360,20 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
-class _SumOverRanks(torch.autograd.Function):
-    """Forward: the sum of the tensor over ranks. Backward: the sum of the gradients over ranks, since every
-    rank's loss depends on every rank's input through that sum."""
+def sum_small(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of a small tensor (per-channel statistics), the same bits on every rank.
 
-    @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
-        out = tensor.clone()
-        dist.all_reduce(out)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-def all_reduce_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, differentiable (the backward sums the gradients over ranks); 1 rank: the tensor."""
-    return _SumOverRanks.apply(tensor) if is_initialized() else tensor
+    gloo's all-reduce splits even a few dozen floats into ring chunks: on a 2-core machine it took
+    1.3 ms where an all-gather of the same tensor took 0.35 ms, and BatchNorm over the global batch
+    makes 2 such calls per layer per step. Summing the gathered rows in rank order is also deterministic.
+    """
+    if not is_initialized():
+        return tensor
+    if dist.get_backend() != "gloo":
+        return all_reduce_(tensor.clone())
+    rows = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, tensor.contiguous())
+    return torch.stack(rows).sum(0)
 
 
 def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:

@@ -111,20 +111,31 @@ def test_bench_recipe_runs_both_recipes_and_scores_them(tiny_shards, tmp_path, c
     assert "already there" in capsys.readouterr().err
 
 
+# Each case: the samples on rank 0 (the rest are rank 1's), the activations' dtype and memory format.
+GLOBAL_BN_CASES = {"fp32": (2, torch.float32, False), "uneven": (3, torch.float32, False),
+                   "bf16-channels-last": (2, torch.bfloat16, True)}
+
+
 def _global_bn_rank(rank: int, world: int, port: int, out: str) -> None:
     from seg_dist import distributed
     from seg_dist.models.norms import GlobalBatchNorm2d
 
     as_rank(rank, world, port)
     with distributed.setup(device="cpu"):
-        x, w_out, bn = _global_bn_case()
-        norm = GlobalBatchNorm2d(3)
-        norm.load_state_dict(bn.state_dict())
-        mine = x[rank * 2:(rank + 1) * 2].clone().requires_grad_(True)
-        y = norm(mine)
-        (y * w_out[rank * 2:(rank + 1) * 2]).sum().backward()
-        torch.save({"y": y.detach(), "dx": mine.grad, "dw": norm.weight.grad, "db": norm.bias.grad,
-                    "running_var": norm.running_var}, f"{out}.{rank}")
+        for name, (split, dtype, channels_last) in GLOBAL_BN_CASES.items():
+            x, w_out, bn = _global_bn_case()
+            norm = GlobalBatchNorm2d(3)
+            norm.load_state_dict(bn.state_dict())
+            mine = slice(0, split) if rank == 0 else slice(split, None)
+            xr = x[mine].to(dtype)
+            if channels_last:
+                xr = xr.contiguous(memory_format=torch.channels_last)
+            xr.requires_grad_(True)
+            y = norm(xr)
+            assert y.dtype == dtype
+            (y.float() * w_out[mine]).sum().backward()
+            torch.save({"y": y.detach().float(), "dx": xr.grad.float(), "dw": norm.weight.grad,
+                        "db": norm.bias.grad, "running_var": norm.running_var}, f"{out}.{name}.{rank}")
 
 
 def _global_bn_case() -> tuple[torch.Tensor, torch.Tensor, torch.nn.BatchNorm2d]:
@@ -143,14 +154,18 @@ def test_global_batchnorm_on_two_cpu_ranks_equals_batchnorm_over_the_whole_batch
 
     out = str(tmp_path / "bn")
     mp.spawn(_global_bn_rank, args=(2, free_port(), out), nprocs=2)
-    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
-    x, w_out, bn = _global_bn_case()
-    x = x.clone().requires_grad_(True)
-    y = bn(x)
-    (y * w_out).sum().backward()
-    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y.detach(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.cat([r["dx"] for r in ranks]), x.grad, atol=1e-5, rtol=1e-5)
-    # Parameter gradients are per rank (DDP then averages them): their sum is the whole batch's.
-    torch.testing.assert_close(ranks[0]["dw"] + ranks[1]["dw"], bn.weight.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ranks[0]["db"] + ranks[1]["db"], bn.bias.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ranks[0]["running_var"], bn.running_var, atol=1e-6, rtol=1e-5)
+    for name, (_, dtype, _) in GLOBAL_BN_CASES.items():
+        ranks = [torch.load(f"{out}.{name}.{r}", weights_only=True) for r in range(2)]
+        x, w_out, bn = _global_bn_case()
+        # The reference sees the same (rounded) inputs, in fp32, over the whole batch at once.
+        x = x.to(dtype).float().requires_grad_(True)
+        y = bn(x)
+        (y * w_out).sum().backward()
+        tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.03, "rtol": 0.02}
+        torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y.detach(), **tol, msg=name)
+        torch.testing.assert_close(torch.cat([r["dx"] for r in ranks]), x.grad, **tol, msg=name)
+        # Parameter gradients are per rank (DDP then averages them): their sum is the whole batch's.
+        torch.testing.assert_close(ranks[0]["dw"] + ranks[1]["dw"], bn.weight.grad, **tol, msg=name)
+        torch.testing.assert_close(ranks[0]["db"] + ranks[1]["db"], bn.bias.grad, **tol, msg=name)
+        for r in ranks:
+            torch.testing.assert_close(r["running_var"], bn.running_var, atol=1e-5, rtol=1e-5, msg=name)
