@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
+import logging
 import math
 import os
 import random
@@ -67,6 +69,8 @@ __all__ = [
     "val_loader",
     "val_share",
 ]
+
+log = logging.getLogger(__name__)
 
 
 
@@ -359,16 +363,18 @@ def _loader_kwargs(cfg: Config) -> dict[str, Any]:
 
 
 class TrainBatches:
-    """Exactly `len(self)` batches of (uint8 images B x H x W x 3, compact masks B x H x W: see
-    `normalize` and `mask_dtype`); re-iterable, and
-    iterating again repeats the same batches."""
+    """`len(self)` batches of (uint8 images B x H x W x 3, compact masks B x H x W: see `normalize` and
+    `mask_dtype`), or batches without end when made with `steps=None`; re-iterable, and iterating again
+    repeats the same batches."""
 
-    def __init__(self, dataset: _TrainStream, batch_size: int, steps: int, loader_kwargs: dict[str, Any],
+    def __init__(self, dataset: _TrainStream, batch_size: int, steps: int | None, loader_kwargs: dict[str, Any],
                  seed: int) -> None:
         self.dataset, self.batch_size, self.steps = dataset, batch_size, steps
         self.loader_kwargs, self.seed = loader_kwargs, seed
 
     def __len__(self) -> int:
+        if self.steps is None:
+            raise TypeError("an endless TrainBatches has no length")
         return self.steps
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -379,21 +385,26 @@ class TrainBatches:
         loader = DataLoader(self.dataset, batch_size=self.batch_size, drop_last=True,
                             generator=torch.Generator().manual_seed(self.seed), **self.loader_kwargs)
         it = iter(loader)
+        if loader.num_workers:
+            log.info("train loader: %d worker process(es) started", loader.num_workers)
         try:
-            for _ in range(self.steps):
+            for _ in range(self.steps) if self.steps is not None else itertools.count():
                 yield next(it)
         except ShardError as e:  # from a worker, its message followed by the worker's traceback
             raise ShardError.one_line(e) from None
-        # Dropping the iterator now (not at garbage collection) stops the workers' prefetching.
-        del it, loader
+        finally:  # now, not at garbage collection: stops the workers and their prefetching
+            del it, loader
 
 
 def train_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, world_size: int, epoch: int,
-                 skip_steps: int = 0) -> TrainBatches:
+                 skip_steps: int = 0, endless: bool = False) -> TrainBatches:
     """This rank's batches for `epoch`: exactly steps_per_epoch - skip_steps of them on every rank.
 
     Same (train.seed, epoch, rank, skip_steps) -> same batches. A resumed epoch (skip_steps > 0)
     draws fresh samples rather than replaying the skipped ones, which would cost their decoding.
+    `endless=True`: the same batches, then on through the epochs after it from the same loader, so its
+    workers start once per run rather than once per epoch, each time refilling a shuffle buffer (the
+    trainer's way; shards are drawn with replacement, so an epoch is only a count of steps).
     """
     if skip_steps < 0:
         raise ValueError(f"skip_steps={skip_steps} must be >= 0")
@@ -406,9 +417,10 @@ def train_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, wo
                            cfg.data.shuffle_buffer, cfg.train.seed, epoch, rank, skip_steps,
                            mask_dtype(classes.num_classes, classes.ignore_index))
     kw = _loader_kwargs(cfg)
-    # A new loader comes each epoch, so persistent workers would only outlive their use.
+    # One iterator per TrainBatches pass: persistent workers would only outlive their use.
     kw.pop("persistent_workers", None)
-    return TrainBatches(dataset, cfg.train.batch_size, steps, kw, _seeds(cfg.train.seed, epoch, rank, n=1)[0])
+    return TrainBatches(dataset, cfg.train.batch_size, None if endless else steps, kw,
+                        _seeds(cfg.train.seed, epoch, rank, n=1)[0])
 
 
 def augmented_samples(cfg: Config, manifest: dict[str, Any], n: int, split: str,

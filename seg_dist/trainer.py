@@ -20,7 +20,7 @@ import math
 import random
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,6 +210,9 @@ class Run:
     runlog: RunLog = field(repr=False)
     ema: WeightAverage | None = None
     clock: tuple[float, float] = (0.0, 0.0)  # (time.perf_counter() at the start, seconds spent before it)
+    # The training batches from the first epoch this process trains to the end of the run: one loader, so
+    # its workers start once, not at every epoch (see data.train_loader's endless=True).
+    train_stream: Generator[tuple[torch.Tensor, torch.Tensor], None, None] | None = field(default=None, repr=False)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -258,23 +261,27 @@ def train(
     history: list[dict[str, Any]] = []
     metrics: dict[str, Any] = {}
     stopped = False
-    with run.runlog:
-        while not (stopped or run.finished(state)):
-            stopped = train_one_epoch(run, state, meter, stop)
-            if stopped:
-                distributed.sync_buffers(run.raw_model)
-                save_checkpoint(run, state)
-            else:
-                with meter.pause():
-                    metrics = end_of_epoch(run, state, meter, history) or metrics
-                    fit_budget(run, state)
-                stopped = not run.finished(state) and stop.agreed(device)
+    try:
+        with run.runlog:
+            while not (stopped or run.finished(state)):
+                stopped = train_one_epoch(run, state, meter, stop)
                 if stopped:
-                    log.info("stop requested (%s) at the end of an epoch, global step %d", stop.describe(),
-                             state.global_step)
-        if history and not stopped:
-            log.info("done: best val mIoU %.4f; checkpoints in %s, TensorBoard in %s", state.best_miou,
-                     run.ckpt_dir, Path(cfg.run.dir) / "tb")
+                    distributed.sync_buffers(run.raw_model)
+                    save_checkpoint(run, state)
+                else:
+                    with meter.pause():
+                        metrics = end_of_epoch(run, state, meter, history) or metrics
+                        fit_budget(run, state)
+                    stopped = not run.finished(state) and stop.agreed(device)
+                    if stopped:
+                        log.info("stop requested (%s) at the end of an epoch, global step %d", stop.describe(),
+                                 state.global_step)
+            if history and not stopped:
+                log.info("done: best val mIoU %.4f; checkpoints in %s, TensorBoard in %s", state.best_miou,
+                         run.ckpt_dir, Path(cfg.run.dir) / "tb")
+    finally:
+        if run.train_stream is not None:
+            run.train_stream.close()  # stops the loader's workers now, also when the run failed
     run.model = run.raw_model  # let go of the DDP wrapper (and its hold on the process group) now
     return TrainResult(run.raw_model, state.global_step, stopped, ",".join(stop.signals_seen), metrics, history)
 
@@ -457,8 +464,11 @@ def train_one_epoch(run: Run, state: TrainState, meter: StepMeter, stop: distrib
     if state.epoch < cfg.model.freeze_encoder_epochs:  # frozen encoder: its BatchNorm statistics stay too
         norms = freeze_encoder_batchnorm(run.model)
         log.info("epoch %d: encoder frozen (learning rate 0, %d BatchNorm layers in eval mode)", state.epoch, norms)
-    batches = iter(data.train_loader(cfg, run.manifest, cfg.data.root, run.denv.rank, run.denv.world_size,
-                                     state.epoch, skip_steps=state.epoch_step * cfg.train.accum_steps))
+    if run.train_stream is None:
+        run.train_stream = iter(data.train_loader(cfg, run.manifest, cfg.data.root, run.denv.rank,
+                                                  run.denv.world_size, state.epoch,
+                                                  skip_steps=state.epoch_step * cfg.train.accum_steps, endless=True))
+    batches = run.train_stream
     with progress(run.steps_per_epoch, f"epoch {state.epoch}", run.denv.is_main and cfg.logging.progress,
                   initial=state.epoch_step) as bar:
         while state.epoch_step < run.steps_per_epoch:

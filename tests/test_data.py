@@ -223,6 +223,18 @@ def test_train_batches_shapes_and_determinism(dataset):
     assert _batches(cfg, manifest, root, 0, 0, skip=5) == []
 
 
+def test_endless_train_batches_start_with_the_epoch_and_go_on(dataset):
+    root, manifest = dataset
+    cfg = _cfg(root, "train.steps_per_epoch=3", "data.workers=1")
+    epoch = _batches(cfg, manifest, root, 0, 0)
+    stream = iter(data.train_loader(cfg, manifest, str(root), 0, 2, 0, endless=True))
+    more = [next(stream) for _ in range(3 * 3)]  # three epochs from the one loader
+    stream.close()
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(epoch, more[:3], strict=True))
+    # It went on drawing, rather than repeating the first epoch's batches.
+    assert not any(torch.equal(more[i][0], more[i + 3][0]) for i in range(6))
+
+
 def test_train_batches_with_workers_are_reproducible(dataset):
     root, manifest = dataset
     cfg = _cfg(root, "train.steps_per_epoch=4", "data.workers=2")

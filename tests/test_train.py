@@ -59,6 +59,15 @@ def test_two_ranks_converge_agree_and_leave_artifacts(tiny_shards, tmp_path):
     assert best["best_miou"] == pytest.approx(max(h["miou"] for h in history))
 
 
+def test_loader_workers_start_once_per_run_not_per_epoch(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    out = torchrun(2, "seg_dist.train", *tiny_overrides(tiny_shards, run, "train.epochs=3", "data.workers=1"))
+    text = out.stdout + out.stderr
+    # Rank 0 logs at info level (the other ranks only warnings); per epoch it would say so 3 times.
+    assert text.count("train loader: 1 worker process(es) started") == 1, text[-3000:]
+    assert checkpoint.load(run / "checkpoints" / "last.pt")["epoch"] == 3
+
+
 def test_plateau_scheduler_stays_in_step_across_ranks(tiny_shards, tmp_path):
     # A tiny lr keeps the validation loss flat, so the plateau rule fires; it is fed the all-reduced
     # validation loss, so both ranks cut the rate at the same epochs although their batches differ.
