@@ -285,20 +285,42 @@ def _resampled(urls: list[str], weights: list[int], rng: random.Random) -> Itera
 
 
 class _TrainStream(IterableDataset):
-    """Endless augmented (image, mask) pairs; the seed depends on (seed, epoch, rank, worker, skip)."""
+    """Augmented (image, mask) pairs.
+
+    One epoch's stream (`epoch_steps=None`): endless, seeded by (seed, epoch, rank, skip, worker); the
+    loader cuts it at the epoch's length. Several epochs' (`epoch_steps` set): the batches the per-epoch
+    loaders of `epoch`, `epoch + 1`, ... would give one after the other, from one set of workers.
+    """
 
     def __init__(self, urls: list[str], counts: list[int], transform: A.Compose, shuffle_buffer: int,
-                 seed: int, epoch: int, rank: int, skip_steps: int, mask_type: torch.dtype) -> None:
+                 seed: int, epoch: int, rank: int, skip_steps: int, mask_type: torch.dtype,
+                 batch_size: int = 1, epoch_steps: int | None = None) -> None:
         if not urls or sum(counts) == 0:
             raise ValueError("training split has no samples")
         self.urls, self.counts, self.transform = urls, counts, transform
         self.shuffle_buffer = shuffle_buffer
-        self.seed_parts = (seed, epoch, rank, skip_steps)
+        self.seed, self.epoch, self.rank, self.skip_steps = seed, epoch, rank, skip_steps
         self.mask_type = mask_type
+        self.batch_size, self.epoch_steps = batch_size, epoch_steps
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        worker, _ = _worker()
-        shard_seed, shuffle_seed, aug_seed = _seeds(*self.seed_parts, worker)
+        worker, workers = _worker()
+        if self.epoch_steps is None:
+            yield from self._epoch(self.epoch, self.skip_steps, worker)
+            return
+        # The DataLoader takes batch n from worker n % workers. A per-epoch loader takes batch j of its
+        # epoch from worker j % workers, so within an epoch starting at batch `start` this worker plays
+        # the per-epoch loader's worker (worker - start) % workers, for every `workers`-th batch.
+        epoch, skip, start = self.epoch, self.skip_steps, 0
+        while True:
+            length = max(0, self.epoch_steps - skip)
+            plays = (worker - start) % workers
+            batches = max(0, -(-(length - plays) // workers))
+            yield from itertools.islice(self._epoch(epoch, skip, plays), batches * self.batch_size)
+            epoch, skip, start = epoch + 1, 0, start + length
+
+    def _epoch(self, epoch: int, skip: int, worker: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        shard_seed, shuffle_seed, aug_seed = _seeds(self.seed, epoch, self.rank, skip, worker)
         # One shared generator pair: Compose(seed=...) would give every transform an identical
         # stream, so e.g. hflip and vflip would always fire together.
         self.transform.set_random_state(np.random.default_rng(aug_seed), random.Random(aug_seed))
@@ -402,20 +424,23 @@ def train_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, wo
 
     Same (train.seed, epoch, rank, skip_steps) -> same batches. A resumed epoch (skip_steps > 0)
     draws fresh samples rather than replaying the skipped ones, which would cost their decoding.
-    `endless=True`: the same batches, then on through the epochs after it from the same loader, so its
-    workers start once per run rather than once per epoch, each time refilling a shuffle buffer (the
-    trainer's way; shards are drawn with replacement, so an epoch is only a count of steps).
+    `endless=True`: those batches, then epoch + 1's, epoch + 2's, ... exactly as their own loaders would give
+    them (so a run resumed at an epoch boundary continues as if never stopped), from one loader whose
+    workers start once. Started afresh every epoch, workers each refill a shuffle buffer before their
+    first batch; kept, they fill the next epoch's while this one ends and validation runs.
     """
     if skip_steps < 0:
         raise ValueError(f"skip_steps={skip_steps} must be >= 0")
     split = cfg.data.train_split
-    steps = max(0, steps_per_epoch(manifest, cfg, world_size) - skip_steps)
+    per_epoch = steps_per_epoch(manifest, cfg, world_size)
+    steps = max(0, per_epoch - skip_steps)
     classes = resolve_classes(cfg.data, manifest)
     crop = dataclasses.replace(cfg.data, image_size=training_crop(cfg.data, manifest))
     transform = build_transforms(crop, train=True, ignore_index=classes.ignore_index)
     dataset = _TrainStream(shard_urls(root, manifest, split), shard_counts(manifest, split), transform,
                            cfg.data.shuffle_buffer, cfg.train.seed, epoch, rank, skip_steps,
-                           mask_dtype(classes.num_classes, classes.ignore_index))
+                           mask_dtype(classes.num_classes, classes.ignore_index), cfg.train.batch_size,
+                           per_epoch if endless else None)
     kw = _loader_kwargs(cfg)
     # One iterator per TrainBatches pass: persistent workers would only outlive their use.
     kw.pop("persistent_workers", None)

@@ -223,16 +223,23 @@ def test_train_batches_shapes_and_determinism(dataset):
     assert _batches(cfg, manifest, root, 0, 0, skip=5) == []
 
 
-def test_endless_train_batches_start_with_the_epoch_and_go_on(dataset):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_endless_train_batches_are_the_epochs_one_after_the_other(dataset, workers):
     root, manifest = dataset
-    cfg = _cfg(root, "train.steps_per_epoch=3", "data.workers=1")
-    epoch = _batches(cfg, manifest, root, 0, 0)
-    stream = iter(data.train_loader(cfg, manifest, str(root), 0, 2, 0, endless=True))
-    more = [next(stream) for _ in range(3 * 3)]  # three epochs from the one loader
+    # 3 batches per epoch over 2 workers: each epoch starts on the other worker.
+    cfg = _cfg(root, "train.steps_per_epoch=3", f"data.workers={workers}")
+
+    def same(x, y):
+        return all(torch.equal(i, j) and torch.equal(m, n) for (i, m), (j, n) in zip(x, y, strict=True))
+
+    # Resumed one batch into epoch 1: the rest of epoch 1, then epochs 2 and 3 whole.
+    stream = iter(data.train_loader(cfg, manifest, str(root), 0, 2, 1, skip_steps=1, endless=True))
+    got = [next(stream) for _ in range(2 + 3 + 3)]
     stream.close()
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(epoch, more[:3], strict=True))
-    # It went on drawing, rather than repeating the first epoch's batches.
-    assert not any(torch.equal(more[i][0], more[i + 3][0]) for i in range(6))
+    assert same(got[:2], _batches(cfg, manifest, root, 0, 1, skip=1))
+    assert same(got[2:5], _batches(cfg, manifest, root, 0, 2))
+    assert same(got[5:], _batches(cfg, manifest, root, 0, 3))
+    assert not same(got[2:5], got[5:])
 
 
 def test_train_batches_with_workers_are_reproducible(dataset):
