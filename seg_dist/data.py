@@ -58,6 +58,7 @@ __all__ = [
     "mask_dtype",
     "normalize",
     "normalize_padded",
+    "optimizer_steps_per_epoch",
     "pad_collate",
     "plan_batches",
     "preprocess",
@@ -376,6 +377,11 @@ def steps_per_epoch(manifest: dict[str, Any], cfg: Config, world_size: int) -> i
     return max(1, math.ceil(n / (world_size * cfg.train.batch_size * accum))) * accum
 
 
+def optimizer_steps_per_epoch(manifest: dict[str, Any], cfg: Config, world_size: int) -> int:
+    """The trainer's epoch in optimiser steps (each `train.accum_steps` batches): at least one."""
+    return max(1, steps_per_epoch(manifest, cfg, world_size) // cfg.train.accum_steps)
+
+
 def _loader_kwargs(cfg: Config) -> dict[str, Any]:
     d = cfg.data
     kw: dict[str, Any] = {"num_workers": d.workers, "pin_memory": d.pin_memory and torch.cuda.is_available()}
@@ -432,15 +438,16 @@ def train_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, wo
     if skip_steps < 0:
         raise ValueError(f"skip_steps={skip_steps} must be >= 0")
     split = cfg.data.train_split
-    per_epoch = steps_per_epoch(manifest, cfg, world_size)
-    steps = max(0, per_epoch - skip_steps)
+    steps = max(0, steps_per_epoch(manifest, cfg, world_size) - skip_steps)
     classes = resolve_classes(cfg.data, manifest)
     crop = dataclasses.replace(cfg.data, image_size=training_crop(cfg.data, manifest))
     transform = build_transforms(crop, train=True, ignore_index=classes.ignore_index)
     dataset = _TrainStream(shard_urls(root, manifest, split), shard_counts(manifest, split), transform,
                            cfg.data.shuffle_buffer, cfg.train.seed, epoch, rank, skip_steps,
                            mask_dtype(classes.num_classes, classes.ignore_index), cfg.train.batch_size,
-                           per_epoch if endless else None)
+                           # the batches the trainer takes per epoch (whole optimiser steps)
+                           optimizer_steps_per_epoch(manifest, cfg, world_size) * cfg.train.accum_steps
+                           if endless else None)
     kw = _loader_kwargs(cfg)
     # One iterator per TrainBatches pass: persistent workers would only outlive their use.
     kw.pop("persistent_workers", None)

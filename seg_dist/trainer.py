@@ -303,8 +303,7 @@ def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> t
         shards.verify_shards(cfg.data.root, manifest, [cfg.data.train_split, cfg.data.val_split],
                              full=cfg.data.verify == "full")
     classes = data.resolve_classes(cfg.data, manifest)
-    accum = cfg.train.accum_steps
-    steps_per_epoch = max(1, data.steps_per_epoch(manifest, cfg, denv.world_size) // accum)
+    steps_per_epoch = data.optimizer_steps_per_epoch(manifest, cfg, denv.world_size)
     total_steps = steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)

@@ -242,6 +242,19 @@ def test_endless_train_batches_are_the_epochs_one_after_the_other(dataset, worke
     assert not same(got[2:5], got[5:])
 
 
+def test_endless_train_batches_follow_the_trainers_epoch_of_whole_optimiser_steps(dataset):
+    root, manifest = dataset
+    # 5 batches per epoch with 2 per optimiser step: the trainer takes 4, and the next epoch starts there.
+    cfg = _cfg(root, "train.steps_per_epoch=5", "train.accum_steps=2")
+    assert data.optimizer_steps_per_epoch(manifest, cfg, 2) == 2
+    stream = iter(data.train_loader(cfg, manifest, str(root), 0, 2, 0, endless=True))
+    got = [next(stream) for _ in range(8)]
+    stream.close()
+    for part, epoch in ((got[:4], 0), (got[4:], 1)):
+        want = _batches(cfg, manifest, root, 0, epoch)[:4]
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(part, want, strict=True))
+
+
 def test_train_batches_with_workers_are_reproducible(dataset):
     root, manifest = dataset
     cfg = _cfg(root, "train.steps_per_epoch=4", "data.workers=2")
