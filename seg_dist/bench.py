@@ -90,6 +90,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     s = sub.add_parser("scaling", parents=[common], help="1 process vs N at the same global batch")
     s.add_argument("--procs", type=int, default=None, help="processes to compare with 1 (default 2)")
     model_args(s, 16, 128, "global batch, the same for 1 and N processes (default 8)", "off")
+    s.add_argument("--pin", dest="pin_cpu_ranks", action=argparse.BooleanOptionalAction, default=None,
+                   help="CPU ranks on their own cores, as train.pin_cpu_ranks (default on)")
 
     a = sub.add_parser("all", parents=[common], help="data, train and scaling with their defaults")
     a.add_argument("--compile", action="store_true", default=None, help="torch.compile in bench train")
@@ -186,7 +188,7 @@ def _bench(argv: Sequence[str] | None) -> int:
             report["train"]["cases"] = cases
         if "scaling" in sections:
             given = {**common, **_given(args, "procs", "width", "depth", "size", "batch", "amp", "channels_last",
-                                        "compile", "compile_mode", "workers", "warmup", "steps")}
+                                        "compile", "compile_mode", "workers", "warmup", "steps", "pin_cpu_ranks")}
             settings = b.ScalingSettings.for_device(device, root="", **given)
             why = b.scaling_unavailable(device, settings.procs) if args.section == "all" else None
             if why:  # `all` on one GPU still reports the other sections

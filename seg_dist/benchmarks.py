@@ -727,6 +727,7 @@ class ScalingSettings:
     steps: int = 5
     repeats: int = 3
     device: str = "cpu"
+    pin_cpu_ranks: bool = True  # train.pin_cpu_ranks
 
     @classmethod
     def for_device(cls, device: torch.device, root: str, **given: Any) -> ScalingSettings:
@@ -753,7 +754,7 @@ def _scaling_rank(rank: int, world: int, port: int, cfg: Config, s: ScalingSetti
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     with distributed.setup(s.device, timeout_minutes=10) as (denv, device):
-        distributed.share_cpu_threads(denv, device)  # as seg_dist.train: N ranks split the cores
+        distributed.share_cpu_threads(denv, device, pin=s.pin_cpu_ranks)  # as seg_dist.train
         run, _ = setup_run(cfg, denv, device)
         with run.runlog:
             run.model.train()

@@ -137,6 +137,9 @@ class TrainConfig:
     cudnn_benchmark: bool = True
     seed: int = 0
     device: str = "auto"  # auto (cuda:LOCAL_RANK when CUDA is there, else cpu) | cpu | cuda
+    # CPU ranks each keep their own slice of the cores they were given, unless a launcher bound them already.
+    # Turn off when several unbound jobs share one machine: each would pin its rank 0 to the same cores.
+    pin_cpu_ranks: bool = True
     resume: str = "auto"  # auto | never | PATH
     val_every: int = 1  # epochs
     max_nonfinite: int = 20  # consecutive skipped (non-finite) steps that stop the run; checked per log line

@@ -39,7 +39,7 @@ def _train(argv: Sequence[str] | None) -> int:
     stop.install()
     with distributed.setup(cfg.train.device, timeout_minutes=cfg.train.dist_timeout_minutes) as (denv, device):
         setup_logging(denv.rank)
-        distributed.share_cpu_threads(denv, device)
+        distributed.share_cpu_threads(denv, device, pin=cfg.train.pin_cpu_ranks)
         result = train(cfg, denv, device, stop)
     if result.stopped and denv.is_main:
         after_stop(cfg, denv, result)

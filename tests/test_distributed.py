@@ -1,4 +1,6 @@
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,6 +69,43 @@ def test_two_real_processes(tmp_path):
     for rank in range(2):
         with open(f"{out}.{rank}") as f:
             assert f.read() == "3.0 True 0 [0, 10] cpu"
+
+
+def test_cpu_share_splits_an_inherited_set_and_respects_a_binding():
+    assert D.cpu_share([0, 1, 2, 3], [0, 1, 2, 3], 0, 2) == [0, 1]
+    assert D.cpu_share([3, 2, 1, 0], [0, 1, 2, 3], 1, 2) == [2, 3]
+    assert [D.cpu_share(range(5), range(5), r, 2) for r in (0, 1)] == [[0, 1], [2, 3, 4]]  # every core used
+    assert D.cpu_share([4, 5], [0, 1, 2, 3, 4, 5, 6, 7], 1, 4) is None  # a launcher bound this rank already
+    assert D.cpu_share([0, 1], [0, 1], 0, 4) is None  # fewer cores than ranks: nothing to split
+    assert D.cpu_share([0, 1], [0, 1], 0, 1) is None  # one rank keeps everything it has
+    assert D.cpu_share([0, 1], None, 0, 2) is None  # the parent's set is unknown: do not guess
+
+
+def _pinning_worker(rank: int, port: int, out: str, bind_first: bool, pin: bool) -> None:
+    as_rank(rank, 2, port)
+    given = sorted(os.sched_getaffinity(0))
+    if bind_first:  # as SLURM --cpu-bind or taskset would, before our code runs
+        given = given[rank % len(given):][:1]
+        os.sched_setaffinity(0, given)
+    with D.setup() as (denv, device):
+        D.share_cpu_threads(denv, device, pin=pin)
+        Path(f"{out}.{rank}").write_text(json.dumps([given, sorted(os.sched_getaffinity(0)), torch.get_num_threads()]))
+
+
+@pytest.mark.parametrize("bind_first,pin", [(False, True), (True, True), (False, False)])
+def test_cpu_ranks_keep_their_own_cores_unless_bound(tmp_path, bind_first, pin):
+    """Two real ranks on this machine's cores: each gets its own half when started alike, and a binding
+    made before our code runs (or train.pin_cpu_ranks=false) is left as it was."""
+    out = str(tmp_path / "r")
+    mp.spawn(_pinning_worker, args=(free_port(), out, bind_first, pin), nprocs=2)
+    (given0, own0, threads0), (given1, own1, threads1) = (json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1))
+    cores = sorted(os.sched_getaffinity(0))
+    if bind_first or not pin or len(cores) < 2:
+        assert (own0, own1) == (given0, given1)
+        assert threads0 == threads1 == max(1, len(given0) // 2)
+    else:
+        assert not set(own0) & set(own1) and sorted(own0 + own1) == cores
+        assert (threads0, threads1) == (len(own0), len(own1))
 
 
 def _failing_worker(rank: int, port: int) -> None:
