@@ -416,6 +416,17 @@ def sum_small(tensor: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows).sum(0)
 
 
+@torch.compiler.disable  # a collective: a compiled loss runs it eagerly, between its graphs
+def sum_with_local_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of small per-rank sums, differentiable in this rank's own term only.
+
+    The other ranks' terms are constants here; their own backward passes carry their share of the
+    gradient, and DDP's all-reduce adds those up.
+    """
+    local = tensor.detach()
+    return tensor + (sum_small(local) - local)
+
+
 def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     """True on every rank when it is true on any rank: how ranks agree to stop at the same step."""
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)

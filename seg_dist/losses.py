@@ -1,6 +1,9 @@
 """Segmentation losses: cross-entropy + soft Dice, both in fp32 and safe with ignored pixels.
 
-All reductions are done on device without `.item()` so the training loop never syncs the host.
+All reductions are done on device without `.item()` so the training loop never syncs the host. On
+several ranks `SegLoss(global_batch=True)` is the loss of the whole global batch, not a mean of the
+ranks' losses: both terms are ratios of sums (CE over valid pixels, Dice per class), and a ratio of
+sums over 4 images is not half the one over 8.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .config import CLASS_WEIGHTS
 
 
@@ -46,18 +50,9 @@ def class_weights(histogram: list[int] | np.ndarray, mode: str) -> torch.Tensor 
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def dice_loss(
-    logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255, eps: float = 1.0
-) -> torch.Tensor:
-    """Soft multi-class Dice loss, 1 - mean_c dice_c, for logits (N, C, H, W) and target (N, H, W).
-
-    dice_c = (2 * sum(p_c * y_c) + eps) / (sum(p_c) + sum(y_c) + eps), sums over batch and space,
-    with ignored pixels removed from both the probabilities and the one-hot target. The mean runs
-    over classes present in this batch's (valid) target only: a class absent from the target has
-    no overlap to reward, and the probability mass it wrongly receives is already penalised
-    through the lower dice of the classes present. With no valid pixel at all the loss is 0 and
-    still attached to the graph (DDP expects every rank's backward to touch the parameters).
-    """
+def dice_sums(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Soft Dice's per-class sums over batch and space, stacked (3, C): overlap sum(p_c * y_c), the
+    target's pixel count sum(y_c), and sum(p_c), with ignored pixels removed from both sides."""
     num_classes = logits.shape[1]
     target = target.long()
     logits = logits.float()  # softmax and large sums in fp16/bf16 lose too much precision
@@ -67,17 +62,31 @@ def dice_loss(
     mask = valid.unsqueeze(1).float()
     probs = logits.softmax(dim=1) * mask
     onehot = F.one_hot(safe_target, num_classes).permute(0, 3, 1, 2).float() * mask
-
     dims = (0, 2, 3)
-    intersection = (probs * onehot).sum(dims)
-    gt_count = onehot.sum(dims)
-    cardinality = probs.sum(dims) + gt_count
-    dice = (2.0 * intersection + eps) / (cardinality + eps)
+    return torch.stack([(probs * onehot).sum(dims), onehot.sum(dims), probs.sum(dims)])
 
+
+def dice_from_sums(sums: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - mean_c dice_c from `dice_sums`, dice_c = (2 * overlap + eps) / (sum p_c + sum y_c + eps).
+
+    The mean runs over classes present in the (valid) target only: a class absent from the target has
+    no overlap to reward, and the probability mass it wrongly receives is already penalised through
+    the lower dice of the classes present. With no valid pixel at all the loss is 0 and still attached
+    to the graph (DDP expects every rank's backward to touch the parameters).
+    """
+    intersection, gt_count, prob_sum = sums
+    dice = (2.0 * intersection + eps) / (prob_sum + gt_count + eps)
     present = (gt_count > 0).float()
-    n_present = present.sum()
     # clamp avoids 0/0 when nothing is valid; the numerator is then 0 too, so the loss is 0.
-    return (present * (1.0 - dice)).sum() / n_present.clamp_min(1.0)
+    return (present * (1.0 - dice)).sum() / present.sum().clamp_min(1.0)
+
+
+def dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255, eps: float = 1.0
+) -> torch.Tensor:
+    """Soft multi-class Dice loss, 1 - mean_c dice_c, for logits (N, C, H, W) and target (N, H, W):
+    `dice_from_sums(dice_sums(...))`, sums over batch and space."""
+    return dice_from_sums(dice_sums(logits, target, ignore_index), eps)
 
 
 class SegLoss(nn.Module):
@@ -86,6 +95,12 @@ class SegLoss(nn.Module):
     `forward` returns `(total, {"ce": ce, "dice": dice})` with the parts detached, for logging.
     CE is the (class-weighted) mean over valid pixels, as `F.cross_entropy`, except that a target
     with every pixel ignored yields 0 instead of nan.
+
+    `global_batch` (the trainer sets it on more than one rank): CE's and Dice's sums are added up over
+    the ranks first (`distributed.sum_with_local_grad`), so every rank computes the loss of the global
+    batch, and its gradient is scaled by the world size because DDP averages the ranks' gradients where
+    the global loss's gradient is their sum. With global BatchNorm, N ranks x B then take the step
+    1 rank x N*B would take.
     """
 
     def __init__(
@@ -95,6 +110,7 @@ class SegLoss(nn.Module):
         ce_weight: float = 1.0,
         dice_weight: float = 1.0,
         class_weights: torch.Tensor | None = None,
+        global_batch: bool = False,
     ) -> None:
         super().__init__()
         if class_weights is not None and class_weights.numel() != num_classes:
@@ -103,6 +119,7 @@ class SegLoss(nn.Module):
         self.ignore_index = ignore_index
         self.ce_weight = ce_weight
         self.dice_weight = dice_weight
+        self.global_batch = global_batch
         self.class_weights: torch.Tensor | None
         # A buffer follows .to(device); non-persistent since it is config, not learned state.
         self.register_buffer(
@@ -111,7 +128,8 @@ class SegLoss(nn.Module):
             persistent=False,
         )
 
-    def cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def ce_sums(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """CE's (class-weighted) sum over valid pixels and its denominator (their count, or weight)."""
         per_pixel = F.cross_entropy(
             logits.float(),
             target,
@@ -125,15 +143,31 @@ class SegLoss(nn.Module):
         else:
             safe_target = torch.where(valid, target, torch.zeros_like(target))
             denom = (self.class_weights[safe_target] * valid).sum()
+        return torch.stack([per_pixel.sum(), denom])
+
+    @staticmethod
+    def ce_from_sums(sums: torch.Tensor) -> torch.Tensor:
+        total, denom = sums
         # When denom is 0 every per-pixel term is 0 as well; dividing by 1 then gives 0, not nan, and
         # keeps the backward finite (a tiny clamp would overflow once GradScaler scales the grad).
-        return per_pixel.sum() / torch.where(denom > 0, denom, torch.ones_like(denom))
+        return total / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+    def cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.ce_from_sums(self.ce_sums(logits, target.long()))
 
     def forward(
         self, logits: torch.Tensor, target: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         target = target.long()  # masks often arrive as uint8
-        ce = self.cross_entropy(logits, target)
-        dice = dice_loss(logits, target, self.ignore_index)
+        ce_sums = self.ce_sums(logits, target)
+        dice_sums_ = dice_sums(logits, target, self.ignore_index)
+        ranks = 1
+        if self.global_batch:
+            sums = distributed.sum_with_local_grad(torch.cat([ce_sums, dice_sums_.flatten()]))
+            ce_sums, dice_sums_ = sums[:2], sums[2:].view_as(dice_sums_)
+            ranks = distributed.world_size()
+        ce, dice = self.ce_from_sums(ce_sums), dice_from_sums(dice_sums_)
         total = self.ce_weight * ce + self.dice_weight * dice
+        if ranks > 1:  # the same value, the gradient x ranks (see the class docstring)
+            total = total + (ranks - 1) * (total - total.detach())
         return total, {"ce": ce.detach(), "dice": dice.detach()}

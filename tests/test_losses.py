@@ -155,3 +155,54 @@ def test_class_weights_modes() -> None:
         class_weights([0, 0], "median")
     with pytest.raises(ValueError, match="class_weights has 3 entries"):
         SegLoss(4, class_weights=torch.ones(3))
+
+
+def _global_batch_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """8 images for 2 ranks x 4 whose halves differ: class 4 only in the first half, the second half
+    mostly ignored. Means over each half then differ from the mean over all 8."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 5, 6, 7, generator=g)
+    target = torch.randint(0, 4, (8, 6, 7), generator=g)
+    target[0, :2] = 4
+    target[4:, :, 1:] = IGNORE
+    return logits, target, torch.tensor([0.5, 1.0, 2.0, 1.0, 3.0])
+
+
+def _global_batch_rank(rank: int, port: int, out: str) -> None:
+    from conftest import as_rank
+
+    from seg_dist import distributed
+
+    as_rank(rank, 2, port)
+    logits, target, weights = _global_batch_case()
+    with distributed.setup():
+        results = []
+        for w in (None, weights):
+            local = logits[rank * 4:(rank + 1) * 4].clone().requires_grad_()
+            loss, parts = SegLoss(5, IGNORE, 0.7, 0.3, w, global_batch=True)(local, target[rank * 4:(rank + 1) * 4])
+            loss.backward()
+            results.append((loss.detach(), parts, local.grad / 2))  # DDP's all-reduce averages over 2 ranks
+        torch.save(results, f"{out}.{rank}")
+
+
+def test_loss_over_ranks_is_the_global_batch_loss(tmp_path):
+    """2 real gloo ranks x 4 images: the same loss and per-image gradients as 1 process on all 8."""
+    import torch.multiprocessing as mp
+    from conftest import free_port
+
+    out = str(tmp_path / "r")
+    mp.spawn(_global_batch_rank, args=(free_port(), out), nprocs=2)
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in (0, 1)]
+    logits, target, weights = _global_batch_case()
+    for case, w in enumerate((None, weights)):
+        whole = logits.clone().requires_grad_()
+        loss_fn = SegLoss(5, IGNORE, 0.7, 0.3, w)
+        expected, parts = loss_fn(whole, target)
+        expected.backward()
+        halves = sum(loss_fn(logits[r * 4:(r + 1) * 4], target[r * 4:(r + 1) * 4])[0] for r in (0, 1)) / 2
+        assert abs(halves.item() - expected.item()) > 2e-3  # the case tells a mean of ranks' losses apart
+        for r, results in enumerate(ranks):
+            loss, rank_parts, grad = results[case]
+            torch.testing.assert_close(loss, expected.detach())
+            torch.testing.assert_close(rank_parts["dice"], parts["dice"])
+            torch.testing.assert_close(grad, whole.grad[r * 4:(r + 1) * 4])
