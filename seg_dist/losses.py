@@ -96,7 +96,7 @@ class SegLoss(nn.Module):
     CE is the (class-weighted) mean over valid pixels, as `F.cross_entropy`, except that a target
     with every pixel ignored yields 0 instead of nan.
 
-    `global_batch` (the trainer sets it on more than one rank): CE's and Dice's sums are added up over
+    `global_batch` (`loss.global_batch` on more than one rank): CE's and Dice's sums are added up over
     the ranks first (`distributed.sum_with_local_grad`), so every rank computes the loss of the global
     batch, and its gradient is scaled by the world size because DDP averages the ranks' gradients where
     the global loss's gradient is their sum. With global BatchNorm, N ranks x B then take the step

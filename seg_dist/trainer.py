@@ -313,7 +313,8 @@ def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> t
     model = build_train_model(cfg, classes.num_classes, device)
     weights = class_weights(manifest["splits"][cfg.data.train_split]["class_histogram"], cfg.loss.class_weights)
     loss_fn = SegLoss(classes.num_classes, classes.ignore_index, cfg.loss.ce_weight, cfg.loss.dice_weight,
-                      weights.to(device) if weights is not None else None, global_batch=denv.distributed)
+                      weights.to(device) if weights is not None else None,
+                      global_batch=cfg.loss.global_batch and denv.distributed)
     # Fused: it can skip a non-finite step on the device (see precision.optimizer_step). The encoder gets a
     # param group of its own only when a fine-tuning knob asks for it (frozen = lr factor 0, see schedule.py).
     fine_tune = cfg.model.freeze_encoder_epochs > 0 or cfg.optim.encoder_lr_mult != 1.0
