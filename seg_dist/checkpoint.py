@@ -151,6 +151,7 @@ class TrainedModel:
     ignore_index: int
     class_names: list[str]
     global_step: int
+    train_crop: tuple[int, int] | None = None  # (H, W) of the training crops; None in older checkpoints
 
 
 def load_model(path: str | Path, device: torch.device, overrides: Sequence[str] = ()) -> TrainedModel:
@@ -161,5 +162,6 @@ def load_model(path: str | Path, device: torch.device, overrides: Sequence[str] 
     model = build_model(dataclasses.replace(cfg.model, encoder_weights=None), state["num_classes"]).to(device)
     model.load_state_dict(state["model"])
     model.eval()
+    crop = state.get("train_crop")
     return TrainedModel(model, cfg, state["num_classes"], state["ignore_index"], list(state["class_names"]),
-                        state["global_step"])
+                        state["global_step"], tuple(crop) if crop else None)

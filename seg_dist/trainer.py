@@ -624,6 +624,7 @@ def save_checkpoint(run: Run, state: TrainState, is_best: bool = False, snapshot
         "num_classes": classes.num_classes,
         "ignore_index": classes.ignore_index,
         "class_names": classes.names,
+        "train_crop": list(data.training_crop(run.cfg.data, run.manifest)),  # what data.image_size=0 became
         "manifest_digest": run.manifest_digest,
         "versions": checkpoint.versions(),
     })

@@ -140,3 +140,13 @@ def test_python_api_like_the_seed(trained):
     assert mask.shape == (41, 29) and mask.dtype == np.int64
     picture = p.overlay(image, mask)
     assert picture.dtype == np.uint8 and picture.ndim == 3 and picture.shape[1] >= 3 * 29
+
+
+def test_tiles_smaller_than_the_training_crop_are_warned_about(trained, caplog):
+    crop = torch.load(trained, map_location="cpu", weights_only=True)["train_crop"]
+    with caplog.at_level("WARNING", logger="seg_dist.inference"):
+        Predictor.from_checkpoint(trained, "cpu", tile=max(crop))
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="seg_dist.inference"):
+        Predictor.from_checkpoint(trained, "cpu", tile=max(crop) - 8)
+    assert f"smaller than the {crop[0]} x {crop[1]} crops the model trained on" in caplog.text
