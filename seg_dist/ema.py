@@ -33,7 +33,9 @@ class WeightAverage:
     def update(self, model: nn.Module) -> None:
         # Multi-tensor ops: a handful of kernels per step on a GPU instead of two per tensor.
         torch._foreach_lerp_(list(self.module.parameters()), [p.detach() for p in model.parameters()], self.rate())
-        torch._foreach_copy_(list(self.module.buffers()), list(model.buffers()))
+        buffers = list(self.module.buffers())
+        if buffers:  # GroupNorm models have none, and the foreach ops refuse empty lists
+            torch._foreach_copy_(buffers, list(model.buffers()))
         self.updates += 1
 
     def state_dict(self) -> dict[str, Any]:

@@ -72,6 +72,19 @@ def test_group_norm_output_does_not_depend_on_the_batch():
         load_config(REPO / "configs" / "default.yaml", ["model.norm=layer"])
 
 
+def test_weight_average_of_a_group_norm_model_without_buffers():
+    """GroupNorm leaves the U-Net with no buffers; the default EMA must still update (it crashed)."""
+    model = build_model(ModelConfig(width=4, depth=2, norm="group"), 3)
+    assert not list(model.buffers())
+    avg = WeightAverage(model, 0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    avg.update(model)  # the first update weighs the new weights 0.9
+    for mine, theirs in zip(avg.module.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(mine - theirs, torch.full_like(mine, -0.1))
+
+
 def test_rectangular_crop_pads_with_the_ignore_label():
     cfg = DataConfig(image_size=(40, 24))
     cfg.augment.scale = (1.0, 1.0)
