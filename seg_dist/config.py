@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from typing import Any
 import yaml
 
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(UserError):
@@ -54,7 +57,6 @@ class DataConfig:
     class_names: list[str] | None = None
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    shuffle_buffer: int = 256
     # On 2 cores 0 workers beats 2 (moving batches between processes costs more than decoding).
     workers: int = 0
     pin_memory: bool = True
@@ -305,6 +307,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
 
 
+# Keys that older configs (and checkpoints) carry but that no longer mean anything: a warning, not an error.
+RETIRED_KEYS = {
+    "data.shuffle_buffer": "every epoch is a fresh permutation of the whole split now",
+}
+
+
 def _unknown_key(key: str, valid: list[str]) -> ConfigError:
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1, cutoff=0.5)
     prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
@@ -318,7 +326,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     for key in data:
-        if key not in names:
+        if f"{prefix}{key}" in RETIRED_KEYS:
+            log.warning("config key %s%s is ignored: %s", prefix, key, RETIRED_KEYS[f"{prefix}{key}"])
+        elif key not in names:
             raise _unknown_key(f"{prefix}{key}", names)
     kwargs = {}
     for name in names:

@@ -1,8 +1,10 @@
-"""Shards -> per-rank batches: augmentation, resampled training streams, exact validation splits.
+"""Shards -> per-rank batches: augmentation, training epochs, exact validation splits.
 
-Training streams resample shards (weighted by their sample counts) forever and are cut to exactly
-`steps_per_epoch` batches, so every rank takes the same number of steps whatever the shard layout
-and no all-reduce can hang on a rank that ran dry. Validation instead partitions the split by
+Training reads samples where the tar headers say they lie (an index built at start, no bytes read). An
+epoch is a seeded permutation of the whole split cut into global batches of `train.seed`'s choosing; rank r
+takes its slice of each, so every rank takes the same number of steps whatever the shard layout (no
+all-reduce can hang on a rank that ran dry), a global batch is the same on any number of ranks, and a
+resumed epoch goes on where it stopped. Validation reads its shards in order and partitions the split by
 global sample index, so each sample is seen exactly once over all ranks and workers.
 """
 
@@ -10,12 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import json
 import logging
 import math
 import os
 import random
+import re
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -29,10 +31,9 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.filters import shuffle as wds_shuffle
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from .config import Config, DataConfig, crop_hw
 from .errors import UserError
@@ -269,68 +270,135 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def _resampled(urls: list[str], weights: list[int], rng: random.Random) -> Iterator[dict[str, Any]]:
-    """Raw samples of shards drawn with replacement, forever."""
-    # webdataset's ResampledShards picks shards uniformly and seeds itself from RANK/WORLD_SIZE or
-    # torch.distributed (and pid/time unless deterministic); weighting by sample count keeps a
-    # small last shard from being oversampled, and the caller owns the seed.
-    while True:
-        url = rng.choices(urls, weights)[0]
-        empty = True
-        for raw in _raw_samples(url):
-            empty = False
-            yield raw
-        if empty:  # drawing it again and again would loop forever without a sample
-            raise ValueError(f"{url}: no samples in the shard, the manifest lists some")
+@dataclass(frozen=True)
+class _Entry:
+    """Where one sample's files lie in its shard: (offset, size) of each field's bytes."""
+
+    shard: int
+    key: str
+    fields: tuple[tuple[str, int, int], ...]
 
 
-class _TrainStream(IterableDataset):
-    """Augmented (image, mask) pairs.
+_WDS_META = re.compile(r"__[^/]*__($|/)")
 
-    One epoch's stream (`epoch_steps=None`): endless, seeded by (seed, epoch, rank, skip, worker); the
-    loader cuts it at the epoch's length. Several epochs' (`epoch_steps` set): the batches the per-epoch
-    loaders of `epoch`, `epoch + 1`, ... would give one after the other, from one set of workers.
+
+def index_shard(url: str, count: int) -> list[tuple[str, tuple[tuple[str, int, int], ...]]]:
+    """The samples of one shard in order: key and (field, offset, size) of each file, read from the tar
+    headers without the files' bytes, with webdataset's key convention (`base_plus_ext`)."""
+    samples: list[tuple[str, list[tuple[str, int, int]]]] = []
+    try:
+        with tarfile.open(url, "r:") as tar:
+            for member in tar:
+                # webdataset's tar_file_iterator skips these: not a file, or metadata named __*__
+                if not member.isreg() or _WDS_META.match(member.name) or (
+                        "/" not in member.name and member.name.startswith("__") and member.name.endswith("__")):
+                    continue
+                key, ext = base_plus_ext(member.name)
+                if key is None:
+                    continue
+                if not samples or samples[-1][0] != key:
+                    samples.append((key, []))
+                samples[-1][1].append((ext.lower(), member.offset_data, member.size))
+    except FileNotFoundError as e:
+        raise ShardError(f"{url}: cannot open ({e}); {ShardError.HINT}") from e
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ShardError(f"{url}: unreadable shard ({type(e).__name__}: {e}); {ShardError.HINT}") from e
+    if len(samples) != count:
+        raise ShardError(f"{url}: {len(samples)} samples, the manifest lists {count}; {ShardError.HINT}")
+    return [(key, tuple(fields)) for key, fields in samples]
+
+
+_PERMUTATION, _AUGMENTATION = 1, 2  # keep the two kinds of seed apart
+
+
+class _TrainSet(Dataset):
+    """Sample `position` of the run's training stream, decoded and augmented.
+
+    Epoch e holds positions [e * span, (e + 1) * span): position p of it is sample perm_e[p % N] of the
+    split, perm_e a permutation seeded by (seed, e), and its augmentation is seeded by (seed, e, p). No
+    rank, worker or batch size enters, so a global batch is the same on any number of ranks.
     """
 
-    def __init__(self, urls: list[str], counts: list[int], transform: A.Compose, shuffle_buffer: int,
-                 seed: int, epoch: int, rank: int, skip_steps: int, mask_type: torch.dtype,
-                 batch_size: int = 1, epoch_steps: int | None = None) -> None:
-        if not urls or sum(counts) == 0:
+    def __init__(self, urls: list[str], entries: list[_Entry], transform: A.Compose, seed: int, span: int,
+                 mask_type: torch.dtype) -> None:
+        if not entries:
             raise ValueError("training split has no samples")
-        self.urls, self.counts, self.transform = urls, counts, transform
-        self.shuffle_buffer = shuffle_buffer
-        self.seed, self.epoch, self.rank, self.skip_steps = seed, epoch, rank, skip_steps
-        self.mask_type = mask_type
-        self.batch_size, self.epoch_steps = batch_size, epoch_steps
+        self.urls, self.entries, self.transform = urls, entries, transform
+        self.seed, self.span, self.mask_type = seed, span, mask_type
+        self._perm: tuple[int, np.ndarray] | None = None
+        self._files: dict[int, Any] = {}
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        worker, workers = _worker()
-        if self.epoch_steps is None:
-            yield from self._epoch(self.epoch, self.skip_steps, worker)
-            return
-        # The DataLoader takes batch n from worker n % workers. A per-epoch loader takes batch j of its
-        # epoch from worker j % workers, so within an epoch starting at batch `start` this worker plays
-        # the per-epoch loader's worker (worker - start) % workers, for every `workers`-th batch.
-        epoch, skip, start = self.epoch, self.skip_steps, 0
-        while True:
-            length = max(0, self.epoch_steps - skip)
-            plays = (worker - start) % workers
-            batches = max(0, -(-(length - plays) // workers))
-            yield from itertools.islice(self._epoch(epoch, skip, plays), batches * self.batch_size)
-            epoch, skip, start = epoch + 1, 0, start + length
+    def __getstate__(self) -> dict[str, Any]:  # open files stay with their process
+        return {**self.__dict__, "_files": {}}
 
-    def _epoch(self, epoch: int, skip: int, worker: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        shard_seed, shuffle_seed, aug_seed = _seeds(self.seed, epoch, self.rank, skip, worker)
+    def __len__(self) -> int:
+        return self.span
+
+    def sample_of(self, position: int) -> int:
+        epoch, p = divmod(position, self.span)
+        if self._perm is None or self._perm[0] != epoch:
+            rng = np.random.default_rng(_seeds(_PERMUTATION, self.seed, epoch, n=1)[0])
+            self._perm = (epoch, rng.permutation(len(self.entries)))
+        return int(self._perm[1][p % len(self.entries)])
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        entry = self.entries[self.sample_of(position)]
+        url = self.urls[entry.shard]
+        f = self._files.get(entry.shard)
+        try:
+            if f is None:
+                f = self._files[entry.shard] = open(url, "rb")  # noqa: SIM115 (kept open for the next sample)
+            raw: dict[str, Any] = {"__key__": entry.key, "__url__": url}
+            for field, offset, size in entry.fields:
+                f.seek(offset)
+                raw[field] = f.read(size)
+                if len(raw[field]) != size:
+                    raise EOFError(f"{field} of {entry.key!r} ends early")
+        except (OSError, EOFError) as e:
+            raise ShardError(f"{url}: unreadable shard ({type(e).__name__}: {e}); {ShardError.HINT}") from e
+        s = _decode(raw)
+        epoch, p = divmod(position, self.span)
+        aug = _seeds(_AUGMENTATION, self.seed, epoch, p, n=1)[0]
         # One shared generator pair: Compose(seed=...) would give every transform an identical
         # stream, so e.g. hflip and vflip would always fire together.
-        self.transform.set_random_state(np.random.default_rng(aug_seed), random.Random(aug_seed))
-        raw = _resampled(self.urls, self.counts, random.Random(shard_seed))
-        if self.shuffle_buffer > 1:
-            raw = wds_shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
-                              rng=random.Random(shuffle_seed))(raw)
-        for sample in raw:
-            s = _decode(sample)
-            yield _apply(self.transform, s["image"], s["mask"], self.mask_type)
+        self.transform.set_random_state(np.random.default_rng(aug), random.Random(aug))
+        return _apply(self.transform, s["image"], s["mask"], self.mask_type)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+class _RankPositions(Sampler[list[int]]):
+    """This rank's batches of stream positions, from batch `skip` of `epoch` on.
+
+    Optimiser step k of an epoch takes the global batch at positions [k * G, (k + 1) * G); its micro-batch
+    m on rank r is the `per_rank` positions from (m * world_size + r) * per_rank. `endless`: the next
+    epochs follow, as their own samplers would give them.
+    """
+
+    def __init__(self, plan: BatchPlan, rank: int, span: int, batches_per_epoch: int, epoch: int, skip: int,
+                 endless: bool) -> None:
+        self.plan, self.rank, self.span = plan, rank, span
+        self.batches_per_epoch, self.epoch, self.skip, self.endless = batches_per_epoch, epoch, skip, endless
+
+    def __len__(self) -> int:
+        if self.endless:
+            raise TypeError("an endless sampler has no length")
+        return max(0, self.batches_per_epoch - self.skip)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        p = self.plan
+        epoch, batch = self.epoch, self.skip
+        while True:
+            for j in range(batch, self.batches_per_epoch):
+                step, micro = divmod(j, p.accum_steps)
+                first = epoch * self.span + step * p.global_batch + (micro * p.world_size + self.rank) * p.per_rank
+                yield list(range(first, first + p.per_rank))
+            if not self.endless:
+                return
+            epoch, batch = epoch + 1, 0
 
 
 @dataclass(frozen=True)
@@ -391,67 +459,69 @@ def _loader_kwargs(cfg: Config) -> dict[str, Any]:
 
 class TrainBatches:
     """`len(self)` batches of (uint8 images B x H x W x 3, compact masks B x H x W: see `normalize` and
-    `mask_dtype`), or batches without end when made with `steps=None`; re-iterable, and iterating again
+    `mask_dtype`), or batches without end when made with `endless=True`; re-iterable, and iterating again
     repeats the same batches."""
 
-    def __init__(self, dataset: _TrainStream, batch_size: int, steps: int | None, loader_kwargs: dict[str, Any],
-                 seed: int) -> None:
-        self.dataset, self.batch_size, self.steps = dataset, batch_size, steps
-        self.loader_kwargs, self.seed = loader_kwargs, seed
+    def __init__(self, dataset: _TrainSet, sampler: _RankPositions, loader_kwargs: dict[str, Any]) -> None:
+        self.dataset, self.sampler, self.loader_kwargs = dataset, sampler, loader_kwargs
 
     def __len__(self) -> int:
-        if self.steps is None:
-            raise TypeError("an endless TrainBatches has no length")
-        return self.steps
+        return len(self.sampler)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.steps == 0:
+        if not self.sampler.endless and len(self.sampler) == 0:
             return
-        # The stream is endless, so the epoch ends here and every worker's batches are full.
-        # Our own generator keeps the DataLoader from drawing on the global torch RNG.
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, drop_last=True,
-                            generator=torch.Generator().manual_seed(self.seed), **self.loader_kwargs)
+        # Our own generator keeps the DataLoader from drawing its workers' seeds from the global torch RNG.
+        loader = DataLoader(self.dataset, batch_sampler=self.sampler, generator=torch.Generator().manual_seed(0),
+                            **self.loader_kwargs)
         it = iter(loader)
         if loader.num_workers:
             log.info("train loader: %d worker process(es) started", loader.num_workers)
         try:
-            for _ in range(self.steps) if self.steps is not None else itertools.count():
-                yield next(it)
+            yield from it
         except ShardError as e:  # from a worker, its message followed by the worker's traceback
             raise ShardError.one_line(e) from None
         finally:  # now, not at garbage collection: stops the workers and their prefetching
             del it, loader
+            self.dataset.close()
+
+
+def _train_entries(urls: list[str], counts: list[int]) -> list[_Entry]:
+    entries: list[_Entry] = []
+    for shard, (url, count) in enumerate(zip(urls, counts, strict=True)):
+        entries += [_Entry(shard, key, fields) for key, fields in index_shard(url, count)]
+    return entries
 
 
 def train_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, world_size: int, epoch: int,
                  skip_steps: int = 0, endless: bool = False) -> TrainBatches:
-    """This rank's batches for `epoch`: exactly steps_per_epoch - skip_steps of them on every rank.
+    """This rank's batches for `epoch` from its batch `skip_steps` on: the same number on every rank.
 
-    Same (train.seed, epoch, rank, skip_steps) -> same batches. A resumed epoch (skip_steps > 0)
-    draws fresh samples rather than replaying the skipped ones, which would cost their decoding.
-    `endless=True`: those batches, then epoch + 1's, epoch + 2's, ... exactly as their own loaders would give
-    them (so a run resumed at an epoch boundary continues as if never stopped), from one loader whose
-    workers start once. Started afresh every epoch, workers each refill a shuffle buffer before their
-    first batch; kept, they fill the next epoch's while this one ends and validation runs.
+    Each epoch is a fresh permutation of the split, and each global batch (train.batch_size x
+    train.accum_steps x world_size samples) is the same with the same augmentations on any number of
+    ranks: `train.seed` and the global batch alone choose them. A resumed epoch goes on exactly where it
+    stopped, without reading what it skips. `endless=True`: those batches, then epoch + 1's, epoch + 2's,
+    ..., from one loader whose workers start once.
     """
     if skip_steps < 0:
         raise ValueError(f"skip_steps={skip_steps} must be >= 0")
     split = cfg.data.train_split
-    steps = max(0, steps_per_epoch(manifest, cfg, world_size) - skip_steps)
+    plan = BatchPlan(cfg.train.batch_size, cfg.train.accum_steps, world_size)
+    steps = optimizer_steps_per_epoch(manifest, cfg, world_size)
+    # An epoch whose length the config fixes may end mid-step: its positions still count whole steps.
+    span = math.ceil(steps_per_epoch(manifest, cfg, world_size) / plan.accum_steps) * plan.global_batch
     classes = resolve_classes(cfg.data, manifest)
     crop = dataclasses.replace(cfg.data, image_size=training_crop(cfg.data, manifest))
-    transform = build_transforms(crop, train=True, ignore_index=classes.ignore_index)
-    dataset = _TrainStream(shard_urls(root, manifest, split), shard_counts(manifest, split), transform,
-                           cfg.data.shuffle_buffer, cfg.train.seed, epoch, rank, skip_steps,
-                           mask_dtype(classes.num_classes, classes.ignore_index), cfg.train.batch_size,
-                           # the batches the trainer takes per epoch (whole optimiser steps)
-                           optimizer_steps_per_epoch(manifest, cfg, world_size) * cfg.train.accum_steps
-                           if endless else None)
+    urls = shard_urls(root, manifest, split)
+    dataset = _TrainSet(urls, _train_entries(urls, shard_counts(manifest, split)),
+                        build_transforms(crop, train=True, ignore_index=classes.ignore_index), cfg.train.seed,
+                        span, mask_dtype(classes.num_classes, classes.ignore_index))
+    batches = steps * plan.accum_steps if endless else steps_per_epoch(manifest, cfg, world_size)
+    sampler = _RankPositions(plan, rank, dataset.span, batches, epoch, skip_steps, endless)
     kw = _loader_kwargs(cfg)
     # One iterator per TrainBatches pass: persistent workers would only outlive their use.
     kw.pop("persistent_workers", None)
-    return TrainBatches(dataset, cfg.train.batch_size, None if endless else steps, kw,
-                        _seeds(cfg.train.seed, epoch, rank, n=1)[0])
+    return TrainBatches(dataset, sampler, kw)
 
 
 def augmented_samples(cfg: Config, manifest: dict[str, Any], n: int, split: str,

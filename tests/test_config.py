@@ -72,3 +72,14 @@ def test_shipped_configs_load(name):
 def test_model_name_is_checked_against_the_model_table():
     with pytest.raises(ConfigError, match=r"model.name='resnet_fcn': expected one of unet, smp_unet"):
         load_config(None, ["model.name=resnet_fcn"])
+
+
+def test_retired_key_is_a_warning_not_an_error(tmp_path, caplog):
+    old = tmp_path / "old.yaml"
+    old.write_text("data:\n  shuffle_buffer: 1000\n  workers: 3\n")
+    with caplog.at_level("WARNING"):
+        cfg = load_config(old)
+    assert cfg.data.workers == 3
+    assert "data.shuffle_buffer is ignored: every epoch is a fresh permutation" in caplog.text
+    with pytest.raises(ConfigError, match=r"did you mean data\.workers"):
+        load_config(None, ["data.wokers=2"])

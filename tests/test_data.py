@@ -68,7 +68,6 @@ def _cfg(root: Path, *overrides: str):
         f"data.root={root}",
         "data.image_size=32",
         "train.batch_size=2",
-        "data.shuffle_buffer=8",
         "data.augment.scale=[0.75, 1.5]",
         "data.augment.affine=0.5",
         "data.augment.vflip=0.5",
@@ -196,8 +195,14 @@ def test_steps_per_epoch(dataset):
 # --- training ----------------------------------------------------------------------------------
 
 
-def _batches(cfg, manifest, root, rank, epoch, skip=0):
-    return list(data.train_loader(cfg, manifest, str(root), rank, 2, epoch, skip_steps=skip))
+def _batches(cfg, manifest, root, rank, epoch, skip=0, world=2):
+    return list(data.train_loader(cfg, manifest, str(root), rank, world, epoch, skip_steps=skip))
+
+
+def _same(x, y):
+    if len(x) != len(y):
+        return False
+    return all(torch.equal(i, j) and torch.equal(m, n) for (i, m), (j, n) in zip(x, y, strict=True))
 
 
 def test_train_batches_shapes_and_determinism(dataset):
@@ -209,18 +214,53 @@ def test_train_batches_shapes_and_determinism(dataset):
         assert images.shape == (2, 32, 32, 3) and images.dtype == torch.uint8  # normalised on the device
         assert masks.shape == (2, 32, 32) and masks.dtype == torch.uint8  # 6 classes and 255 fit a byte
         assert set(masks.unique().tolist()) <= {*range(NUM_CLASSES), IGNORE}
-
-    def same(x, y):
-        return all(torch.equal(i, j) and torch.equal(m, n) for (i, m), (j, n) in zip(x, y, strict=True))
-
-    assert same(a, _batches(cfg, manifest, root, 0, 0))
+    assert _same(a, _batches(cfg, manifest, root, 0, 0))
     loader = data.train_loader(cfg, manifest, str(root), 0, 2, 0)
-    assert same(list(loader), list(loader))  # re-iterating repeats the epoch
-    assert not same(a, _batches(cfg, manifest, root, 1, 0))
-    assert not same(a, _batches(cfg, manifest, root, 0, 1))
-    assert not same(a, _batches(_cfg(root, "train.steps_per_epoch=3", "train.seed=1"), manifest, root, 0, 0))
-    assert len(_batches(cfg, manifest, root, 0, 0, skip=2)) == 1
+    assert _same(list(loader), list(loader))  # re-iterating repeats the epoch
+    assert not _same(a, _batches(cfg, manifest, root, 1, 0))
+    assert not _same(a, _batches(cfg, manifest, root, 0, 1))
+    assert not _same(a, _batches(_cfg(root, "train.steps_per_epoch=3", "train.seed=1"), manifest, root, 0, 0))
+    # A resumed epoch goes on exactly where it stopped.
+    assert _same(_batches(cfg, manifest, root, 0, 0, skip=2), a[2:])
     assert _batches(cfg, manifest, root, 0, 0, skip=5) == []
+
+
+def test_an_epoch_is_a_fresh_permutation_of_the_split(dataset):
+    root, manifest = dataset
+    cfg = _cfg(root)  # 13 samples, 2 ranks x 2: 4 steps of 4, so the last 3 places repeat the epoch's first 3
+    seen = {}
+    for epoch in (0, 1):
+        loaders = [data.train_loader(cfg, manifest, str(root), r, 2, epoch) for r in range(2)]
+        positions = sorted(p for loader in loaders for batch in loader.sampler for p in batch)
+        assert positions == list(range(16 * epoch, 16 * (epoch + 1)))
+        seen[epoch] = [loaders[0].dataset.sample_of(p) for p in positions]
+        assert sorted(seen[epoch][:13]) == list(range(13)) and seen[epoch][13:] == seen[epoch][:3]
+    assert seen[0] != seen[1]
+
+
+def _global_batches(cfg, manifest, root, world, accum):
+    """Each optimiser step's samples on all ranks together, in the order of their positions."""
+    per_rank = [_batches(cfg, manifest, root, r, 1, world=world) for r in range(world)]
+    steps = []
+    for k in range(len(per_rank[0]) // accum):
+        parts = [per_rank[r][k * accum + m] for m in range(accum) for r in range(world)]
+        steps.append((torch.cat([i for i, _ in parts]), torch.cat([m for _, m in parts])))
+    return steps
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_global_batch_is_the_same_on_any_number_of_ranks(dataset, workers):
+    root, manifest = dataset
+    # Global batch 4, as 1 rank x 4, 2 ranks x 2, 4 ranks x 1 and 1 rank x 2 x 2 accumulation.
+    def make(world, per_rank, accum):
+        cfg = _cfg(root, f"train.batch_size={per_rank}", f"train.accum_steps={accum}", f"data.workers={workers}")
+        return _global_batches(cfg, manifest, root, world, accum)
+
+    one = make(1, 4, 1)
+    assert len(one) == 4  # ceil(13 / 4)
+    for world, per_rank, accum in ((2, 2, 1), (4, 1, 1), (1, 2, 2)):
+        assert _same(make(world, per_rank, accum), one), (world, per_rank, accum)
+    assert not _same(make(1, 4, 1)[:1], make(1, 4, 1)[1:2])
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -228,18 +268,14 @@ def test_endless_train_batches_are_the_epochs_one_after_the_other(dataset, worke
     root, manifest = dataset
     # 3 batches per epoch over 2 workers: each epoch starts on the other worker.
     cfg = _cfg(root, "train.steps_per_epoch=3", f"data.workers={workers}")
-
-    def same(x, y):
-        return all(torch.equal(i, j) and torch.equal(m, n) for (i, m), (j, n) in zip(x, y, strict=True))
-
     # Resumed one batch into epoch 1: the rest of epoch 1, then epochs 2 and 3 whole.
     stream = iter(data.train_loader(cfg, manifest, str(root), 0, 2, 1, skip_steps=1, endless=True))
     got = [next(stream) for _ in range(2 + 3 + 3)]
     stream.close()
-    assert same(got[:2], _batches(cfg, manifest, root, 0, 1, skip=1))
-    assert same(got[2:5], _batches(cfg, manifest, root, 0, 2))
-    assert same(got[5:], _batches(cfg, manifest, root, 0, 3))
-    assert not same(got[2:5], got[5:])
+    assert _same(got[:2], _batches(cfg, manifest, root, 0, 1, skip=1))
+    assert _same(got[2:5], _batches(cfg, manifest, root, 0, 2))
+    assert _same(got[5:], _batches(cfg, manifest, root, 0, 3))
+    assert not _same(got[2:5], got[5:])
 
 
 def test_endless_train_batches_follow_the_trainers_epoch_of_whole_optimiser_steps(dataset):
@@ -251,18 +287,14 @@ def test_endless_train_batches_follow_the_trainers_epoch_of_whole_optimiser_step
     got = [next(stream) for _ in range(8)]
     stream.close()
     for part, epoch in ((got[:4], 0), (got[4:], 1)):
-        want = _batches(cfg, manifest, root, 0, epoch)[:4]
-        assert all(torch.equal(a[0], b[0]) for a, b in zip(part, want, strict=True))
+        assert _same(part, _batches(cfg, manifest, root, 0, epoch)[:4])
 
 
-def test_train_batches_with_workers_are_reproducible(dataset):
+def test_workers_do_not_change_the_batches(dataset):
     root, manifest = dataset
-    cfg = _cfg(root, "train.steps_per_epoch=4", "data.workers=2")
-    a, b = _batches(cfg, manifest, root, 0, 0), _batches(cfg, manifest, root, 0, 0)
+    a = _batches(_cfg(root, "train.steps_per_epoch=4", "data.workers=2"), manifest, root, 0, 0)
     assert len(a) == 4
-    assert all(torch.equal(i, j) and torch.equal(m, n) for (i, m), (j, n) in zip(a, b, strict=True))
-    # Each worker has its own stream: the two workers' batches differ.
-    assert not torch.equal(a[0][0], a[1][0])
+    assert _same(a, _batches(_cfg(root, "train.steps_per_epoch=4"), manifest, root, 0, 0))
 
 
 def test_train_loader_leaves_global_rng_alone(dataset):
@@ -326,7 +358,7 @@ def test_shard_disagreeing_with_manifest_is_an_error(dataset, tmp_path):
 def test_empty_train_shard_is_an_error_not_a_hang(tmp_path):
     manifest = make_shards(tmp_path, {"train": [3]})
     tarfile.open(tmp_path / "train-000000.tar", "w").close()
-    with pytest.raises(ValueError, match="no samples in the shard"):
+    with pytest.raises(ValueError, match=r"train-000000\.tar: 0 samples, the manifest lists 3"):
         list(data.train_loader(_cfg(tmp_path), manifest, str(tmp_path), 0, 1, 0))
 
 
@@ -341,12 +373,14 @@ def _rank_main(rank: int, tmp: str, root: str) -> None:
     try:
         cfg = _cfg(Path(root), "data.workers=2", "data.val_batch_size=2")
         manifest = json.loads(Path(root, "manifest.json").read_text())
-        steps = 0
-        for images, _masks in data.train_loader(cfg, manifest, root, rank, 2, epoch=0):
+        steps, batches = 0, []
+        for images, masks in data.train_loader(cfg, manifest, root, rank, 2, epoch=0):
             # Like DDP's gradient all-reduce: a rank with fewer batches would hang the other.
             t = images.sum().reshape(1).float()
             dist.all_reduce(t)
             steps += 1
+            batches.append((images, masks))
+        torch.save(batches, Path(tmp, f"batches{rank}.pt"))
         resumed = len(list(data.train_loader(cfg, manifest, root, rank, 2, epoch=0, skip_steps=3)))
         loader = data.val_loader(cfg, manifest, root, rank, 2)
         keys = [[k for _, _, ks, _ in loader for k in ks] for _ in range(2)]  # twice: persistent workers
@@ -365,6 +399,10 @@ def test_two_ranks_two_workers_uneven_shards(dataset, tmp_path):
     out = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [o["steps"] for o in out] == [4, 4]  # ceil(13 / (2 ranks * 2)) on both ranks
     assert [o["resumed"] for o in out] == [1, 1]
+    # Together the two ranks' batches are the batches of one process with both ranks' samples.
+    ranks = [torch.load(tmp_path / f"batches{r}.pt", weights_only=True) for r in range(2)]
+    together = [(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])) for a, b in zip(*ranks, strict=True)]
+    assert _same(together, _batches(_cfg(root, "train.batch_size=4"), manifest, root, 0, 0, world=1))
     for o in out:
         assert o["keys"][0] == o["keys"][1] and len(o["keys"][0]) == o["share"]
     flat = out[0]["keys"][0] + out[1]["keys"][0]
