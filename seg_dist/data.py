@@ -19,6 +19,7 @@ import os
 import random
 import re
 import tarfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -282,7 +283,7 @@ class _Entry:
 _WDS_META = re.compile(r"__[^/]*__($|/)")
 
 
-def index_shard(url: str, count: int) -> list[tuple[str, tuple[tuple[str, int, int], ...]]]:
+def _index_shard(url: str, count: int) -> list[tuple[str, tuple[tuple[str, int, int], ...]]]:
     """The samples of one shard in order: key and (field, offset, size) of each file, read from the tar
     headers without the files' bytes, with webdataset's key convention (`base_plus_ext`)."""
     samples: list[tuple[str, list[tuple[str, int, int]]]] = []
@@ -330,9 +331,6 @@ class _TrainSet(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:  # open files stay with their process
         return {**self.__dict__, "_files": {}}
-
-    def __len__(self) -> int:
-        return self.span
 
     def sample_of(self, position: int) -> int:
         epoch, p = divmod(position, self.span)
@@ -487,9 +485,12 @@ class TrainBatches:
 
 
 def _train_entries(urls: list[str], counts: list[int]) -> list[_Entry]:
+    start = time.perf_counter()
     entries: list[_Entry] = []
     for shard, (url, count) in enumerate(zip(urls, counts, strict=True)):
-        entries += [_Entry(shard, key, fields) for key, fields in index_shard(url, count)]
+        entries += [_Entry(shard, key, fields) for key, fields in _index_shard(url, count)]
+    if (took := time.perf_counter() - start) > 2:  # a pause at start deserves a word
+        log.info("indexed %d training samples in %d shards (%.1f s)", len(entries), len(urls), took)
     return entries
 
 

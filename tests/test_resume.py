@@ -82,6 +82,20 @@ def test_resume_from_another_world_size_without_a_fitting_batch_is_an_error(tiny
     assert resolve_batch_plan(cfg, 4, checkpoint.load(run / "checkpoints" / "last.pt")).global_batch == 16
 
 
+def test_run_stopped_mid_epoch_goes_on_with_the_batches_it_would_have_had(tiny_shards, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    extra = ("train.epochs=1", "train.amp=off", "train.ema_decay=0.9", "train.resume=auto")
+    _train(tiny_overrides(tiny_shards, straight, *extra), 1)
+    _train(tiny_overrides(tiny_shards, split, *extra), 1, stop_at_once=True)
+    assert checkpoint.load(split / "checkpoints" / "last.pt")["global_step"] == 2  # of 16 in the epoch
+    _train(tiny_overrides(tiny_shards, split, *extra), 1)
+    a, b = (checkpoint.load(run / "checkpoints" / "last.pt") for run in (straight, split))
+    assert a["global_step"] == b["global_step"] == 64 // 4
+    for key in a["model"]:  # a resumed epoch that drew other samples would end elsewhere
+        torch.testing.assert_close(b["trained_model"][key], a["trained_model"][key])
+        torch.testing.assert_close(b["model"][key], a["model"][key])
+
+
 def test_unreadable_last_falls_back_to_the_newest_snapshot(tiny_shards, tmp_path, caplog):
     run = tmp_path / "run"
     overrides = tiny_overrides(tiny_shards, run, "train.epochs=2", "train.batch_size=8")
