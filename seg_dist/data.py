@@ -1,8 +1,8 @@
 """Shards -> per-rank batches: augmentation, training epochs, exact validation splits.
 
 Training reads samples where the tar headers say they lie (an index built at start, no bytes read). An
-epoch is a seeded permutation of the whole split cut into global batches of `train.seed`'s choosing; rank r
-takes its slice of each, so every rank takes the same number of steps whatever the shard layout (no
+epoch is a permutation of the whole split, seeded by `train.seed` and the epoch, cut into global batches;
+rank r takes its slice of each, so every rank takes the same number of steps whatever the shard layout (no
 all-reduce can hang on a rank that ran dry), a global batch is the same on any number of ranks, and a
 resumed epoch goes on where it stopped. Validation reads its shards in order and partitions the split by
 global sample index, so each sample is seen exactly once over all ranks and workers.
