@@ -131,9 +131,11 @@ class TrainConfig:
     accum_steps: int = 1
     amp: str = "auto"  # off | bf16 | fp16 | auto
     grad_clip: float = 0.0  # 0: off
-    # BatchNorm statistics over the global batch (CUDA: SyncBatchNorm; CPU: models/norms.py), so the same
-    # global batch trains alike on any number of ranks; a no-op on 1 rank.
-    sync_bn: bool = True
+    # BatchNorm statistics: "on" over the global batch (CUDA: SyncBatchNorm; CPU: models/norms.py), so the
+    # same global batch trains alike on any number of ranks; "off" each rank's own batch; "auto" (see
+    # trainer.global_batchnorm) on GPUs, and on CPU ranks only when they hold fewer than
+    # SMALL_RANK_BATCH samples each. A no-op on 1 rank. true/false read as on/off.
+    sync_bn: str = "auto"
     channels_last: bool = False
     compile: bool = False
     # torch.compile's mode: auto (reduce-overhead on one GPU, else default) | default | reduce-overhead
@@ -199,6 +201,9 @@ AMP_MODES = ("off", "bf16", "fp16", "auto")
 SCHEDULES = ("poly", "cosine", "plateau", "constant")
 CLASS_WEIGHTS = ("none", "inverse", "sqrt_inverse", "median")
 NORMS = ("batch", "group")
+SYNC_BN = ("auto", "on", "off")
+# Below this many samples per CPU rank, `train.sync_bn=auto` takes BatchNorm statistics over the global batch.
+SMALL_RANK_BATCH = 4
 DEVICES = ("auto", "cpu", "cuda")
 VERIFY = ("off", "size", "full")
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -218,6 +223,7 @@ def _check_choices(cfg: Config) -> None:
         ("train.amp", cfg.train.amp, AMP_MODES),
         ("train.compile_mode", cfg.train.compile_mode, COMPILE_MODES),
         ("model.norm", cfg.model.norm, NORMS),
+        ("train.sync_bn", cfg.train.sync_bn, SYNC_BN),
         ("schedule.name", cfg.schedule.name, SCHEDULES),
         ("loss.class_weights", cfg.loss.class_weights, CLASS_WEIGHTS),
         ("train.device", cfg.train.device, DEVICES),

@@ -25,7 +25,7 @@ def test_defaults_and_overrides_are_typed():
         ("train.batchsize=3", "did you mean train.batch_size"),
         ("trian.epochs=3", "did you mean train"),
         ("train.batch_size=abc", "train.batch_size='abc': expected an integer"),
-        ("train.sync_bn=1", "expected true or false"),
+        ("train.sync_bn=1", "expected one of auto, on, off"),
         ("train.amp=fp8", "expected one of off, bf16, fp16, auto"),
         ("data.mean=[1,2]", "expected 3 values"),
         ("train.batch_size=0", "must be at least 1"),

@@ -12,7 +12,8 @@ import torch
 from conftest import REPO
 
 from seg_dist import cli
-from seg_dist.trainer import StepMeter, TrainState
+from seg_dist.config import load_config
+from seg_dist.trainer import StepMeter, TrainState, global_batchnorm
 
 CPU = torch.device("cpu")
 
@@ -108,3 +109,16 @@ def test_step_meter_leaves_paused_time_out_of_the_rate():
         time.sleep(0.05)
     meter.flush()
     assert meter.paused == 0.0  # a flush starts the next interval afresh
+
+
+@pytest.mark.parametrize(("sync_bn", "device", "world", "per_rank", "wanted"), [
+    ("auto", "cuda", 8, 16, True),  # NCCL makes the exchange cheap
+    ("auto", "cpu", 2, 4, False),  # gloo's exchanges cost more steps than 4 samples a rank lose
+    ("auto", "cpu", 8, 1, True),  # one sample per rank is too few for statistics
+    ("auto", "cpu", 1, 1, False),  # one rank: its batch is the global batch
+    ("true", "cpu", 2, 4, True),  # a YAML boolean reads as on/off
+    ("off", "cuda", 8, 2, False),
+])
+def test_batchnorm_statistics_are_global_where_sync_bn_says(sync_bn, device, world, per_rank, wanted):
+    t = load_config(None, [f"train.sync_bn={sync_bn}", f"train.batch_size={per_rank}"]).train
+    assert global_batchnorm(t, torch.device(device), world) is wanted
