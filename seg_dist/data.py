@@ -239,11 +239,11 @@ def _raw_samples(url: str) -> Iterator[dict[str, Any]]:
     try:
         stream = gopen(url, "rb")
     except OSError as e:
-        raise ShardError(f"{url}: cannot open ({e}); {ShardError.HINT}") from e
+        raise ShardError.unreadable(url, e, opening=True) from e
     try:
         yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise ShardError(f"{url}: unreadable shard ({type(e).__name__}: {e}); {ShardError.HINT}") from e
+        raise ShardError.unreadable(url, e) from e
     finally:
         stream.close()
 
@@ -300,10 +300,8 @@ def _index_shard(url: str, count: int) -> list[tuple[str, tuple[tuple[str, int, 
                 if not samples or samples[-1][0] != key:
                     samples.append((key, []))
                 samples[-1][1].append((ext.lower(), member.offset_data, member.size))
-    except FileNotFoundError as e:
-        raise ShardError(f"{url}: cannot open ({e}); {ShardError.HINT}") from e
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise ShardError(f"{url}: unreadable shard ({type(e).__name__}: {e}); {ShardError.HINT}") from e
+        raise ShardError.unreadable(url, e) from e
     if len(samples) != count:
         raise ShardError(f"{url}: {len(samples)} samples, the manifest lists {count}; {ShardError.HINT}")
     return [(key, tuple(fields)) for key, fields in samples]
@@ -353,10 +351,9 @@ class _TrainSet(Dataset):
                 if len(raw[field]) != size:
                     raise EOFError(f"{field} of {entry.key!r} ends early")
         except (OSError, EOFError) as e:
-            raise ShardError(f"{url}: unreadable shard ({type(e).__name__}: {e}); {ShardError.HINT}") from e
+            raise ShardError.unreadable(url, e) from e
         s = _decode(raw)
-        epoch, p = divmod(position, self.span)
-        aug = _seeds(_AUGMENTATION, self.seed, epoch, p, n=1)[0]
+        aug = _seeds(_AUGMENTATION, self.seed, *divmod(position, self.span), n=1)[0]
         # One shared generator pair: Compose(seed=...) would give every transform an identical
         # stream, so e.g. hflip and vflip would always fire together.
         self.transform.set_random_state(np.random.default_rng(aug), random.Random(aug))

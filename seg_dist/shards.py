@@ -79,6 +79,13 @@ class ShardError(UserError):
     HINT = "re-copy it from where it was packed, or re-pack the dataset"
 
     @classmethod
+    def unreadable(cls, url: str, error: BaseException, opening: bool = False) -> ShardError:
+        """A shard that cannot be opened, or whose tar structure or bytes end or break where they should not."""
+        if opening or isinstance(error, FileNotFoundError):
+            return cls(f"{url}: cannot open ({error}); {cls.HINT}")
+        return cls(f"{url}: unreadable shard ({type(error).__name__}: {error}); {cls.HINT}")
+
+    @classmethod
     def one_line(cls, error: BaseException) -> ShardError:
         """The original message of a ShardError that a DataLoader worker re-raised with its traceback."""
         lines = [line for line in str(error).strip().splitlines() if line.strip()]

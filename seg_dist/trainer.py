@@ -433,13 +433,14 @@ def build_train_model(cfg: Config, num_classes: int, device: torch.device) -> nn
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     model = build_model(cfg.model, num_classes)
     world = distributed.world_size()
-    if global_batchnorm(cfg.train, device, world):
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if has_bn and global_batchnorm(cfg.train, device, world):
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         else:  # torch's SyncBatchNorm runs on CUDA only; the same statistics through the process group
             model = convert_to_global_batchnorm(model)
         log.info("BatchNorm statistics over the global batch (train.sync_bn=%s)", cfg.train.sync_bn)
-    elif world > 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    elif has_bn and world > 1:
         log.info("BatchNorm statistics over each rank's %d samples (train.sync_bn=%s; 'on' for the global "
                  "batch's)", cfg.train.batch_size, cfg.train.sync_bn)
     model.to(device)

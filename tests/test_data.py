@@ -13,6 +13,7 @@ from conftest import jpeg_bytes, png_bytes
 
 from seg_dist import data
 from seg_dist.config import load_config
+from seg_dist.shards import ShardError
 
 NUM_CLASSES, IGNORE = 6, 255
 
@@ -419,3 +420,15 @@ def test_auto_training_crop_is_the_mean_frame(mean_hw, crop):
     manifest = {"splits": {"train": {"image_size": {"mean_hw": mean_hw}}}}
     assert data.training_crop(load_config(None, []).data, manifest) == crop
     assert data.training_crop(load_config(None, ["data.image_size=[64,32]"]).data, manifest) == (64, 32)
+
+
+def test_missing_or_cut_train_shard_is_one_error_naming_it(tmp_path):
+    manifest = make_shards(tmp_path, {"train": [3, 3]})
+    victim = tmp_path / "train-000001.tar"
+    whole = victim.read_bytes()
+    victim.write_bytes(whole[: len(whole) // 2])  # cut inside a member
+    with pytest.raises(ShardError, match=r"train-000001\.tar: (unreadable shard|\d samples, the manifest)"):
+        data.train_loader(_cfg(tmp_path), manifest, str(tmp_path), 0, 1, 0)
+    victim.unlink()
+    with pytest.raises(ShardError, match=r"train-000001\.tar: cannot open"):
+        data.train_loader(_cfg(tmp_path), manifest, str(tmp_path), 0, 1, 0)
