@@ -670,10 +670,11 @@ def fit_budget(run: Run, state: TrainState) -> None:
     if state.global_step == 0:
         return
     per_step = elapsed / state.global_step  # start-up included: pessimistic early, exact by the end
-    fits = state.global_step + int((budget - elapsed) / per_step)
-    # The clock is read again at the next log step: while time is left, the run always gets that far, so a
-    # pessimistic early estimate cannot end it before its budget.
-    run.horizon.steps = min(max(fits, state.global_step + run.cfg.logging.log_every), run.horizon.cap)
+    fits = max(state.global_step + int((budget - elapsed) / per_step), state.global_step + 1)
+    # Rounded up to a log step, where the clock is read again before the run may end: while time is left it
+    # goes on, so a pessimistic estimate (start-up counts in the rate) cannot end it before its budget.
+    every = run.cfg.logging.log_every
+    run.horizon.steps = min(-(-fits // every) * every, run.horizon.cap)
 
 
 def memory_mb(device: torch.device) -> float:
