@@ -1,7 +1,7 @@
 """The training loop: `train()` runs a whole run on one rank.
 
-Reads top to bottom: `setup_run` builds the model, optimiser, schedule, scaler and loss (resuming
-from a checkpoint if there is one), `train_one_epoch` takes optimiser steps, `end_of_epoch`
+Reads top to bottom: `setup_run` builds a `Run` from named parts (the run's data, the networks, the
+optimisation), resuming from a checkpoint if there is one; `train_one_epoch` takes optimiser steps, `end_of_epoch`
 validates, steps a plateau schedule and checkpoints. Every rank takes the same number of steps per
 epoch (the train loader guarantees it), validates its exact-once share of the validation split and
 joins one all-reduce for the metrics. Rank 0 writes checkpoints, TensorBoard and metrics.jsonl. A
@@ -184,31 +184,64 @@ class Horizon:
     steps: int
     cap: int  # train.epochs x steps per epoch, and train.max_steps
 
+    @classmethod
+    def for_run(cls, t: TrainConfig, steps_per_epoch: int) -> Horizon:
+        steps = steps_per_epoch * t.epochs
+        if t.max_steps:
+            steps = min(steps, t.max_steps)
+        return cls(steps, steps)
 
-@dataclass
-class Run:
-    """Everything a run is made of on this rank; built once by `setup_run`."""
 
-    cfg: Config  # as run: train.batch_size and accum_steps are the batch plan's
-    user_cfg: Config  # as given; saved in checkpoints, so a resume on another world size plans afresh
-    denv: distributed.DistEnv
-    device: torch.device
+@dataclass(kw_only=True)
+class RunData:
+    """What the run reads: the shards' manifest and what follows from it on this world size."""
+
     manifest: dict[str, Any]
+    manifest_digest: str  # stored in checkpoints, so a resume can tell that the shards changed
     classes: data.ClassInfo
-    model: nn.Module  # what is called: compiled and/or DDP-wrapped
-    raw_model: nn.Module  # the bare module: saved and validated
+    batches: data.BatchPlan
+    steps_per_epoch: int
+    train_crop: tuple[int, int]  # what data.image_size=0 (auto) became
+    val_loader: data.ValBatches
+
+
+@dataclass(kw_only=True)
+class Nets:
+    """The network in the guises a run needs."""
+
+    step: nn.Module  # what a training step calls: compiled and/or DDP-wrapped
+    bare: nn.Module  # the module itself: trained, and resumed from
+    ema: WeightAverage | None = None
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """What is validated and saved as the checkpoint's `model`: the weight average when there is one."""
+        return self.ema.module if self.ema is not None else self.bare
+
+
+@dataclass(kw_only=True)
+class Optimisation:
     loss_fn: nn.Module  # SegLoss, compiled with the model
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None
-    batches: data.BatchPlan
-    steps_per_epoch: int  # optimiser steps
+
+
+@dataclass(kw_only=True)
+class Run:
+    """Everything a run is made of on this rank; built once by `setup_run`."""
+
+    cfg: Config  # as run: train.batch_size and accum_steps are the batch plan's
+    # The config as given, saved in checkpoints: a resume on another world size plans its batches afresh.
+    given_config: dict[str, Any]
+    denv: distributed.DistEnv
+    device: torch.device
+    data: RunData
+    nets: Nets
+    opt: Optimisation
     horizon: Horizon  # the run's step count: the schedule reads it, train.budget_minutes moves it
-    val_loader: data.ValBatches
-    manifest_digest: str  # stored in checkpoints, so a resume can tell that the shards changed
     runlog: RunLog = field(repr=False)
-    ema: WeightAverage | None = None
     clock: tuple[float, float] = (0.0, 0.0)  # (time.perf_counter() at the start, seconds spent before it)
     # The training batches from the first epoch this process trains to the end of the run: one loader, so
     # its workers start once, not at every epoch (see data.train_loader's endless=True).
@@ -224,21 +257,12 @@ class Run:
         t = self.cfg.train
         return t.compile and compile_mode(t.compile_mode, self.device, self.denv.world_size) in CUDA_GRAPH_MODES
 
-    @property
-    def total_steps(self) -> int:
-        return self.horizon.steps
-
-    @property
-    def eval_model(self) -> nn.Module:
-        """What is validated and saved as the checkpoint's `model`: the weight average when there is one."""
-        return self.ema.module if self.ema is not None else self.raw_model
-
     def elapsed(self) -> float:
         started, before = self.clock
         return before + time.perf_counter() - started
 
     def finished(self, state: TrainState) -> bool:
-        return state.epoch >= self.cfg.train.epochs or state.global_step >= self.total_steps
+        return state.epoch >= self.cfg.train.epochs or state.global_step >= self.horizon.steps
 
 
 @dataclass
@@ -266,7 +290,7 @@ def train(
             while not (stopped or run.finished(state)):
                 stopped = train_one_epoch(run, state, meter, stop)
                 if stopped:
-                    distributed.sync_buffers(run.raw_model)
+                    distributed.sync_buffers(run.nets.bare)
                     save_checkpoint(run, state)
                 else:
                     with meter.pause():
@@ -282,39 +306,74 @@ def train(
     finally:
         if run.train_stream is not None:
             run.train_stream.close()  # stops the loader's workers now, also when the run failed
-    run.model = run.raw_model  # let go of the DDP wrapper (and its hold on the process group) now
-    return TrainResult(run.raw_model, state.global_step, stopped, ",".join(stop.signals_seen), metrics, history)
+    run.nets.step = run.nets.bare  # let go of the DDP wrapper (and its hold on the process group) now
+    return TrainResult(run.nets.bare, state.global_step, stopped, ",".join(stop.signals_seen), metrics, history)
 
 
 def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> tuple[Run, TrainState]:
     """Data, model, loss, optimiser, schedule and scaler, resumed from a checkpoint if there is one."""
+    saved = find_resume_checkpoint(cfg)
+    batches = resolve_batch_plan(cfg, denv.world_size, saved[1] if saved else None)
+    run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batches.per_rank,
+                                                                 accum_steps=batches.accum_steps))
+    run_data = load_run_data(run_cfg, denv, batches)
+    horizon = Horizon.for_run(run_cfg.train, run_data.steps_per_epoch)
+    model = build_train_model(run_cfg, run_data.classes.num_classes, device)
+    opt = build_optimisation(run_cfg, model, run_data, horizon, device, distributed_loss=denv.distributed)
+    state = TrainState()
+    if saved is not None:
+        restore(saved, model, opt, state, run_data.manifest_digest, run_cfg.train.seed)
+    ema = weight_average(run_cfg.train, model, saved[1] if saved else None)
+    step_model = model
+    if run_cfg.train.compile:
+        step_model, opt.loss_fn = compile_step_parts(
+            model, opt.loss_fn, compile_mode(run_cfg.train.compile_mode, device, denv.world_size))
+    if distributed.is_initialized():  # also a 1-process group: DDP's per-step work is then measurable
+        step_model = wrap_ddp(step_model, model, device)
+    run = Run(cfg=run_cfg, given_config=to_dict(cfg), denv=denv, device=device, data=run_data,
+              nets=Nets(step=step_model, bare=model, ema=ema), opt=opt, horizon=horizon,
+              runlog=RunLog(Path(cfg.run.dir), enabled=denv.is_main, tensorboard=cfg.logging.tensorboard,
+                            resumed_at=state.global_step if saved is not None else None),
+              clock=(time.perf_counter(), state.train_seconds))
+    announce(run, state)
+    return run, state
+
+
+def find_resume_checkpoint(cfg: Config) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint `train.resume` names (loaded on the CPU: RNG states must stay there), or None."""
     run_dir = Path(cfg.run.dir)
     last = run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.LAST
     if cfg.train.resume == "never" and last.exists():
         raise ConfigError(f"{last} exists and train.resume=never would overwrite it: choose another run.dir or resume")
-    resumed = checkpoint.load_for_resume(cfg.train.resume, run_dir)  # on the CPU: RNG states must stay there
-    saved = resumed[1] if resumed else None
-    batches = resolve_batch_plan(cfg, denv.world_size, saved)
-    user_cfg = cfg
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batches.per_rank,
-                                                             accum_steps=batches.accum_steps))
+    return checkpoint.load_for_resume(cfg.train.resume, run_dir)
+
+
+def load_run_data(cfg: Config, denv: distributed.DistEnv, batches: data.BatchPlan) -> RunData:
+    """The manifest (its shards checked as data.verify says), the classes, and this rank's validation loader."""
     manifest = shards.load_manifest(cfg.data.root)
     if cfg.data.verify != "off":
         shards.verify_shards(cfg.data.root, manifest, [cfg.data.train_split, cfg.data.val_split],
                              full=cfg.data.verify == "full")
-    classes = data.resolve_classes(cfg.data, manifest)
-    steps_per_epoch = data.optimizer_steps_per_epoch(manifest, cfg, denv.world_size)
-    total_steps = steps_per_epoch * cfg.train.epochs
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
-    horizon = Horizon(total_steps, total_steps)
-    val_loader = data.val_loader(cfg, manifest, cfg.data.root, denv.rank, denv.world_size)
+    return RunData(
+        manifest=manifest,
+        manifest_digest=shards.manifest_digest(manifest),
+        classes=data.resolve_classes(cfg.data, manifest),
+        batches=batches,
+        steps_per_epoch=data.steps_per_epoch(manifest, cfg, denv.world_size),
+        train_crop=data.training_crop(cfg.data, manifest),
+        val_loader=data.val_loader(cfg, manifest, cfg.data.root, denv.rank, denv.world_size),
+    )
 
-    model = build_train_model(cfg, classes.num_classes, device)
-    weights = class_weights(manifest["splits"][cfg.data.train_split]["class_histogram"], cfg.loss.class_weights)
+
+def build_optimisation(cfg: Config, model: nn.Module, run_data: RunData, horizon: Horizon, device: torch.device,
+                       distributed_loss: bool) -> Optimisation:
+    """Loss, fused AdamW, the schedule over `horizon`, AMP dtype and scaler."""
+    classes = run_data.classes
+    histogram = run_data.manifest["splits"][cfg.data.train_split]["class_histogram"]
+    weights = class_weights(histogram, cfg.loss.class_weights)
     loss_fn = SegLoss(classes.num_classes, classes.ignore_index, cfg.loss.ce_weight, cfg.loss.dice_weight,
                       weights.to(device) if weights is not None else None,
-                      global_batch=cfg.loss.global_batch and denv.distributed)
+                      global_batch=cfg.loss.global_batch and distributed_loss)
     # Fused: it can skip a non-finite step on the device (see precision.optimizer_step). The encoder gets a
     # param group of its own only when a fine-tuning knob asks for it (frozen = lr factor 0, see schedule.py).
     fine_tune = cfg.model.freeze_encoder_epochs > 0 or cfg.optim.encoder_lr_mult != 1.0
@@ -322,56 +381,56 @@ def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> t
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                   betas=cfg.optim.betas, fused=True)
     scheduler = build_scheduler(optimizer, cfg.schedule, lambda: horizon.steps,
-                                freeze_steps=cfg.model.freeze_encoder_epochs * steps_per_epoch)
+                                freeze_steps=cfg.model.freeze_encoder_epochs * run_data.steps_per_epoch)
     amp_dtype = precision.resolve_amp(cfg.train.amp, device)
-    scaler = precision.grad_scaler(device, amp_dtype)
+    return Optimisation(loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
+                        scaler=precision.grad_scaler(device, amp_dtype), amp_dtype=amp_dtype)
 
-    state = TrainState()
-    manifest_digest = shards.manifest_digest(manifest)
-    if resumed is not None:
-        # With a weight average, `model` holds the average and `trained_model` the weights that train on.
-        model.load_state_dict(saved.get("trained_model", saved["model"]))
-        for part, target in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
-            target.load_state_dict(saved[part])
-        state.load_state_dict(saved, seed=cfg.train.seed)
-        if saved.get("manifest_digest") != manifest_digest:
-            log.warning("the shards changed since %s was written", resumed[0])
-        log.info("resumed from %s at epoch %d, step %d (global step %d), lr %.6g, grad scale %s (growth tracker %s)",
-                 resumed[0], state.epoch, state.epoch_step, state.global_step, optimizer.param_groups[0]["lr"],
-                 saved["scaler"].get("scale", "off"), saved["scaler"].get("_growth_tracker", "off"))
 
-    ema = None
-    if cfg.train.ema_decay > 0:
-        ema = WeightAverage(model, cfg.train.ema_decay)
-        if saved is not None and "ema" in saved:
-            ema.module.load_state_dict(saved["model"])
-            ema.load_state_dict(saved["ema"])
-    raw_model = model
-    mode = compile_mode(cfg.train.compile_mode, device, denv.world_size) if cfg.train.compile else None
-    if mode is not None:
-        model, loss_fn = compile_step_parts(model, loss_fn, mode)
-    if denv.distributed:
-        model = wrap_ddp(model, raw_model, device)
+def restore(saved: tuple[Path, dict[str, Any]], model: nn.Module, opt: Optimisation, state: TrainState,
+            manifest_digest: str, seed: int) -> None:
+    """Weights, optimiser, schedule, scaler and counters from a checkpoint."""
+    path, ck = saved
+    # With a weight average, `model` holds the average and `trained_model` the weights that train on.
+    model.load_state_dict(ck.get("trained_model", ck["model"]))
+    for part, target in (("optimizer", opt.optimizer), ("scheduler", opt.scheduler), ("scaler", opt.scaler)):
+        target.load_state_dict(ck[part])
+    state.load_state_dict(ck, seed=seed)
+    if ck.get("manifest_digest") != manifest_digest:
+        log.warning("the shards changed since %s was written", path)
+    log.info("resumed from %s at epoch %d, step %d (global step %d), lr %.6g, grad scale %s (growth tracker %s)",
+             path, state.epoch, state.epoch_step, state.global_step, opt.optimizer.param_groups[0]["lr"],
+             ck["scaler"].get("scale", "off"), ck["scaler"].get("_growth_tracker", "off"))
 
+
+def weight_average(t: TrainConfig, model: nn.Module, saved: dict[str, Any] | None) -> WeightAverage | None:
+    """The checkpoint's weight average, or a fresh one of `model` as it is now (initial or resumed)."""
+    if t.ema_decay <= 0:
+        return None
+    ema = WeightAverage(model, t.ema_decay)
+    if saved is not None and "ema" in saved:
+        ema.module.load_state_dict(saved["model"])
+        ema.load_state_dict(saved["ema"])
+    return ema
+
+
+def announce(run: Run, state: TrainState) -> None:
+    """The resolved config (run.dir/config.yaml and TensorBoard) and a one-line summary of the run."""
+    cfg, d, denv = run.cfg, run.data, run.denv
     resolved = to_dict(cfg)
-    resolved["train"]["global_batch_size"] = batches.global_batch
-    resolved["data"].update(num_classes=classes.num_classes, ignore_index=classes.ignore_index,
-                            class_names=classes.names, image_size=list(data.training_crop(cfg.data, manifest)))
+    resolved["train"]["global_batch_size"] = d.batches.global_batch
+    resolved["data"].update(num_classes=d.classes.num_classes, ignore_index=d.classes.ignore_index,
+                            class_names=d.classes.names, image_size=list(d.train_crop))
     if denv.is_main:
+        run_dir = Path(cfg.run.dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         clear_stop_marker(run_dir)
         atomic.write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
         log.info("%s: %s parameters, %d classes, %d ranks on %s, started by %s, amp %s, %d steps/epoch x %d "
-                 "epochs, global batch %s", cfg.model.name, f"{count_parameters(raw_model):,}", classes.num_classes,
-                 denv.world_size, device.type, denv.describe(), precision.name(amp_dtype), steps_per_epoch,
-                 cfg.train.epochs, batches.describe())
-    runlog = RunLog(run_dir, enabled=denv.is_main, tensorboard=cfg.logging.tensorboard,
-                    resumed_at=state.global_step if saved is not None else None)
-    runlog.text("config", "    " + json.dumps(resolved, indent=2).replace("\n", "\n    "), state.global_step)
-    run = Run(cfg, user_cfg, denv, device, manifest, classes, model, raw_model, loss_fn, optimizer, scheduler,
-              scaler, amp_dtype, batches, steps_per_epoch, horizon, val_loader, manifest_digest, runlog, ema,
-              clock=(time.perf_counter(), state.train_seconds))
-    return run, state
+                 "epochs, global batch %s", cfg.model.name, f"{count_parameters(run.nets.bare):,}",
+                 d.classes.num_classes, denv.world_size, run.device.type, denv.describe(),
+                 precision.name(run.opt.amp_dtype), d.steps_per_epoch, cfg.train.epochs, d.batches.describe())
+    run.runlog.text("config", "    " + json.dumps(resolved, indent=2).replace("\n", "\n    "), state.global_step)
 
 
 def wrap_ddp(model: nn.Module, raw_model: nn.Module, device: torch.device) -> DDP:
@@ -417,9 +476,8 @@ def global_batchnorm(t: TrainConfig, device: torch.device, world_size: int) -> b
     """Whether BatchNorm takes its statistics over the global batch (`train.sync_bn`).
 
     `auto`: on GPUs, where NCCL makes the exchange cheap, and on CPU ranks of fewer than SMALL_RANK_BATCH
-    samples each. Over gloo the 2 exchanges per layer per step each wait for the slowest rank: on CCP-12 2 x 4
-    made 20% fewer steps than with each rank's own statistics, and those 4 images per rank scored no worse
-    per step (docs/recipe.md).
+    samples each: over gloo the two exchanges per layer per step each wait for the slowest rank, which costs
+    more steps than larger ranks gain from global statistics (lab/recipe.md).
     """
     if world_size == 1 or t.sync_bn == "off":
         return False
@@ -479,18 +537,18 @@ def resolve_batch_plan(cfg: Config, world_size: int, saved: dict[str, Any] | Non
 def train_one_epoch(run: Run, state: TrainState, meter: StepMeter, stop: distributed.StopRequest) -> bool:
     """Optimiser steps to the end of the epoch or of the step budget; True if the ranks agreed to stop."""
     cfg = run.cfg
-    run.model.train()
+    run.nets.step.train()
     if state.epoch < cfg.model.freeze_encoder_epochs:  # frozen encoder: its BatchNorm statistics stay too
-        norms = freeze_encoder_batchnorm(run.model)
+        norms = freeze_encoder_batchnorm(run.nets.step)
         log.info("epoch %d: encoder frozen (learning rate 0, %d BatchNorm layers in eval mode)", state.epoch, norms)
     if run.train_stream is None:
-        run.train_stream = iter(data.train_loader(cfg, run.manifest, cfg.data.root, run.denv.rank,
+        run.train_stream = iter(data.train_loader(cfg, run.data.manifest, cfg.data.root, run.denv.rank,
                                                   run.denv.world_size, state.epoch,
-                                                  skip_steps=state.epoch_step * cfg.train.accum_steps, endless=True))
+                                                  skip_steps=state.epoch_step, endless=True))
     batches = run.train_stream
-    with progress(run.steps_per_epoch, f"epoch {state.epoch}", run.denv.is_main and cfg.logging.progress,
+    with progress(run.data.steps_per_epoch, f"epoch {state.epoch}", run.denv.is_main and cfg.logging.progress,
                   initial=state.epoch_step) as bar:
-        while state.epoch_step < run.steps_per_epoch:
+        while state.epoch_step < run.data.steps_per_epoch:
             train_step(run, batches, meter)
             state.epoch_step += 1
             state.global_step += 1
@@ -499,7 +557,7 @@ def train_one_epoch(run: Run, state: TrainState, meter: StepMeter, stop: distrib
             if at_log:
                 log_train_step(run, meter.flush(), state.global_step, bar)
                 fit_budget(run, state)
-            if state.global_step >= run.total_steps:
+            if state.global_step >= run.horizon.steps:
                 break
             # Ranks agree on a stop at the same step: the check is a collective at a fixed cadence.
             if at_log and stop.agreed(run.device):
@@ -512,7 +570,7 @@ def train_one_epoch(run: Run, state: TrainState, meter: StepMeter, stop: distrib
 
 def train_step(run: Run, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], meter: StepMeter) -> None:
     """One optimiser step over `train.accum_steps` micro-batches; gradients all-reduce on the last one."""
-    accum, device = run.cfg.train.accum_steps, run.device
+    accum, device, nets, opt = run.cfg.train.accum_steps, run.device, run.nets, run.opt
     if run.cudagraphs:
         torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are free to be overwritten
     for micro in range(accum):
@@ -523,19 +581,19 @@ def train_step(run: Run, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], m
                                 run.cfg.train.channels_last)
         masks = masks.to(device, non_blocking=True).long()
         sync = micro == accum - 1 or not run.denv.distributed
-        with (contextlib.nullcontext() if sync else run.model.no_sync()), precision.autocast(device, run.amp_dtype):
-            loss, parts = run.loss_fn(run.model(images), masks)
-        run.scaler.scale(loss / accum).backward()
-    run.scaler.unscale_(run.optimizer)
-    grad_norm = gradient_norm(run.raw_model, run.cfg.train.grad_clip)
+        with (contextlib.nullcontext() if sync else nets.step.no_sync()), precision.autocast(device, opt.amp_dtype):
+            loss, parts = opt.loss_fn(nets.step(images), masks)
+        opt.scaler.scale(loss / accum).backward()
+    opt.scaler.unscale_(opt.optimizer)
+    grad_norm = gradient_norm(nets.bare, run.cfg.train.grad_clip)
     # The gradients are all-reduced, so every rank reaches the same verdict, on the device.
     skipped = (~torch.isfinite(grad_norm)).float()
-    precision.optimizer_step(run.optimizer, run.scaler, skipped)
-    run.optimizer.zero_grad(set_to_none=True)
-    if is_per_iteration(run.scheduler):
-        run.scheduler.step()
-    if run.ema is not None:
-        run.ema.update(run.raw_model)
+    precision.optimizer_step(opt.optimizer, opt.scaler, skipped)
+    opt.optimizer.zero_grad(set_to_none=True)
+    if is_per_iteration(opt.scheduler):
+        opt.scheduler.step()
+    if nets.ema is not None:
+        nets.ema.update(nets.bare)
     meter.update(loss, parts, grad_norm, skipped)
 
 
@@ -562,9 +620,9 @@ def log_train_step(run: Run, stats: StepStats, step: int, bar: Any) -> None:
     m = stats.means
     run.runlog.scalars({
         "train/loss": m["loss"], "train/ce": m["ce"], "train/dice": m["dice"], "train/grad_norm": m["grad_norm"],
-        "train/lr": run.optimizer.param_groups[0]["lr"], "train/images_per_s": images_per_s,
+        "train/lr": run.opt.optimizer.param_groups[0]["lr"], "train/images_per_s": images_per_s,
         "train/data_wait_fraction": stats.data_wait / seconds, "train/memory_mb": memory_mb(run.device),
-        **({"train/grad_scale": run.scaler.get_scale()} if run.scaler.is_enabled() else {}),
+        **({"train/grad_scale": run.opt.scaler.get_scale()} if run.opt.scaler.is_enabled() else {}),
     }, step)
     bar.set_postfix(loss=f"{m['loss']:.3f}", img_s=f"{images_per_s:.0f}")
 
@@ -575,30 +633,31 @@ def end_of_epoch(run: Run, state: TrainState, meter: StepMeter,
 
     Returns the validation's metrics, or None in an epoch without validation."""
     cfg = run.cfg
-    distributed.sync_buffers(run.raw_model)  # the weights validated and checkpointed are rank 0's
-    if run.ema is not None:
-        distributed.sync_buffers(run.ema.module)
+    distributed.sync_buffers(run.nets.bare)  # the weights validated and checkpointed are rank 0's
+    if run.nets.ema is not None:
+        distributed.sync_buffers(run.nets.ema.module)
     train_loss = meter.epoch_loss()
     finished_epoch = state.epoch
-    if state.epoch_step >= run.steps_per_epoch:
+    if state.epoch_step >= run.data.steps_per_epoch:
         state.epoch, state.epoch_step = state.epoch + 1, 0
     is_last = run.finished(state)
     is_best, m = False, None
     if is_last or state.epoch % cfg.train.val_every == 0:
         result = run_validation(run)
         m = result.metrics
-        if not is_per_iteration(run.scheduler):
-            run.scheduler.step(m["loss"])  # all-reduced: every rank decides the same
-        history.append({"epoch": finished_epoch, "step": state.global_step, "lr": run.optimizer.param_groups[0]["lr"],
-                        "val_loss": m["loss"], "miou": m["miou"], "train_loss": train_loss})
+        if not is_per_iteration(run.opt.scheduler):
+            run.opt.scheduler.step(m["loss"])  # all-reduced: every rank decides the same
+        history.append({"epoch": finished_epoch, "step": state.global_step,
+                        "lr": run.opt.optimizer.param_groups[0]["lr"], "val_loss": m["loss"], "miou": m["miou"],
+                        "train_loss": train_loss})
         is_best = m["miou"] > state.best_miou
         state.best_miou = max(state.best_miou, m["miou"])
         log.info("Epoch %d: train loss=%.4f, val loss=%.4f, val mIoU=%.4f, pixel acc=%.4f (%d val samples)",
                  finished_epoch, train_loss, m["loss"], m["miou"], m["pixel_accuracy"], result.samples_seen)
         if run.denv.is_main:
-            pictures = validation_pictures(result.examples, cfg.data.mean, cfg.data.std, run.classes.num_classes,
-                                           run.classes.ignore_index)
-            run.runlog.validation(m, result.matrix, result.samples_seen, run.classes.names, pictures,
+            pictures = validation_pictures(result.examples, cfg.data.mean, cfg.data.std, run.data.classes.num_classes,
+                                           run.data.classes.ignore_index)
+            run.runlog.validation(m, result.matrix, result.samples_seen, run.data.classes.names, pictures,
                                   finished_epoch, state.global_step, train_loss)
             if is_last:
                 run.runlog.overlays(pictures)
@@ -610,12 +669,13 @@ def end_of_epoch(run: Run, state: TrainState, meter: StepMeter,
 
 def run_validation(run: Run) -> Validation:
     cfg, denv = run.cfg, run.denv
-    share = data.val_share(run.manifest, cfg.data.val_split, denv.rank, denv.world_size)
+    share = data.val_share(run.data.manifest, cfg.data.val_split, denv.rank, denv.world_size)
     with progress(share, "val", denv.is_main and cfg.logging.progress) as bar:
-        result = validate(run.eval_model, run.val_loader, run.classes.num_classes, run.classes.ignore_index,
-                          run.device, cfg.data, run.amp_dtype, cfg.train.channels_last,
+        classes = run.data.classes
+        result = validate(run.nets.evaluated, run.data.val_loader, classes.num_classes, classes.ignore_index,
+                          run.device, cfg.data, run.opt.amp_dtype, cfg.train.channels_last,
                           keep=cfg.logging.overlays if denv.is_main else 0, progress=bar)
-    expected = shards.split_count(run.manifest, cfg.data.val_split)
+    expected = shards.split_count(run.data.manifest, cfg.data.val_split)
     if result.samples_seen != expected:
         raise RunFailed(f"validation saw {result.samples_seen} samples over all ranks, the manifest lists "
                         f"{expected} for split {cfg.data.val_split!r}")
@@ -628,23 +688,24 @@ def save_checkpoint(run: Run, state: TrainState, is_best: bool = False, snapshot
     counters = state.state_dict()
     if not run.denv.is_main:
         return
-    classes = run.classes
-    averaged = {} if run.ema is None else {"trained_model": run.raw_model.state_dict(), "ema": run.ema.state_dict()}
+    classes = run.data.classes
+    nets = run.nets
+    averaged = {} if nets.ema is None else {"trained_model": nets.bare.state_dict(), "ema": nets.ema.state_dict()}
     checkpoint.save(run.ckpt_dir / checkpoint.LAST, {
-        "model": run.eval_model.state_dict(),  # the bare module: no `module.`/`_orig_mod.` prefixes
+        "model": run.nets.evaluated.state_dict(),  # the bare module: no `module.`/`_orig_mod.` prefixes
         **averaged,
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "scaler": run.scaler.state_dict(),
+        "optimizer": run.opt.optimizer.state_dict(),
+        "scheduler": run.opt.scheduler.state_dict(),
+        "scaler": run.opt.scaler.state_dict(),
         **counters,
-        "config": to_dict(run.user_cfg),
-        "global_batch": run.batches.global_batch,
-        "world_size": run.batches.world_size,
+        "config": run.given_config,
+        "global_batch": run.data.batches.global_batch,
+        "world_size": run.data.batches.world_size,
         "num_classes": classes.num_classes,
         "ignore_index": classes.ignore_index,
         "class_names": classes.names,
-        "train_crop": list(data.training_crop(run.cfg.data, run.manifest)),  # what data.image_size=0 became
-        "manifest_digest": run.manifest_digest,
+        "train_crop": list(run.data.train_crop),  # what data.image_size=0 became
+        "manifest_digest": run.data.manifest_digest,
         "versions": checkpoint.versions(),
     })
     if is_best:
