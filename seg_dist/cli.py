@@ -49,11 +49,13 @@ def report(message: str) -> None:
 def run(command: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Call `command(argv)`; known errors become one line and an exit code instead of a traceback.
 
-    SEG_DIST_TRACEBACK=1 re-raises them, for debugging.
+    Only `UserError` (exit 2) and `RunFailed`/`DiskFull` (exit 1) are known: any other exception, a
+    ValueError or a missing file included, is a bug in seg_dist and propagates with its traceback.
+    SEG_DIST_TRACEBACK=1 re-raises the known ones too, for debugging.
     """
     try:
         return command(argv)
-    except (UserError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError) as e:
+    except UserError as e:
         if os.environ.get("SEG_DIST_TRACEBACK"):
             raise
         report(str(e))

@@ -11,9 +11,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import logging
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +21,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError
-
-log = logging.getLogger(__name__)
+from .models import MODEL_NAMES
 
 
 class ConfigError(UserError):
@@ -215,37 +214,156 @@ def crop_hw(data_cfg: DataConfig) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def _check_choices(cfg: Config) -> None:
-    from .models import MODELS  # late: the model table imports torch and this module
+def _between(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable[[Any], bool]:
+    return lambda v: (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
 
-    choices = [
-        ("model.name", cfg.model.name, tuple(MODELS)),
-        ("train.amp", cfg.train.amp, AMP_MODES),
-        ("train.compile_mode", cfg.train.compile_mode, COMPILE_MODES),
-        ("model.norm", cfg.model.norm, NORMS),
-        ("train.sync_bn", cfg.train.sync_bn, SYNC_BN),
-        ("schedule.name", cfg.schedule.name, SCHEDULES),
-        ("loss.class_weights", cfg.loss.class_weights, CLASS_WEIGHTS),
-        ("train.device", cfg.train.device, DEVICES),
-        ("data.verify", cfg.data.verify, VERIFY),
-    ]
-    for key, value, allowed in choices:
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
-    positive = [
-        ("train.batch_size", cfg.train.batch_size),
-        ("train.accum_steps", cfg.train.accum_steps),
-        *(("data.image_size", v) for v in crop_hw(cfg.data) if cfg.data.image_size != 0),
-        ("model.width", cfg.model.width),
-        ("model.depth", cfg.model.depth),
-    ]
-    for key, value in positive:
-        if value < 1:
-            raise ConfigError(f"{key}={value}: must be at least 1")
-    if not 0.0 <= cfg.train.ema_decay < 1.0:
-        raise ConfigError(f"train.ema_decay={cfg.train.ema_decay}: expected 0 (off) or a decay in (0, 1)")
-    if cfg.train.budget_minutes < 0:
-        raise ConfigError(f"train.budget_minutes={cfg.train.budget_minutes}: must be at least 0")
+
+def _at_least(lo: float) -> Callable[[Any], bool]:
+    return lambda v: v >= lo
+
+
+def _one_of(allowed: tuple[str, ...]) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in allowed), f"expected one of {', '.join(allowed)}"
+
+
+def _each(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: all(ok(x) for x in v)
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _nonempty(v: Any) -> bool:
+    return isinstance(v, str) and v.strip() != ""
+
+
+BOOL = (_is_bool, "expected true or false")
+AT_LEAST_0 = (_at_least(0), "must be at least 0")
+AT_LEAST_1 = (_at_least(1), "must be at least 1")
+POSITIVE = ((lambda v: v > 0), "must be greater than 0")
+PROBABILITY = (_between(0.0, 1.0), "a probability, must be in [0, 1]")
+NONEMPTY = (_nonempty, "must not be empty")
+
+# Every key of every section: (key, predicate, the valid range as the error states it). Checked when a config
+# is loaded (`load_config_dict`), so a value out of range fails at once with one line instead of training
+# nothing, dividing by zero or aborting a healthy run later.
+CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("data.root", *NONEMPTY),
+    ("data.train_split", *NONEMPTY),
+    ("data.val_split", *NONEMPTY),
+    ("data.image_size", lambda v: v == 0 or min(v if isinstance(v, tuple) else (v,)) >= 1,
+     "0 (auto from the manifest), or a crop side N or [H, W], each at least 1"),
+    ("data.val_size", *AT_LEAST_0),
+    ("data.num_classes", lambda v: v is None or v >= 1, "unset (from the manifest) or at least 1"),
+    ("data.ignore_index", lambda v: v is None or 0 <= v <= 65535,
+     "unset (from the manifest) or a label value in [0, 65535]"),
+    ("data.class_names", lambda v: v is None or len(v) >= 1, "unset (from the manifest) or a list of names"),
+    ("data.mean", _each(_between(0.0, 1.0)), "each channel's mean in [0, 1] (pixels scaled to 0-1)"),
+    ("data.std", _each(lambda x: x > 0), "each channel's std must be greater than 0"),
+    ("data.workers", *AT_LEAST_0),
+    ("data.pin_memory", *BOOL),
+    ("data.persistent_workers", *BOOL),
+    ("data.prefetch_factor", *AT_LEAST_1),
+    ("data.val_batch_size", lambda v: v >= 0, "0 (train.batch_size) or at least 1"),
+    ("data.verify", *_one_of(VERIFY)),
+    ("data.augment.scale", lambda v: 0 < v[0] <= v[1], "[low, high] with 0 < low <= high"),
+    ("data.augment.hflip", *PROBABILITY),
+    ("data.augment.vflip", *PROBABILITY),
+    ("data.augment.brightness_contrast", *PROBABILITY),
+    ("data.augment.affine", *PROBABILITY),
+    ("data.augment.rotate", _between(0.0, 180.0), "degrees, must be in [0, 180]"),
+    ("data.augment.translate", _between(0.0, 1.0), "a fraction of the crop, must be in [0, 1]"),
+    ("model.name", *_one_of(MODEL_NAMES)),
+    ("model.width", *AT_LEAST_1),
+    ("model.depth", *AT_LEAST_1),
+    ("model.in_channels", *AT_LEAST_1),
+    ("model.bilinear", *BOOL),
+    ("model.norm", *_one_of(NORMS)),
+    ("model.encoder", *NONEMPTY),
+    ("model.encoder_weights", lambda v: v is None or _nonempty(v), "unset or the path of a local state dict"),
+    ("model.freeze_encoder_epochs", *AT_LEAST_0),
+    ("loss.ce_weight", *AT_LEAST_0),
+    ("loss.dice_weight", *AT_LEAST_0),
+    ("loss.class_weights", *_one_of(CLASS_WEIGHTS)),
+    ("loss.global_batch", *BOOL),
+    ("optim.lr", *POSITIVE),
+    ("optim.weight_decay", *AT_LEAST_0),
+    ("optim.betas", _each(_between(0.0, 1.0, hi_open=True)), "each beta must be in [0, 1)"),
+    ("optim.encoder_lr_mult", *AT_LEAST_0),
+    ("schedule.name", *_one_of(SCHEDULES)),
+    ("schedule.warmup_iters", *AT_LEAST_0),
+    ("schedule.power", *POSITIVE),
+    ("schedule.min_lr", *AT_LEAST_0),
+    ("schedule.plateau_factor", _between(0.0, 1.0, lo_open=True, hi_open=True), "must be in (0, 1)"),
+    ("schedule.plateau_patience", *AT_LEAST_0),
+    ("train.epochs", *AT_LEAST_1),
+    ("train.batch_size", *AT_LEAST_1),
+    ("train.global_batch_size", lambda v: v >= 0, "0 (batch_size x accum_steps x ranks) or at least 1"),
+    ("train.allow_batch_change", *BOOL),
+    ("train.steps_per_epoch", lambda v: v >= 0, "0 (from the manifest) or at least 1"),
+    ("train.accum_steps", *AT_LEAST_1),
+    ("train.amp", *_one_of(AMP_MODES)),
+    ("train.grad_clip", lambda v: v >= 0, "0 (off) or a norm greater than 0"),
+    ("train.sync_bn", *_one_of(SYNC_BN)),
+    ("train.channels_last", *BOOL),
+    ("train.compile", *BOOL),
+    ("train.compile_mode", *_one_of(COMPILE_MODES)),
+    ("train.cudnn_benchmark", *BOOL),
+    ("train.seed", _between(0, 2**32 - 1), "must be in [0, 2**32 - 1]"),
+    ("train.device", *_one_of(DEVICES)),
+    ("train.pin_cpu_ranks", *BOOL),
+    ("train.resume", _nonempty, "auto, never or a checkpoint path"),
+    ("train.val_every", *AT_LEAST_1),
+    ("train.max_nonfinite", *AT_LEAST_1),
+    ("train.max_steps", lambda v: v >= 0, "0 (no limit) or at least 1"),
+    ("train.budget_minutes", lambda v: v >= 0, "0 (none) or minutes greater than 0"),
+    ("train.ema_decay", _between(0.0, 1.0, hi_open=True), "0 (off) or a decay in (0, 1)"),
+    ("train.requeue", *BOOL),
+    ("train.dist_timeout_minutes", *POSITIVE),
+    ("checkpoint.every_steps", lambda v: v >= 0, "0 (only at epoch end) or at least 1"),
+    ("checkpoint.keep_last", *AT_LEAST_0),
+    ("logging.tensorboard", *BOOL),
+    ("logging.log_every", *AT_LEAST_1),
+    ("logging.overlays", *AT_LEAST_0),
+    ("logging.progress", *BOOL),
+    ("run.dir", *NONEMPTY),
+)
+
+
+def _get(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for name in key.split("."):
+        node = getattr(node, name)
+    return node
+
+
+def _show(value: Any) -> str:
+    """A value as it would be written in YAML or an override: `0`, `'fp8'`, `[0.9, 0.8]`."""
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def check(cfg: Config) -> None:
+    """Every value in its valid range, and the keys that constrain each other consistent; else a ConfigError
+    that names the key, its value and the range."""
+    for key, ok, valid in CHECKS:
+        value = _get(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"{key}={_show(value)}: {valid}")
+    if cfg.loss.ce_weight + cfg.loss.dice_weight <= 0:
+        raise ConfigError(f"loss.ce_weight={cfg.loss.ce_weight} and loss.dice_weight={cfg.loss.dice_weight}: "
+                          "at least one must be greater than 0 (the loss would be zero)")
+    if cfg.schedule.min_lr > cfg.optim.lr:
+        raise ConfigError(f"schedule.min_lr={cfg.schedule.min_lr}: must be at most optim.lr={cfg.optim.lr}")
+    names, classes = cfg.data.class_names, cfg.data.num_classes
+    if names is not None and classes is not None and len(names) != classes:
+        raise ConfigError(f"data.class_names has {len(names)} names but data.num_classes={classes}: "
+                          "give one name per class")
+    if cfg.model.name == "unet" and cfg.data.image_size != 0 and min(crop_hw(cfg.data)) < 2**cfg.model.depth:
+        raise ConfigError(f"data.image_size={_show(cfg.data.image_size)}: the U-Net needs each side at least "
+                          f"2**model.depth={2**cfg.model.depth}")
 
 
 # --- typed conversion ---------------------------------------------------------------------------
@@ -313,12 +431,6 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
 
 
-# Keys that older configs (and checkpoints) carry but that no longer mean anything: a warning, not an error.
-RETIRED_KEYS = {
-    "data.shuffle_buffer": "every epoch is a fresh permutation of the whole split now",
-}
-
-
 def _unknown_key(key: str, valid: list[str]) -> ConfigError:
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1, cutoff=0.5)
     prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
@@ -332,9 +444,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     for key in data:
-        if f"{prefix}{key}" in RETIRED_KEYS:
-            log.warning("config key %s%s is ignored: %s", prefix, key, RETIRED_KEYS[f"{prefix}{key}"])
-        elif key not in names:
+        if key not in names:
             raise _unknown_key(f"{prefix}{key}", names)
     kwargs = {}
     for name in names:
@@ -405,7 +515,7 @@ def load_config_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...
                 raise ConfigError(f"override {text!r}: {k} is not a section")
         node[keys[-1]] = value
     cfg = _build(Config, data)
-    _check_choices(cfg)
+    check(cfg)
     return cfg
 
 

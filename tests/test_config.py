@@ -1,9 +1,12 @@
+import dataclasses
+import re
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
-from seg_dist.config import Config, ConfigError, dump_yaml, from_dict, load_config, to_dict
+from seg_dist.config import CHECKS, Config, ConfigError, dump_yaml, from_dict, load_config, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,12 +77,65 @@ def test_model_name_is_checked_against_the_model_table():
         load_config(None, ["model.name=resnet_fcn"])
 
 
-def test_retired_key_is_a_warning_not_an_error(tmp_path, caplog):
+def test_a_key_no_version_declares_is_an_error(tmp_path):
     old = tmp_path / "old.yaml"
     old.write_text("data:\n  shuffle_buffer: 1000\n  workers: 3\n")
-    with caplog.at_level("WARNING"):
-        cfg = load_config(old)
-    assert cfg.data.workers == 3
-    assert "data.shuffle_buffer is ignored: every epoch is a fresh permutation" in caplog.text
+    with pytest.raises(ConfigError, match=r"unknown config key 'data\.shuffle_buffer'"):
+        load_config(old)
     with pytest.raises(ConfigError, match=r"did you mean data\.workers"):
         load_config(None, ["data.wokers=2"])
+
+
+def _leaf_keys(cls: type, prefix: str = "") -> set[str]:
+    hints = typing.get_type_hints(cls)
+    keys: set[str] = set()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        keys |= _leaf_keys(tp, f"{prefix}{f.name}.") if dataclasses.is_dataclass(tp) else {f"{prefix}{f.name}"}
+    return keys
+
+
+def test_every_config_key_has_a_range_check():
+    assert sorted(key for key, _, _ in CHECKS) == sorted(_leaf_keys(Config))
+    defaults = load_config(None)
+    for key, ok, valid in CHECKS:  # the defaults themselves are in range
+        node = defaults
+        for name in key.split("."):
+            node = getattr(node, name)
+        assert ok(node), f"default {key}={node!r} is outside its own range: {valid}"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.epochs=0"], "train.epochs=0: must be at least 1"),
+        (["train.epochs=-3"], "train.epochs=-3: must be at least 1"),
+        (["train.max_nonfinite=0"], "train.max_nonfinite=0: must be at least 1"),
+        (["loss.ce_weight=0", "loss.dice_weight=0"], "at least one must be greater than 0"),
+        (["loss.dice_weight=-0.5"], "loss.dice_weight=-0.5: must be at least 0"),
+        (["optim.lr=0"], "optim.lr=0.0: must be greater than 0"),
+        (["optim.lr=-1e-3"], "optim.lr=-0.001: must be greater than 0"),
+        (["data.workers=-1"], "data.workers=-1: must be at least 0"),
+        (["logging.log_every=0"], "logging.log_every=0: must be at least 1"),
+        (["train.max_steps=-5"], "train.max_steps=-5: 0 (no limit) or at least 1"),
+        (["checkpoint.keep_last=-1"], "checkpoint.keep_last=-1: must be at least 0"),
+        (["data.prefetch_factor=0"], "data.prefetch_factor=0: must be at least 1"),
+        (["train.val_every=0"], "train.val_every=0: must be at least 1"),
+        (["schedule.warmup_iters=-1"], "schedule.warmup_iters=-1: must be at least 0"),
+        (["schedule.plateau_factor=1.5"], "schedule.plateau_factor=1.5: must be in (0, 1)"),
+        (["schedule.min_lr=1"], "schedule.min_lr=1.0: must be at most optim.lr"),
+        (["optim.betas=[0.9,1.0]"], "optim.betas=[0.9, 1.0]: each beta must be in [0, 1)"),
+        (["data.augment.hflip=1.5"], "data.augment.hflip=1.5: a probability, must be in [0, 1]"),
+        (["data.augment.affine=-0.1"], "data.augment.affine=-0.1: a probability"),
+        (["data.augment.scale=[1.2,0.8]"], "data.augment.scale=[1.2, 0.8]: [low, high] with 0 < low <= high"),
+        (["data.augment.scale=[0,1]"], "data.augment.scale=[0.0, 1.0]: [low, high] with 0 < low <= high"),
+        (["data.std=[0.2,0,0.2]"], "data.std=[0.2, 0.0, 0.2]: each channel's std must be greater than 0"),
+        (["train.dist_timeout_minutes=0"], "train.dist_timeout_minutes=0.0: must be greater than 0"),
+        (["train.ema_decay=1"], "train.ema_decay=1.0: 0 (off) or a decay in (0, 1)"),
+        (["data.num_classes=3", "data.class_names=[a,b]"], "data.class_names has 2 names but data.num_classes=3"),
+        (["data.image_size=8"], "data.image_size=8: the U-Net needs each side at least 2**model.depth=16"),
+    ],
+)
+def test_out_of_range_values_fail_at_load_with_the_range(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)

@@ -11,14 +11,17 @@ import difflib
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seg_dist.config import ModelConfig
 from seg_dist.errors import UserError
 from seg_dist.models.unet import DoubleConv, Down, OutConv, UNet, Up
+
+if TYPE_CHECKING:  # config imports this table to check model.name, so only type checkers import config here
+    from seg_dist.config import ModelConfig
 
 __all__ = [
     "MODELS", "MODEL_NAMES", "DoubleConv", "Down", "OutConv", "SmpSegmenter", "UNet", "Up", "build_model",
