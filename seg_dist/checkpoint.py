@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import atomic
-from .config import Config, load_config_dict
+from .config import Config, ConfigError, load_config_dict
 from .errors import UserError
 from .models import build_model
 
@@ -28,6 +28,9 @@ CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
 BEST = "best.pt"
 _SNAPSHOT = re.compile(r"epoch\d+-step(\d+)\.pt$")
+# What `load_model` rebuilds a model from, and what a resumed run needs besides (the trainer writes both).
+MODEL_KEYS = ("model", "config", "num_classes", "ignore_index", "class_names", "global_step")
+RESUME_KEYS = (*MODEL_KEYS, "optimizer", "scheduler", "scaler")
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +77,26 @@ def copy(src: str | Path, dst: str | Path) -> None:
     atomic.copy(src, dst)
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load(path: str | Path, map_location: str | torch.device = "cpu", require: Sequence[str] = ()) -> dict[str, Any]:
+    """The checkpoint at `path`; a CheckpointError naming the file if it is missing, unreadable, or lacks
+    any of the `require`d keys (a plain state_dict or another program's file)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
+        raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a torn, foreign or non-weights-only file: bad input, not a bug
         first_line = (str(e).strip().splitlines() or [""])[0]  # torch's weights-only errors run to a page
         raise CheckpointError(f"{path}: cannot load checkpoint ({type(e).__name__}: {first_line})") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a seg_dist checkpoint (holds a {type(state).__name__}, not a dict)")
+    missing = [k for k in require if k not in state]
+    if missing:
+        what = ("a plain state_dict (parameter name -> tensor)"
+                if state and all(isinstance(v, torch.Tensor) for v in state.values()) else "not a seg_dist checkpoint")
+        raise CheckpointError(f"{path}: {what}, lacks {', '.join(missing)}; give a checkpoint that "
+                              "`python -m seg_dist.train` wrote (run.dir/checkpoints/*.pt)")
+    return state
 
 
 def resume_path(resume: str, run_dir: str | Path) -> Path | None:
@@ -94,7 +108,7 @@ def resume_path(resume: str, run_dir: str | Path) -> Path | None:
         return last if last.is_file() else None
     path = Path(resume)
     if not path.is_file():
-        raise FileNotFoundError(f"train.resume={resume}: checkpoint not found")
+        raise CheckpointError(f"train.resume={resume}: checkpoint not found (auto, never or an existing .pt file)")
     return path
 
 
@@ -109,12 +123,12 @@ def load_for_resume(resume: str, run_dir: str | Path) -> tuple[Path, dict[str, A
     if path is None:
         return None
     if resume != "auto":
-        return path, load(path)
+        return path, load(path, require=RESUME_KEYS)
     folder = Path(run_dir) / CHECKPOINT_DIR
     failed: list[str] = []
     for candidate in [path, *reversed(_snapshots(folder))]:
         try:
-            state = load(candidate)
+            state = load(candidate, require=RESUME_KEYS)
         except CheckpointError as e:
             failed.append(str(e))
             continue
@@ -156,11 +170,18 @@ class TrainedModel:
 
 def load_model(path: str | Path, device: torch.device, overrides: Sequence[str] = ()) -> TrainedModel:
     """The model stored in a checkpoint, on `device`, with the config it was trained with."""
-    state = load(path, map_location=device)
-    cfg = load_config_dict(state["config"], list(overrides))
+    state = load(path, map_location=device, require=MODEL_KEYS)
+    try:
+        cfg = load_config_dict(state["config"], list(overrides))
+    except ConfigError as e:  # the stored config (or an override) names the key; say which checkpoint
+        raise CheckpointError(f"{path}: {e}") from None
     # The weights are all in the checkpoint: an encoder_weights file used at training time need not exist here.
     model = build_model(dataclasses.replace(cfg.model, encoder_weights=None), state["num_classes"]).to(device)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:  # weights of another shape than the stored config builds: an edited or foreign file
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: its weights do not fit its model.* config ({first_line})") from None
     model.eval()
     crop = state.get("train_crop")
     return TrainedModel(model, cfg, state["num_classes"], state["ignore_index"], list(state["class_names"]),

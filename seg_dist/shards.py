@@ -25,6 +25,7 @@ __all__ = [
     "MANIFEST",
     "MASK_FIELD",
     "META_FIELD",
+    "ManifestError",
     "ShardError",
     "decode_image",
     "decode_mask",
@@ -47,7 +48,8 @@ MASK_FIELD = "mask.png"
 META_FIELD = "json"
 
 _TOP_KEYS = ("format", "num_classes", "ignore_index", "class_names", "splits")
-_SPLIT_KEYS = ("num_samples", "shards")
+_SPLIT_KEYS = ("num_samples", "shards", "class_histogram", "image_size")
+_IMAGE_SIZE_KEYS = ("min_hw", "max_hw", "mean_hw")
 _SHARD_KEYS = ("name", "num_samples")
 
 # Single-channel PIL modes whose pixel values are the labels themselves ("P": palette indices).
@@ -120,38 +122,78 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+class ManifestError(UserError):
+    """A manifest.json that is missing, unreadable or not of the shape the packer writes; the message names
+    the file and the key."""
+
+
 def load_manifest(root: str | Path) -> dict[str, Any]:
-    """Read and sanity-check `root/manifest.json`; errors are one line naming the file."""
+    """Read `root/manifest.json` and check its whole shape once, so that every later read of a key the
+    packer writes is safe; errors are one line naming the file and the key."""
     path = Path(root) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no shard manifest (pack a dataset with `python -m seg_dist.pack`)")
+        raise ManifestError(f"{path}: no shard manifest (check data.root, or pack a dataset with "
+                            "`python -m seg_dist.pack`)")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable manifest ({e})") from e
+        raise ManifestError(f"{path}: unreadable manifest ({e})") from e
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise ManifestError(f"{path}: {problem}; re-pack the dataset with `python -m seg_dist.pack`")
+    return manifest
+
+
+def _is_int(v: Any, lo: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _is_hw(v: Any) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) and x > 0 for x in v)
+
+
+def _manifest_problem(manifest: Any) -> str | None:
+    """What is wrong with a manifest's shape, naming the key; None for a sound one."""
     if not isinstance(manifest, dict):
-        raise ValueError(f"{path}: manifest is not a JSON object")
+        return "not a JSON object"
     missing = [k for k in _TOP_KEYS if k not in manifest]
     if missing:
-        raise ValueError(f"{path}: manifest lacks keys {missing}")
+        return f"manifest lacks keys {missing}"
     if manifest["format"] != FORMAT:
-        raise ValueError(f"{path}: format {manifest['format']!r} is not {FORMAT!r}")
+        return f"format {manifest['format']!r} is not {FORMAT!r}"
+    if not _is_int(manifest["num_classes"], 1):
+        return f"num_classes={manifest['num_classes']!r}: expected an integer >= 1"
+    if not _is_int(manifest["ignore_index"]):
+        return f"ignore_index={manifest['ignore_index']!r}: expected an integer >= 0"
+    names = manifest["class_names"]
+    if not isinstance(names, list) or len(names) != manifest["num_classes"]:
+        return f"class_names: expected a list of num_classes={manifest['num_classes']} names"
     if not isinstance(manifest["splits"], dict):
-        raise ValueError(f"{path}: 'splits' is not an object")
+        return "'splits' is not an object"
     for name, split in manifest["splits"].items():
         if not isinstance(split, dict) or any(k not in split for k in _SPLIT_KEYS):
-            raise ValueError(f"{path}: split {name!r} lacks keys {list(_SPLIT_KEYS)}")
+            lacking = [k for k in _SPLIT_KEYS if not isinstance(split, dict) or k not in split]
+            return f"split {name!r} lacks keys {lacking}"
+        if not _is_int(split["num_samples"]) or not isinstance(split["shards"], list):
+            return f"split {name!r}: num_samples must be an integer >= 0 and shards a list"
         for shard in split["shards"]:
             if not isinstance(shard, dict) or any(k not in shard for k in _SHARD_KEYS):
-                raise ValueError(f"{path}: a shard entry of split {name!r} lacks keys {list(_SHARD_KEYS)}")
-    return manifest
+                return f"a shard entry of split {name!r} lacks keys {list(_SHARD_KEYS)}"
+        hist = split["class_histogram"]
+        if not isinstance(hist, list) or len(hist) != manifest["num_classes"] or not all(map(_is_int, hist)):
+            return f"split {name!r}: class_histogram must list one pixel count per class"
+        size = split["image_size"]
+        # Each entry is optional (a split written by hand may carry none), but one that is there must be sound.
+        if not isinstance(size, dict) or not all(_is_hw(size[k]) for k in _IMAGE_SIZE_KEYS if k in size):
+            return f"split {name!r}: image_size must map {'/'.join(_IMAGE_SIZE_KEYS)} to [height, width]"
+    return None
 
 
 def _split(manifest: dict[str, Any], split: str, where: str = "manifest") -> dict[str, Any]:
     splits = manifest["splits"]
     if split not in splits:
         available = ", ".join(sorted(splits)) or "none"
-        raise ValueError(f"split {split!r} not in {where}; available splits: {available}")
+        raise ManifestError(f"split {split!r} not in {where}; available splits: {available}")
     return splits[split]
 
 
@@ -169,7 +211,11 @@ def split_count(manifest: dict[str, Any], split: str) -> int:
 
 def mean_image_size(manifest: dict[str, Any], split: str) -> tuple[float, float]:
     """The mean (height, width) of `split`'s images as packed."""
-    h, w = _split(manifest, split)["image_size"]["mean_hw"]
+    size = _split(manifest, split)["image_size"]
+    if "mean_hw" not in size:
+        raise ManifestError(f"{MANIFEST}: split {split!r} has no image_size.mean_hw to derive data.image_size=0 "
+                            "from; set data.image_size or re-pack the dataset")
+    h, w = size["mean_hw"]
     return float(h), float(w)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from seg_dist.errors import UserError
 from seg_dist.visualize import IGNORE_COLOUR, palette
 
 __all__ = ["CLASS_NAMES", "IGNORE_INDEX", "PALETTE", "generate", "mask_image", "render"]
@@ -128,12 +129,12 @@ def mask_image(label: np.ndarray) -> Image.Image:
 def generate(out_dir: str | Path, n: int = 480, size: int = 64, seed: int = 0, overwrite: bool = False) -> Path:
     """Write `n` samples to out_dir/images/synth_NNNNN.jpg and out_dir/masks/synth_NNNNN.png."""
     if n < 1 or size < 8:
-        raise ValueError(f"need n >= 1 and size >= 8, got n={n}, size={size}")
+        raise UserError(f"--n {n} --size {size}: need n >= 1 samples of size >= 8 pixels")
     out = Path(out_dir)
     images, masks = out / "images", out / "masks"
     existing = [p for d in (images, masks) if d.is_dir() for p in d.iterdir()]
     if existing and not overwrite:
-        raise FileExistsError(f"{out}: images/ or masks/ already has files; pass overwrite (--overwrite)")
+        raise UserError(f"{out}: images/ or masks/ already has files; pass overwrite (--overwrite)")
     for p in existing:
         # Only our own files go, so a mistyped --out cannot wipe someone's data.
         if p.name.startswith("synth_") and p.suffix in (".jpg", ".png"):

@@ -57,7 +57,7 @@ def test_failed_save_keeps_the_old_file(tmp_path):
 def test_resume_path_and_pruning(tmp_path):
     assert checkpoint.resume_path("auto", tmp_path) is None
     assert checkpoint.resume_path("never", tmp_path) is None
-    with pytest.raises(FileNotFoundError, match=r"missing\.pt"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"train\.resume=.*missing\.pt: checkpoint not found"):
         checkpoint.resume_path(str(tmp_path / "missing.pt"), tmp_path)
     ck = tmp_path / checkpoint.CHECKPOINT_DIR
     checkpoint.save(ck / checkpoint.LAST, {"step": 3})

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from seg_dist.config import ModelConfig
+from seg_dist.errors import UserError
 from seg_dist.models import MODEL_NAMES, UNet, build_model, count_parameters
 
 
@@ -64,7 +65,7 @@ def test_unknown_model_name() -> None:
 
 def test_smp_missing_encoder_weights_file(tmp_path) -> None:
     missing = tmp_path / "nope.pth"
-    with pytest.raises(FileNotFoundError, match=r"nope\.pth"):
+    with pytest.raises(UserError, match=r"model\.encoder_weights='.*nope\.pth' is not a file"):
         build_model(ModelConfig(name="smp_unet", encoder_weights=str(missing)), num_classes=3)
 
 

@@ -299,7 +299,8 @@ def test_second_split_appended_and_repack_refused(tmp_path: Path, capsys: pytest
     manifest = shards.load_manifest(out)
     assert shards.shard_counts(manifest, "train") == [3, 1] and manifest["class_names"] == ["x", "y", "z"]
     assert sorted(p.name for p in out.glob("train-*")) == ["train-000000.tar", "train-000001.tar"]
-    with pytest.raises(ValueError, match=r"split 'val' not in .*manifest.json; available splits: test, train"):
+    unknown = r"split 'val' not in .*manifest.json; available splits: test, train"
+    with pytest.raises(shards.ManifestError, match=unknown):
         shards.shard_urls(out, manifest, "val")
 
     (tmp_path / "stray").mkdir()
@@ -414,13 +415,13 @@ def test_help_subprocess(command: list[str]) -> None:
 
 
 def test_manifest_helpers(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"manifest\.json"):
+    with pytest.raises(shards.ManifestError, match=r"manifest\.json: no shard manifest"):
         shards.load_manifest(tmp_path)
     atomic.write_text(tmp_path / shards.MANIFEST, "{not json")
-    with pytest.raises(ValueError, match=r"manifest\.json: unreadable"):
+    with pytest.raises(shards.ManifestError, match=r"manifest\.json: unreadable"):
         shards.load_manifest(tmp_path)
     atomic.write_text(tmp_path / shards.MANIFEST, json.dumps({"format": shards.FORMAT}))
-    with pytest.raises(ValueError, match="lacks keys"):
+    with pytest.raises(shards.ManifestError, match="lacks keys"):
         shards.load_manifest(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [shards.MANIFEST]
     a = {"x": 1, "y": [1, 2]}

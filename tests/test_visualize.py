@@ -82,7 +82,8 @@ def shard_root(tmp_path):
             sink.write({"__key__": f"s{i}", "png": png_bytes(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)),
                         "mask.png": png_bytes(rng.integers(0, 4, (40, 36), dtype=np.uint8))})
     manifest = {"format": "seg_dist-shards/1", "num_classes": 4, "ignore_index": 255, "class_names": list("abcd"),
-                "splits": {"train": {"num_samples": 6, "shards": [{"name": "train-000000.tar", "num_samples": 6}]}}}
+                "splits": {"train": {"num_samples": 6, "shards": [{"name": "train-000000.tar", "num_samples": 6}],
+                                     "class_histogram": [0, 0, 0, 0], "image_size": {}}}}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     return tmp_path
 

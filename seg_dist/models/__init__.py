@@ -88,7 +88,7 @@ def build_smp_unet(cfg: ModelConfig, num_classes: int) -> nn.Module:
     # Checked before the heavy import so a config typo fails fast, and so named weights such as
     # "imagenet" (smp's own convention, which downloads) are rejected instead of fetched.
     if encoder_weights is not None and not Path(encoder_weights).is_file():
-        raise FileNotFoundError(
+        raise UserError(
             f"model.encoder_weights={encoder_weights!r} is not a file; pass a local state-dict path "
             "(weights are never downloaded at run time) or leave it unset"
         )

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 import seg_dist
 from seg_dist import atomic, shards, synthetic
+from seg_dist.errors import UserError
 from seg_dist.pack.errors import PackError, Problem
 from seg_dist.pack.labels import LabelSpec, load_label_map, load_palette
 from seg_dist.pack.pairing import Pair, pair_files, read_list
@@ -136,8 +137,8 @@ def _load_existing(out: Path, o: PackOptions, names: list[str]) -> tuple[dict[st
     if (out / shards.MANIFEST).exists():
         try:
             old = shards.load_manifest(out)
-        except (ValueError, FileNotFoundError) as e:
-            raise PackError(f"{e}; fix or remove it") from e
+        except shards.ManifestError as e:
+            raise PackError(f"{e}; or remove it") from e
     old_splits = old.get("splits", {})
     for split in o.split_names:
         stray = shards.existing_shards(out, split)
@@ -339,6 +340,6 @@ def pack_synthetic(
         _check_options(options)  # before spending time on generating
         try:
             synthetic.generate(tmp, n, size, seed)
-        except ValueError as e:
+        except UserError as e:  # pack's callers catch PackError
             raise PackError(str(e)) from e
         return pack(options)
