@@ -126,7 +126,9 @@ class TrainConfig:
     # On a world size that cannot make the configured (or resumed run's) global batch exactly: carry on with
     # batch_size x accum_steps x ranks instead of stopping with an error.
     allow_batch_change: bool = False
-    steps_per_epoch: int = 0  # 0: derived from the manifest so one epoch sees the train split once
+    # Optimiser steps per epoch (each takes accum_steps micro-batches per rank); 0: from the manifest, enough
+    # steps of the global batch for one epoch to see the train split once.
+    steps_per_epoch: int = 0
     accum_steps: int = 1
     amp: str = "auto"  # off | bf16 | fp16 | auto
     grad_clip: float = 0.0  # 0: off

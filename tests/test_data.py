@@ -12,7 +12,8 @@ import webdataset as wds
 from conftest import jpeg_bytes, png_bytes
 
 from seg_dist import data
-from seg_dist.config import load_config
+from seg_dist.config import DataConfig, load_config
+from seg_dist.errors import UserError
 from seg_dist.shards import ShardError
 
 NUM_CLASSES, IGNORE = 6, 255
@@ -95,6 +96,68 @@ def _all_keys(manifest, split: str) -> set[str]:
     return {f"{split}_{s}_{i:04d}" for s, c in enumerate(counts) for i in range(c)}
 
 
+# --- reader ------------------------------------------------------------------------------------
+
+
+def test_read_shard_gives_raw_fields_and_decode_sample_turns_them_into_arrays(dataset):
+    root, _ = dataset
+    url = str(root / "val-000000.tar")
+    raws = list(data.read_shard(url))
+    assert [r["__key__"] for r in raws] == [f"val_0_{i:04d}" for i in range(5)]
+    first = raws[0]
+    assert first["__url__"] == url and {"jpg", "mask.png", "json"} <= set(first)
+    assert all(isinstance(first[k], bytes) for k in ("jpg", "mask.png", "json"))
+    decoded = data.decode_sample(first)
+    assert decoded["key"] == "val_0_0000" and decoded["url"] == url and decoded["meta"]["key"] == "val_0_0000"
+    assert decoded["image"].dtype == np.uint8 and decoded["image"].shape[:2] == decoded["mask"].shape
+    # iter_samples is read_shard then decode_sample, shard after shard.
+    keys = [s["key"] for s in data.iter_samples([url, str(root / "val-000001.tar")])]
+    assert keys == [r["__key__"] for r in raws] + ["val_1_0000"]
+    with pytest.raises(ShardError, match=r"needs an image .* and mask\.png"):
+        data.decode_sample({"__key__": "k", "__url__": url, "mask.png": first["mask.png"]})
+    with pytest.raises(ShardError, match=r"nowhere\.tar: cannot open"):
+        list(data.read_shard(str(root / "nowhere.tar")))
+
+
+# --- classes -----------------------------------------------------------------------------------
+
+
+def test_classes_come_from_the_manifest_unless_the_config_overrides_them(dataset):
+    root, manifest = dataset
+    assert data.resolve_classes(DataConfig(root=str(root)), manifest) == data.ClassInfo(
+        NUM_CLASSES, IGNORE, [f"c{i}" for i in range(NUM_CLASSES)])
+    # More classes than packed, and an ignore index no class uses, fit the shards.
+    more = data.resolve_classes(DataConfig(root=str(root), num_classes=8, ignore_index=-1), manifest)
+    assert more == data.ClassInfo(8, -1, [f"class_{i}" for i in range(8)])
+    names = [f"n{i}" for i in range(NUM_CLASSES)]
+    assert data.resolve_classes(DataConfig(root=str(root), class_names=names), manifest).names == names
+
+
+def test_fewer_classes_than_the_shards_hold_is_a_user_error(dataset):
+    root, manifest = dataset
+    with pytest.raises(UserError, match=rf"data\.num_classes=4 is less than the 6 classes of .*{root.name}/manifest"
+                                        r"\.json \(its shards hold labels up to 5\)"):
+        data.resolve_classes(DataConfig(root=str(root), num_classes=4), manifest)
+
+
+def test_an_ignore_index_that_is_a_class_is_a_user_error(dataset):
+    root, manifest = dataset
+    with pytest.raises(UserError, match=r"data\.ignore_index=0 is class 0 of 6 .*ignore index of .*manifest\.json "
+                                        r"is 255"):
+        data.resolve_classes(DataConfig(root=str(root), ignore_index=0), manifest)
+    # The manifest's own ignore index stays allowed wherever it lies.
+    assert data.resolve_classes(DataConfig(root=str(root), ignore_index=IGNORE), manifest).ignore_index == IGNORE
+
+
+def test_class_names_of_the_wrong_length_are_a_user_error(dataset):
+    root, manifest = dataset
+    with pytest.raises(UserError, match=r"data\.class_names has 2 names for 6 classes"):
+        data.resolve_classes(DataConfig(root=str(root), class_names=["a", "b"]), manifest)
+    with pytest.raises(UserError, match=r"data\.class_names has 6 names for 7 classes"):
+        data.resolve_classes(DataConfig(root=str(root), num_classes=7, class_names=[str(i) for i in range(6)]),
+                             manifest)
+
+
 # --- transforms --------------------------------------------------------------------------------
 
 
@@ -175,15 +238,19 @@ def test_batch_plan_keeps_the_global_batch_on_any_world_size():
     assert data.plan_batches(8, 2, max_per_rank=4) == data.BatchPlan(4, 1, 2)
     assert data.plan_batches(12, 2, max_per_rank=4) == data.BatchPlan(3, 2, 2)  # largest batch dividing 6
     assert data.plan_batches(16, 8, max_per_rank=64).global_batch == 16
-    with pytest.raises(ValueError, match=r"global batch of 8 cannot be split over 3 ranks.*e\.g\. 9.*1, 2, 4, 8 ranks"):
+    with pytest.raises(UserError, match=r"global batch of 8 cannot be split over 3 ranks.*e\.g\. 9.*1, 2, 4, 8 ranks"):
         data.plan_batches(8, 3, max_per_rank=4)
 
 
 def test_steps_per_epoch_counts_whole_optimiser_steps(dataset):
     root, manifest = dataset
     # 13 samples, global batch 8: 2 optimiser steps on 1 rank x 4 x 2 and on 2 ranks x 4 x 1.
-    assert data.steps_per_epoch(manifest, _cfg(root, "train.batch_size=4", "train.accum_steps=2"), 1) == 2 * 2
+    accumulated = _cfg(root, "train.batch_size=4", "train.accum_steps=2")
+    assert data.steps_per_epoch(manifest, accumulated, 1) == 2
     assert data.steps_per_epoch(manifest, _cfg(root, "train.batch_size=4"), 2) == 2
+    # The loader yields micro-batches: accum_steps of them per optimiser step.
+    assert len(data.train_loader(accumulated, manifest, str(root), 0, 1, 0)) == 2 * 2
+    assert len(data.train_loader(_cfg(root, "train.batch_size=4"), manifest, str(root), 1, 2, 0)) == 2
 
 
 def test_steps_per_epoch(dataset):
@@ -281,14 +348,30 @@ def test_endless_train_batches_are_the_epochs_one_after_the_other(dataset, worke
 
 def test_endless_train_batches_follow_the_trainers_epoch_of_whole_optimiser_steps(dataset):
     root, manifest = dataset
-    # 5 batches per epoch with 2 per optimiser step: the trainer takes 4, and the next epoch starts there.
-    cfg = _cfg(root, "train.steps_per_epoch=5", "train.accum_steps=2")
-    assert data.optimizer_steps_per_epoch(manifest, cfg, 2) == 2
+    # train.steps_per_epoch counts optimiser steps: 2 steps of 2 micro-batches each, and the next epoch
+    # starts after the 4th micro-batch.
+    cfg = _cfg(root, "train.steps_per_epoch=2", "train.accum_steps=2")
+    assert data.steps_per_epoch(manifest, cfg, 2) == 2
+    epochs = [_batches(cfg, manifest, root, 0, epoch) for epoch in (0, 1)]
+    assert [len(e) for e in epochs] == [4, 4]
     stream = iter(data.train_loader(cfg, manifest, str(root), 0, 2, 0, endless=True))
     got = [next(stream) for _ in range(8)]
     stream.close()
     for part, epoch in ((got[:4], 0), (got[4:], 1)):
-        assert _same(part, _batches(cfg, manifest, root, 0, epoch)[:4])
+        assert _same(part, epochs[epoch])
+    # skip_steps counts optimiser steps too: skipping one skips its 2 micro-batches, endless or not.
+    assert _same(_batches(cfg, manifest, root, 0, 0, skip=1), epochs[0][2:])
+    stream = iter(data.train_loader(cfg, manifest, str(root), 0, 2, 0, skip_steps=1, endless=True))
+    got = [next(stream) for _ in range(2 + 4)]
+    stream.close()
+    assert _same(got, epochs[0][2:] + epochs[1])
+
+
+def test_negative_skip_steps_is_a_bug_not_a_user_error(dataset):
+    root, manifest = dataset
+    with pytest.raises(ValueError, match="skip_steps=-1") as caught:
+        data.train_loader(_cfg(root), manifest, str(root), 0, 1, 0, skip_steps=-1)
+    assert not isinstance(caught.value, UserError)
 
 
 def test_workers_do_not_change_the_batches(dataset):
@@ -349,18 +432,24 @@ def test_shard_disagreeing_with_manifest_is_an_error(dataset, tmp_path):
     bad = json.loads(json.dumps(manifest))
     bad["splits"]["val"]["shards"][2]["num_samples"] = 8  # the shard holds 7
     bad["splits"]["val"]["num_samples"] = 14
-    with pytest.raises(ValueError, match="7 samples, the manifest lists 8"):
+    with pytest.raises(ShardError, match="7 samples, the manifest lists 8"):
         _val_keys(_cfg(root), bad, root, "val", 1)
     bad["splits"]["val"]["shards"][2]["num_samples"] = 6
-    with pytest.raises(ValueError, match="more samples than the manifest"):
+    with pytest.raises(ShardError, match="more samples than the manifest"):
         _val_keys(_cfg(root), bad, root, "val", 1)
 
 
 def test_empty_train_shard_is_an_error_not_a_hang(tmp_path):
     manifest = make_shards(tmp_path, {"train": [3]})
     tarfile.open(tmp_path / "train-000000.tar", "w").close()
-    with pytest.raises(ValueError, match=r"train-000000\.tar: 0 samples, the manifest lists 3"):
+    with pytest.raises(ShardError, match=r"train-000000\.tar: 0 samples, the manifest lists 3"):
         list(data.train_loader(_cfg(tmp_path), manifest, str(tmp_path), 0, 1, 0))
+
+
+def test_a_train_split_without_samples_is_a_user_error(tmp_path):
+    manifest = make_shards(tmp_path, {"train": []})
+    with pytest.raises(UserError, match=r"data\.train_split='train': the split has no samples in .*manifest\.json"):
+        data.train_loader(_cfg(tmp_path), manifest, str(tmp_path), 0, 1, 0)
 
 
 # --- two real processes ------------------------------------------------------------------------

@@ -1,0 +1,164 @@
+"""The one tar reader of seg_dist: a shard's samples in order, a shard's tar-header index, one sample's bytes
+read where the index says they lie, and the decoding of a sample's bytes into arrays.
+
+Everything that reads shards goes through here (the loaders, and outside this package `read_shard` and
+`iter_samples`), so webdataset's key convention, the skipped metadata members and the one-line errors for
+damaged shards hold everywhere alike.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tarfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import IO, Any
+
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
+
+from ..shards import IMAGE_EXTS, MASK_FIELD, META_FIELD, ShardError, decode_image, decode_mask
+
+__all__ = ["Entry", "SampleReader", "decode_sample", "index_shard", "index_split", "iter_samples", "read_shard"]
+
+log = logging.getLogger(__name__)
+
+
+def read_shard(url: str) -> Iterator[dict[str, Any]]:
+    """The samples of one shard in order, undecoded: dicts of each file's bytes by extension (e.g. "jpg",
+    "mask.png", "json"), plus "__key__" (the sample's key) and "__url__" (`url`).
+
+    A shard that cannot be opened or whose tar structure breaks raises `ShardError` naming it. The file is
+    closed when the iterator is exhausted or closed, also when a reader stops mid-shard.
+    """
+    # webdataset's tarfile_samples leaves the file open when a reader stops mid-shard; closing it
+    # here also covers abandoned train streams and validation readers that stop at their range end.
+    try:
+        stream = gopen(url, "rb")
+    except OSError as e:
+        raise ShardError.unreadable(url, e, opening=True) from e
+    try:
+        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ShardError.unreadable(url, e) from e
+    finally:
+        stream.close()
+
+
+def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
+    """A raw sample (as `read_shard` gives it) -> dict of key, image (uint8 H x W x 3 RGB), mask (int64
+    H x W), meta (the sample's JSON, or {}) and url. A sample without an image and a mask, with bytes that do
+    not decode, or with image and mask of different sizes raises `ShardError`."""
+    key, url = raw["__key__"], raw.get("__url__", "?")
+    ext = next((e for e in IMAGE_EXTS if e in raw), None)
+    if ext is None or MASK_FIELD not in raw:
+        fields = sorted(k for k in raw if not k.startswith("__"))
+        raise ShardError(f"{url}: sample {key!r} needs an image ({'/'.join(IMAGE_EXTS)}) and {MASK_FIELD}; "
+                         f"has {fields}")
+    try:
+        image = decode_image(raw[ext])
+        mask = decode_mask(raw[MASK_FIELD])
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError ... for damaged bytes
+        raise ShardError(f"{url}: sample {key!r} does not decode ({type(e).__name__}: {e}); {ShardError.HINT}") from e
+    if image.shape[:2] != mask.shape:
+        raise ShardError(f"{url}: sample {key!r}: image {image.shape[:2]} and mask {mask.shape} differ in size")
+    meta = json.loads(raw[META_FIELD]) if META_FIELD in raw else {}
+    return {"key": key, "image": image, "mask": mask, "meta": meta, "url": url}
+
+
+def iter_samples(urls: Sequence[str]) -> Iterator[dict[str, Any]]:
+    """Decoded samples of `urls` in shard order, no augmentation: dicts of key, image (uint8 H x W x 3),
+    mask (int64 H x W), meta (dict) and url (see `decode_sample`)."""
+    for url in urls:
+        for raw in read_shard(url):
+            yield decode_sample(raw)
+
+
+# --- the index: where each sample's bytes lie ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where one sample's files lie in its shard: (field, offset, size) of each field's bytes."""
+
+    shard: int  # the shard's place in its split's list of urls
+    key: str
+    fields: tuple[tuple[str, int, int], ...]
+
+
+_WDS_META = re.compile(r"__[^/]*__($|/)")
+
+
+def index_shard(url: str, count: int) -> list[tuple[str, tuple[tuple[str, int, int], ...]]]:
+    """The samples of one shard in order: key and (field, offset, size) of each file, read from the tar
+    headers without the files' bytes, with webdataset's key convention (`base_plus_ext`). A shard that does not
+    hold the `count` samples its manifest lists raises `ShardError`."""
+    samples: list[tuple[str, list[tuple[str, int, int]]]] = []
+    try:
+        with tarfile.open(url, "r:") as tar:
+            for member in tar:
+                # webdataset's tar_file_iterator skips these: not a file, or metadata named __*__
+                if not member.isreg() or _WDS_META.match(member.name) or (
+                        "/" not in member.name and member.name.startswith("__") and member.name.endswith("__")):
+                    continue
+                key, ext = base_plus_ext(member.name)
+                if key is None:
+                    continue
+                if not samples or samples[-1][0] != key:
+                    samples.append((key, []))
+                samples[-1][1].append((ext.lower(), member.offset_data, member.size))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ShardError.unreadable(url, e) from e
+    if len(samples) != count:
+        raise ShardError(f"{url}: {len(samples)} samples, the manifest lists {count}; {ShardError.HINT}")
+    return [(key, tuple(fields)) for key, fields in samples]
+
+
+def index_split(urls: list[str], counts: list[int]) -> list[Entry]:
+    """Every sample of a split's shards (`counts` from its manifest), in shard order."""
+    start = time.perf_counter()
+    entries: list[Entry] = []
+    for shard, (url, count) in enumerate(zip(urls, counts, strict=True)):
+        entries += [Entry(shard, key, fields) for key, fields in index_shard(url, count)]
+    if (took := time.perf_counter() - start) > 2:  # a pause at start deserves a word
+        log.info("indexed %d training samples in %d shards (%.1f s)", len(entries), len(urls), took)
+    return entries
+
+
+class SampleReader:
+    """Raw samples (as `read_shard` gives them) by their `Entry`, each field's bytes read at its offset.
+
+    A shard stays open for the next sample; open files stay with their process (a pickled reader, as a
+    DataLoader worker gets it, starts with none) until `close`.
+    """
+
+    def __init__(self, urls: list[str]) -> None:
+        self.urls = urls
+        self._files: dict[int, IO[bytes]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_files": {}}
+
+    def read(self, entry: Entry) -> dict[str, Any]:
+        url = self.urls[entry.shard]
+        f = self._files.get(entry.shard)
+        try:
+            if f is None:
+                f = self._files[entry.shard] = open(url, "rb")  # noqa: SIM115 (kept open for the next sample)
+            raw: dict[str, Any] = {"__key__": entry.key, "__url__": url}
+            for field, offset, size in entry.fields:
+                f.seek(offset)
+                raw[field] = f.read(size)
+                if len(raw[field]) != size:
+                    raise EOFError(f"{field} of {entry.key!r} ends early")
+        except (OSError, EOFError) as e:
+            raise ShardError.unreadable(url, e) from e
+        return raw
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
