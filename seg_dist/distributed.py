@@ -19,12 +19,14 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from .errors import RunFailed, UserError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ class DistEnv:
     local_rank: int = 0
     world_size: int = 1
     local_world_size: int = 1
-    launcher: str = "none"  # torchrun | slurm | none
+    launcher: str = "none"  # torchrun | slurm | local (spawn_local_group, single_process_group) | none
     restart_count: int = 0  # torchrun --max-restarts or a SLURM requeue
     job_id: str = ""
     slurm_job_id: str = ""  # set inside any SLURM allocation, whatever started the processes
@@ -101,7 +103,7 @@ def first_host(nodelist: str) -> str:
     """First host of a SLURM hostlist: `gpu[003-005,010],cpu1` -> `gpu003`."""
     m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
     if not m:
-        raise ValueError(f"cannot parse SLURM_NODELIST {nodelist!r}")
+        raise UserError(f"SLURM_NODELIST={nodelist!r}: not a hostlist; set MASTER_ADDR to the first host of the job")
     prefix, ranges = m.group(1), m.group(2)
     if ranges is None:
         return prefix
@@ -176,36 +178,37 @@ def requeue_slurm_job(environ: Mapping[str, str] | None = None) -> tuple[bool, s
 
 
 def check_topology(denv: DistEnv, environ: Mapping[str, str] | None = None) -> None:
-    """Fail fast, with one line, on a launch that would otherwise hang in the rendezvous or share a GPU."""
+    """Fail fast, with one UserError line, on a launch that would otherwise hang in the rendezvous or share a GPU."""
     env = os.environ if environ is None else environ
     if denv.launcher == "slurm":
         nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1")))
         per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
         if per_node.isdigit() and int(per_node) * nodes != denv.world_size:
-            raise ValueError(f"SLURM_NTASKS={denv.world_size} but {nodes} node(s) x --ntasks-per-node={per_node}: "
+            raise UserError(f"SLURM_NTASKS={denv.world_size} but {nodes} node(s) x --ntasks-per-node={per_node}: "
                              "ask for one task per GPU on every node")
     told = "LOCAL_WORLD_SIZE" in env or (denv.launcher == "slurm" and "SLURM_NTASKS_PER_NODE" in env)
     if told and denv.local_rank >= denv.local_world_size:
-        raise ValueError(f"local rank {denv.local_rank} is outside the {denv.local_world_size} processes of this node")
+        raise UserError(f"local rank {denv.local_rank} is outside the {denv.local_world_size} processes of this node")
     if torch.cuda.is_available() and denv.local_world_size > torch.cuda.device_count() > 0:
-        raise ValueError(f"{denv.local_world_size} processes on a node with {torch.cuda.device_count()} visible "
+        raise UserError(f"{denv.local_world_size} processes on a node with {torch.cuda.device_count()} visible "
                          "GPU(s): two ranks would share a GPU; start one process per GPU (--nproc_per_node)")
     addr = env.get("MASTER_ADDR")
     if denv.distributed and addr:
         try:
             socket.getaddrinfo(addr, None)
         except OSError as e:
-            raise ValueError(f"MASTER_ADDR={addr} does not resolve ({e}); use the first host of the job") from e
+            raise UserError(f"MASTER_ADDR={addr} does not resolve ({e}); use the first host of the job") from e
 
 
 def pick_device(local_rank: int, kind: str = "auto") -> torch.device:
     """`cuda:LOCAL_RANK` (never the global rank: ranks on other nodes have their own GPUs) or cpu."""
     if kind == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but CUDA is not available")
+        raise UserError("train.device=cuda: CUDA is not available here; use train.device=cpu or auto")
     if kind in ("auto", "cuda") and torch.cuda.is_available():
         count = torch.cuda.device_count()
         if local_rank >= count:
-            raise RuntimeError(f"local rank {local_rank} has no GPU: only {count} visible on this node")
+            raise UserError(f"train.device={kind}: local rank {local_rank} has no GPU, only {count} visible on this "
+                            "node; start one process per GPU (--nproc_per_node)")
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
@@ -400,6 +403,14 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
+def sum_packed(parts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor of `parts` summed over ranks, in ONE all-reduce: they travel packed in a float64 vector
+    (integer counts stay exact up to 2**53) and come back float64, in `parts`' shapes. On one process:
+    the parts as float64. The tensors must live on a device that suits the backend (CUDA for nccl)."""
+    packed = all_reduce_(torch.cat([p.detach().reshape(-1).double() for p in parts]))
+    return [chunk.reshape(p.shape) for chunk, p in zip(packed.split([p.numel() for p in parts]), parts, strict=True)]
+
+
 def sum_small(tensor: torch.Tensor) -> torch.Tensor:
     """The sum over ranks of a small tensor (per-channel statistics), the same bits on every rank.
 
@@ -459,3 +470,68 @@ def sync_buffers(module: torch.nn.Module, src: int = 0) -> None:
         return
     for buf in module.buffers():
         dist.broadcast(buf.data, src=src)
+
+
+# --- process groups on this machine, without a launcher (benchmarks, tests) ---------------------------
+
+
+@contextlib.contextmanager
+def single_process_group(device: torch.device) -> Iterator[DistEnv]:
+    """A real process group of this one process on `device` (gloo on CPU, NCCL on a GPU), destroyed on exit.
+
+    What a multi-rank run has around its model (DDP, its hooks, real collectives), in one process and with
+    no launcher or environment variables. Raises RuntimeError if this process is in a group already.
+    """
+    if is_initialized():
+        raise RuntimeError("single_process_group: this process is already in a process group")
+    kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
+    with _signals_blocked(STOP_SIGNALS):  # as in setup(): the group's threads must not take the stop signals
+        dist.init_process_group(backend_for(device), store=dist.HashStore(), rank=0, world_size=1, **kwargs)
+    try:
+        yield DistEnv(launcher="local")
+    finally:
+        gc.collect()  # as in setup(): objects holding the group go before it
+        dist.destroy_process_group()
+
+
+def spawn_local_group(world_size: int, fn: Callable[..., None], args: tuple[Any, ...] = (), device: str = "auto",
+                      timeout_minutes: float = 10.0) -> None:
+    """Run `fn(denv, device, *args)` in `world_size` new processes on this machine, each one rank of one
+    process group (rendezvous on 127.0.0.1; gloo on CPU, NCCL and `cuda:rank` with GPUs); returns when all
+    have finished. `fn` and `args` must pickle (`fn` a module-level function). A rank that raises ends the
+    others, and RunFailed names it, chained to its traceback.
+    """
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:  # a free port for rank 0's store
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    try:
+        mp.spawn(_local_rank, args=(world_size, port, fn, args, device, timeout_minutes), nprocs=world_size)
+    except mp.ProcessRaisedException as e:
+        last = [line for line in str(e).strip().splitlines() if line.strip()][-1:]
+        raise RunFailed(f"rank {e.error_index} of {world_size} local processes failed: "
+                        f"{last[0] if last else e}") from e
+    except mp.ProcessExitedException as e:
+        raise RunFailed(f"rank {e.error_index} of {world_size} local processes died: {e}") from e
+
+
+def _local_rank(rank: int, world_size: int, port: int, fn: Callable[..., None], args: tuple[Any, ...],
+                device: str, timeout_minutes: float) -> None:
+    """One process of `spawn_local_group`: join the group, run `fn`, leave the group."""
+    denv = DistEnv(rank=rank, local_rank=rank, world_size=world_size, local_world_size=world_size,
+                   launcher="local")
+    dev = pick_device(rank, device)
+    kwargs: dict[str, Any] = {}
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        kwargs["device_id"] = dev
+    with _signals_blocked(STOP_SIGNALS):
+        dist.init_process_group(backend_for(dev), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world_size, timeout=datetime.timedelta(minutes=timeout_minutes),
+                                **kwargs)
+    try:
+        fn(denv, dev, *args)
+    finally:
+        gc.collect()
+        dist.destroy_process_group()

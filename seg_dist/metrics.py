@@ -12,7 +12,8 @@ import math
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from . import distributed
 
 
 class ConfusionMatrix:
@@ -73,18 +74,14 @@ class ConfusionMatrix:
         suffices; float64 holds integer counts exactly up to 2**53 pixels per cell. The tensor
         lives on `device`, which must suit the backend (a CUDA device for nccl).
         """
-        if not (dist.is_available() and dist.is_initialized()):
+        if not distributed.is_initialized():
             return
         if self._reduced:
             raise RuntimeError("ConfusionMatrix already reduced; call reset() before accumulating again")
-        packed = torch.cat([self.mat.flatten().double(), self.loss_sum.view(1), self.loss_weight.view(1),
-                            self.samples.double().view(1)])
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-        nn = self.num_classes * self.num_classes
-        self.mat = packed[:nn].round().to(torch.int64).reshape(self.mat.shape)
-        self.loss_sum = packed[nn]
-        self.loss_weight = packed[nn + 1]
-        self.samples = packed[nn + 2].round().to(torch.int64)
+        mat, self.loss_sum, self.loss_weight, samples = distributed.sum_packed(
+            [self.mat, self.loss_sum, self.loss_weight, self.samples])
+        self.mat = mat.round().to(torch.int64)
+        self.samples = samples.round().to(torch.int64)
         self._reduced = True
 
     def compute(self) -> dict[str, float | list[float]]:

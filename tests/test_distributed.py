@@ -8,6 +8,7 @@ import torch.multiprocessing as mp
 from conftest import as_rank, free_port
 
 from seg_dist import distributed as D
+from seg_dist.errors import UserError
 
 
 def test_single_process_when_no_launcher():
@@ -108,15 +109,19 @@ def test_cpu_ranks_keep_their_own_cores_unless_bound(tmp_path, bind_first, pin):
         assert (threads0, threads1) == (len(own0), len(own1))
 
 
+class _Boom(Exception):
+    """Raised only by the body below, so that nothing else (a rendezvous that never joined) passes for it."""
+
+
 def _failing_worker(rank: int, port: int) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    try:
-        with D.setup():
-            raise RuntimeError("boom")
-    except RuntimeError:
-        # The group was torn down on the way out, also on error.
-        assert not D.is_initialized()
+    as_rank(rank, 2, port)
+    joined = False
+    with pytest.raises(_Boom), D.setup():
+        joined = D.is_initialized() and D.world_size() == 2
+        raise _Boom
+    # The group was joined, and torn down on the way out of the failing body.
+    assert joined
+    assert not D.is_initialized()
 
 
 def test_group_destroyed_on_error():
@@ -140,14 +145,14 @@ def test_requeue_outside_slurm_or_without_scontrol_is_a_clear_line(monkeypatch, 
 def test_topology_checks_fail_fast_with_one_line():
     slurm = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "3", "SLURM_NTASKS_PER_NODE": "2",
              "SLURM_JOB_NUM_NODES": "2", "SLURM_NODELIST": "n[1-2]"}
-    with pytest.raises(ValueError, match=r"SLURM_NTASKS=3 but 2 node\(s\) x --ntasks-per-node=2"):
+    with pytest.raises(UserError, match=r"SLURM_NTASKS=3 but 2 node\(s\) x --ntasks-per-node=2"):
         D.check_topology(D.read_env(slurm), slurm)
     env = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
            "MASTER_ADDR": "no-such-host.invalid"}
-    with pytest.raises(ValueError, match=r"MASTER_ADDR=no-such-host\.invalid does not resolve"):
+    with pytest.raises(UserError, match=r"MASTER_ADDR=no-such-host\.invalid does not resolve"):
         D.check_topology(D.read_env(env), env)
     env["MASTER_ADDR"] = "127.0.0.1"
     D.check_topology(D.read_env(env), env)  # a sound launch passes
     bad_local = {**env, "LOCAL_RANK": "2"}
-    with pytest.raises(ValueError, match="local rank 2 is outside the 2 processes"):
+    with pytest.raises(UserError, match="local rank 2 is outside the 2 processes"):
         D.check_topology(D.read_env(bad_local), bad_local)
