@@ -12,6 +12,8 @@ from conftest import REPO, as_rank, free_port, tiny_overrides
 
 from seg_dist import checkpoint, distributed
 from seg_dist.config import load_config
+from seg_dist.errors import UserError
+from seg_dist.shards import ShardError
 from seg_dist.trainer import train
 
 STEPS_PER_EPOCH = 64 // 8  # 64 train samples, global batch 8 (2 ranks x 4, or 1 rank x 4 x 2)
@@ -74,7 +76,7 @@ def test_resume_from_another_world_size_without_a_fitting_batch_is_an_error(tiny
     assert checkpoint.load(run / "checkpoints" / "last.pt")["global_batch"] == 6
     cfg = load_config(REPO / "configs" / "default.yaml", [*overrides, "train.batch_size=4"])
     # On 4 ranks 6 cannot be made; on 1 rank it can (4 is the maximum: 3 x 2).
-    with pytest.raises(ValueError, match="global batch of 6 cannot be split over 4 ranks"):
+    with pytest.raises(UserError, match="global batch of 6 cannot be split over 4 ranks"):
         from seg_dist.trainer import resolve_batch_plan
 
         resolve_batch_plan(cfg, 4, checkpoint.load(run / "checkpoints" / "last.pt"))
@@ -129,7 +131,7 @@ def test_truncated_shard_is_caught_at_start_naming_it(tiny_shards, tmp_path):
     victim = sorted(shards_dir.glob("train-*.tar"))[1]
     victim.write_bytes(victim.read_bytes()[:5000])  # a copy cut short
     cfg = load_config(REPO / "configs" / "default.yaml", tiny_overrides(shards_dir, tmp_path / "run"))
-    with pytest.raises(ValueError, match=rf"{victim}: 5000 bytes, the manifest lists \d+ \(truncated or replaced\)"):
+    with pytest.raises(ShardError, match=rf"{victim}: 5000 bytes, the manifest lists \d+ \(truncated or replaced\)"):
         train(cfg, distributed.DistEnv(), torch.device("cpu"))
 
 
