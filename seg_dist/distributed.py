@@ -213,6 +213,22 @@ def pick_device(local_rank: int, kind: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def named_device(name: str | torch.device, key: str = "--device") -> torch.device:
+    """The device a user named (auto: the first GPU if there is one, else cpu; cpu; cuda; cuda:N), or a
+    UserError naming `key` when it is not a device or not on this machine."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"{key} {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{key} {name}: CUDA is not available here; use cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"{key} {name}: only {torch.cuda.device_count()} GPU(s) visible here")
+    return device
+
+
 def cpu_share(own: Sequence[int], parent: Sequence[int] | None, local_rank: int,
               local_world_size: int) -> list[int] | None:
     """The CPUs this rank keeps when a node's ranks split the CPUs they were all given; None: leave as is.

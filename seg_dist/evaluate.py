@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import atomic, checkpoint, cli, data, distributed, shards
-from .errors import RunFailed
+from .errors import RunFailed, UserError
 from .inference import Predictor
 from .runlog import progress, setup_logging
 from .validation import evaluate_predictor, metrics_table
@@ -57,6 +57,9 @@ def _evaluate(argv: Sequence[str] | None) -> int:
         cfg = trained.cfg
         predictor = Predictor.from_trained(trained, tile=args.tile, tta_flip=args.tta == "flip")
         manifest = shards.load_manifest(cfg.data.root)
+        if cfg.data.num_classes is None and manifest["num_classes"] != trained.num_classes:
+            raise UserError(f"{Path(cfg.data.root) / shards.MANIFEST}: num_classes={manifest['num_classes']}, but "
+                            f"{args.checkpoint} was trained for {trained.num_classes}: evaluate on its own dataset")
         split = args.split or cfg.data.val_split
         expected = shards.split_count(manifest, split)
         share = data.val_share(manifest, split, denv.rank, denv.world_size)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import atomic, checkpoint
+from . import atomic, checkpoint, distributed
 from .config import to_dict
 from .errors import RunFailed, UserError
 from .models import SmpSegmenter
@@ -229,16 +229,11 @@ def export(
     if not overwrite:
         for path in (out, meta):
             if path.exists():
-                raise FileExistsError(f"{path}: already exists (pass --overwrite to replace it)")
+                raise UserError(f"{path}: already exists (pass --overwrite to replace it)")
     if fmt == "onnx" and (reason := missing_onnx_exporter()):
         raise UserError(reason)
 
-    try:
-        device = torch.device(device)
-    except RuntimeError as e:
-        raise UserError(f"--device {device!r}: {_first_line(e)}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available here")
+    device = distributed.named_device(device)
     trained = checkpoint.load_model(checkpoint_path, device)
     if not isinstance(trained.model, (UNet, SmpSegmenter)):
         raise UserError(f"{checkpoint_path}: export supports model.name=unet and smp_unet, "

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, precision
+from . import checkpoint, distributed, precision
 from .config import DataConfig
 from .data import normalize
 from .visualize import overlay_with_legend
@@ -57,9 +57,7 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", **options: Any) -> Predictor:
         """`device`: auto (the first GPU if there is one), cpu, cuda or cuda:N; `options`: the fields above."""
-        if str(device) == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls.from_trained(checkpoint.load_model(path, torch.device(device)), **options)
+        return cls.from_trained(checkpoint.load_model(path, distributed.named_device(device)), **options)
 
     @classmethod
     def from_trained(cls, trained: checkpoint.TrainedModel, **options: Any) -> Predictor:

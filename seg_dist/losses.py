@@ -15,6 +15,7 @@ from torch import nn
 
 from . import distributed
 from .config import CLASS_WEIGHTS
+from .errors import UserError
 
 
 def class_weights(histogram: list[int] | np.ndarray, mode: str) -> torch.Tensor | None:
@@ -39,7 +40,9 @@ def class_weights(histogram: list[int] | np.ndarray, mode: str) -> torch.Tensor 
         raise ValueError("histogram must be a 1-D array of non-negative pixel counts")
     present = counts > 0
     if not present.any():
-        raise ValueError("histogram has no pixels; cannot derive class weights")
+        # The manifest's histogram of a split whose every pixel is ignored: data, not code, is at fault.
+        raise UserError(f"loss.class_weights={mode}: the class histogram (manifest.json class_histogram of "
+                        "data.train_split) has no labelled pixels; use loss.class_weights=none")
     freq = counts / counts.sum()
     weights = np.zeros_like(freq)
     if mode in ("inverse", "sqrt_inverse"):

@@ -54,7 +54,7 @@ def find_images(spec: str) -> list[tuple[Path, Path]]:
         return [(path, Path(path.stem))]
     files = sorted(Path(f) for f in glob.glob(spec, recursive=True) if Path(f).is_file())
     if not files and not glob.has_magic(spec):
-        raise FileNotFoundError(f"{spec}: no such file or folder")
+        raise UserError(f"{spec}: no such file or folder")
     return [(f, Path(f.stem)) for f in files]
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from seg_dist.errors import UserError
 from seg_dist.losses import SegLoss, class_weights, dice_loss
 
 IGNORE = 255
@@ -151,7 +152,7 @@ def test_class_weights_modes() -> None:
     torch.testing.assert_close(med, torch.tensor([3.0, 1.0, 0.0, 0.5]))
     with pytest.raises(ValueError, match="unknown class-weight mode"):
         class_weights(hist, "sqrt")
-    with pytest.raises(ValueError, match="no pixels"):
+    with pytest.raises(UserError, match=r"loss\.class_weights=median: .* has no labelled pixels"):
         class_weights([0, 0], "median")
     with pytest.raises(ValueError, match="class_weights has 3 entries"):
         SegLoss(4, class_weights=torch.ones(3))
