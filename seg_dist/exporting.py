@@ -40,7 +40,7 @@ from . import atomic, checkpoint, distributed
 from .config import to_dict
 from .errors import RunFailed, UserError
 from .models import SmpSegmenter
-from .models.unet import UNet
+from .models.unet import UNet, UNetPass
 
 __all__ = [
     "ATOL", "FORMATS", "INPUT_DTYPES", "NORMALIZE", "RTOL", "CheckResult", "ExportResult", "ExportSmp",
@@ -61,7 +61,7 @@ INPUT_NAME, OUTPUT_NAME = "image", "logits"
 log = logging.getLogger(__name__)
 
 
-class ExportUNet(nn.Module):
+class ExportUNet(UNetPass):
     """`UNet.forward` without shape branches, optionally preceded by the training normalisation.
 
     With `normalize`, the input is an RGB image batch N x 3 x H x W in 0-255 (uint8 or float) and is
@@ -86,13 +86,7 @@ class ExportUNet(nn.Module):
         if image.shape[-2] < self.min_size or image.shape[-1] < self.min_size:
             raise ValueError("input height and width must be at least 2**depth (min_size in the JSON)")
         x = (image.to(torch.float32) - self.offset) * self.inv_scale if self.normalize else image
-        skips = [self.inc(x)]
-        for down in self.downs:
-            skips.append(down(skips[-1]))
-        x = skips.pop()
-        for up in self.ups:
-            x = up(x, skips.pop())
-        return self.head(x)
+        return self.encode_decode(x)
 
 
 class _UpStep(nn.Module):

@@ -83,7 +83,21 @@ class OutConv(nn.Conv2d):
         super().__init__(in_channels, num_classes, kernel_size=1)
 
 
-class UNet(nn.Module):
+class UNetPass(nn.Module):
+    """The U-Net's pass through the `inc`, `downs`, `ups` and `head` modules a subclass sets: `UNet`, and
+    `exporting.ExportUNet`, which shares those modules but swaps in up steps without a shape branch."""
+
+    def encode_decode(self, x: torch.Tensor) -> torch.Tensor:
+        skips = [self.inc(x)]
+        for down in self.downs:
+            skips.append(down(skips[-1]))
+        x = skips.pop()
+        for up in self.ups:
+            x = up(x, skips.pop())
+        return self.head(x)
+
+
+class UNet(UNetPass):
     """U-Net with `depth` down/up levels; level i has `width * 2**i` channels.
 
     With `bilinear=False` the bottleneck has `width * 2**depth` channels (the classic model:
@@ -127,10 +141,4 @@ class UNet(nn.Module):
         if x.shape[-2] < min_size or x.shape[-1] < min_size:
             # MaxPool would reach a 0-sized map and fail with an opaque error deep inside.
             raise ValueError(f"input {tuple(x.shape[-2:])} is smaller than 2**depth={min_size} per side")
-        skips = [self.inc(x)]
-        for down in self.downs:
-            skips.append(down(skips[-1]))
-        x = skips.pop()
-        for up in self.ups:
-            x = up(x, skips.pop())
-        return self.head(x)
+        return self.encode_decode(x)

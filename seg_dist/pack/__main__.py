@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from seg_dist import cli, shards, synthetic
 from seg_dist.pack.errors import PackError
@@ -70,42 +71,39 @@ def _class_names(text: str | None) -> tuple[str, ...] | None:
     return None if text is None else tuple(s.strip() for s in text.split(","))
 
 
+def _value(args: argparse.Namespace, flag: str) -> Any:
+    """What `--image-suffix` (say) was given: argparse's `image_suffix`."""
+    return getattr(args, flag.lstrip("-").replace("-", "_"))
+
+
+def _given(args: argparse.Namespace, *flags: str) -> list[str]:
+    return [f for f in flags if _value(args, f)]
+
+
+def _same_names(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The arguments that the library takes as they are, under the same names."""
+    return {name: getattr(args, name) for name in names}
+
+
 def _options(args: argparse.Namespace) -> PackOptions:
-    missing = [f for f, v in (("--images", args.images), ("--masks", args.masks), ("--out", args.out)) if not v]
-    if args.num_classes is None:
-        missing.append("--num-classes")
+    missing = [f for f in ("--images", "--masks", "--out", "--num-classes") if _value(args, f) in (None, "")]
     if missing:
         raise PackError(f"missing {', '.join(missing)} (or use --synthetic)")
     return PackOptions(
-        images=args.images,
-        masks=args.masks,
-        out=args.out,
-        num_classes=args.num_classes,
-        split=args.split,
-        val_fraction=args.val_fraction,
-        ignore_index=args.ignore_index,
+        **_same_names(args, "images", "masks", "out", "num_classes", "split", "val_fraction", "ignore_index",
+                      "max_size", "workers", "image_suffix", "mask_suffix", "label_map", "palette", "skip_bad",
+                      "overwrite", "seed"),
         samples_per_shard=args.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD,
-        max_size=args.max_size,
         class_names=_class_names(args.class_names),
-        workers=args.workers,
         list_file=args.list,
-        image_suffix=args.image_suffix,
-        mask_suffix=args.mask_suffix,
-        label_map=args.label_map,
-        palette=args.palette,
-        skip_bad=args.skip_bad,
-        overwrite=args.overwrite,
-        seed=args.seed,
     )
 
 
 def _synthetic(args: argparse.Namespace) -> PackResult:
-    given = [f for f, v in (("--images", args.images), ("--masks", args.masks), ("--list", args.list)) if v]
-    if given:
+    if _given(args, "--images", "--masks", "--list"):
         raise PackError("--synthetic generates its own images; drop --images/--masks/--list")
     # Flags that would be silently meaningless for the generated masks.
-    given = [f for f, v in (("--label-map", args.label_map), ("--palette", args.palette)) if v]
-    given += [f for f, v in (("--image-suffix", args.image_suffix), ("--mask-suffix", args.mask_suffix)) if v]
+    given = _given(args, "--label-map", "--palette", "--image-suffix", "--mask-suffix")
     if given:
         raise PackError(f"--synthetic generates its own masks; drop {'/'.join(given)}")
     n_classes = len(synthetic.CLASS_NAMES)
@@ -115,16 +113,10 @@ def _synthetic(args: argparse.Namespace) -> PackResult:
         raise PackError(f"--synthetic uses ignore index {synthetic.IGNORE_INDEX}, not {args.ignore_index}")
     return pack_synthetic(
         args.out or "shards/synth",
-        n=args.n,
-        size=args.size,
-        seed=args.seed,
+        **_same_names(args, "n", "size", "seed", "workers", "overwrite", "split", "max_size"),
         samples_per_shard=args.samples_per_shard or SYNTH_SAMPLES_PER_SHARD,
-        workers=args.workers,
-        overwrite=args.overwrite,
-        split=args.split,
         val_fraction=SYNTH_VAL_FRACTION if args.val_fraction is None else args.val_fraction,
         class_names=_class_names(args.class_names),
-        max_size=args.max_size,
     )
 
 
