@@ -80,7 +80,7 @@ def test_library_imports_no_command_module():
 
 def test_errors_become_one_line_with_exit_codes(capsys):
     def bad_input(_argv):
-        raise FileNotFoundError("data/x.png: no such file")
+        raise cli.UserError("data/x.png: no such file")
 
     def failed(_argv):
         raise cli.RunFailed("diverged at step 7")
@@ -94,6 +94,8 @@ def test_errors_become_one_line_with_exit_codes(capsys):
     assert capsys.readouterr().err == "error: diverged at step 7\n"
     with pytest.raises(KeyError):
         cli.run(bug)
+    with pytest.raises(FileNotFoundError):  # an unexpected missing file is a bug, not a user's mistake
+        cli.run(lambda _argv: open("/nonexistent/x"))
 
 
 def test_step_meter_leaves_paused_time_out_of_the_rate():
