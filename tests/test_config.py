@@ -1,5 +1,7 @@
 import dataclasses
 import re
+import subprocess
+import sys
 import typing
 from pathlib import Path
 
@@ -139,3 +141,12 @@ def test_every_config_key_has_a_range_check():
 def test_out_of_range_values_fail_at_load_with_the_range(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize("module", ["seg_dist.config", "seg_dist.models"])
+def test_config_and_the_model_table_import_without_a_circle(module):
+    # Each imported first on its own: config needs the model table, the models need config only for typing.
+    code = f"import sys, {module}; print('seg_dist.config' in sys.modules, 'seg_dist.models' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == (["True", "True"] if module == "seg_dist.config" else ["False", "True"])

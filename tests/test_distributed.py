@@ -156,3 +156,9 @@ def test_topology_checks_fail_fast_with_one_line():
     bad_local = {**env, "LOCAL_RANK": "2"}
     with pytest.raises(UserError, match="local rank 2 is outside the 2 processes"):
         D.check_topology(D.read_env(bad_local), bad_local)
+
+
+def test_only_distributed_touches_process_groups():
+    package = Path(D.__file__).parent
+    others = [p for p in package.rglob("*.py") if p.name != "distributed.py"]
+    assert [str(p.relative_to(package)) for p in others if "torch.distributed" in p.read_text()] == []
