@@ -1,7 +1,8 @@
 """Typed run configuration: dataclasses loaded from YAML with `key.sub=value` overrides.
 
 Every key is declared here, so a misspelt key in a YAML file or on the command line is an error
-that names it and suggests the closest valid one, instead of a silently ignored setting.
+that names it and suggests the closest valid one, instead of a silently ignored setting; and every key
+has a range in `CHECKS`, checked when a config is loaded, so a value out of range fails with one line.
 A YAML file may start from another with `base: other.yaml` (a path relative to that file); keys in
 the file then override the base's, section by section.
 """
