@@ -25,6 +25,7 @@ from conftest import (
 
 from seg_dist import checkpoint, distributed, pack
 from seg_dist.config import load_config
+from seg_dist.errors import UserError
 from seg_dist.trainer import train
 
 
@@ -172,7 +173,7 @@ def test_fresh_run_refuses_to_overwrite_checkpoints(tiny_shards, tmp_path):
     cfg = load_config(REPO / "configs" / "default.yaml", tiny_overrides(tiny_shards, run, "train.epochs=1"))
     train(cfg, distributed.DistEnv(), torch.device("cpu"))
     cfg.train.resume = "never"
-    with pytest.raises(ValueError, match="would overwrite"):
+    with pytest.raises(UserError, match="would overwrite"):
         train(cfg, distributed.DistEnv(), torch.device("cpu"))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,7 +96,7 @@ def test_errors_become_one_line_with_exit_codes(capsys):
     with pytest.raises(KeyError):
         cli.run(bug)
     with pytest.raises(FileNotFoundError):  # an unexpected missing file is a bug, not a user's mistake
-        cli.run(lambda _argv: open("/nonexistent/x"))
+        cli.run(lambda _argv: Path("/nonexistent/x").read_text())
 
 
 def test_step_meter_leaves_paused_time_out_of_the_rate():
