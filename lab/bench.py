@@ -1,12 +1,12 @@
-"""Benchmarks of the input pipeline, the trainer's step and DDP scaling: ratios measured side by side.
+"""The lab's command: the input pipeline, the trainer's step and DDP scaling as ratios measured side by
+side, and the recipe comparison with the seed tutorial. From the repository root of a clone:
 
-    python -m seg_dist.bench data [--data SHARDS] [--size PX] [--batch N] [--workers 0,1,2]
-    python -m seg_dist.bench train [--width 64] [--size 256] [--batch 2] [--amp bf16|off] [--channels-last]
-                                   [--compile [--compile-mode M]] [--device cpu|cuda]
-    python -m seg_dist.bench scaling [--procs 2] [--batch GLOBAL]
-    python -m seg_dist.bench all [--device cuda] [--json OUT]          # the three, defaults (< 10 min on 2 cores)
-    python -m seg_dist.bench recipe --data SHARDS --minutes 12 [--ranks 2] [--seeds 0,1] [key=value ...]
-    seg-dist bench ...
+    python -m lab.bench data [--data SHARDS] [--size PX] [--batch N] [--workers 0,1,2]
+    python -m lab.bench train [--width 64] [--size 256] [--batch 2] [--amp bf16|off] [--channels-last]
+                              [--compile [--compile-mode M]] [--device cpu|cuda]
+    python -m lab.bench scaling [--procs 2] [--batch GLOBAL]
+    python -m lab.bench all [--device cuda] [--json OUT]          # the three, defaults (< 10 min on 2 cores)
+    python -m lab.bench recipe --data SHARDS --minutes 12 [--ranks 2] [--seeds 0,1] [key=value ...]
 
 Each measurement prints a progress line on stderr; the tables go to stdout, with min/median/max over
 the timed repeats and a warning where max/min > 1.3. `--json OUT` writes every figure beside the
@@ -14,10 +14,10 @@ settings and environment it was measured in (data.pipeline_vs_bound, data.pipeli
 data.worker_scaling, train.overhead_ratio, train.mfu, scaling.efficiency, ...). Without `--data` the
 procedural dataset is packed into a temporary folder at the size measured. `--device cuda` measures
 16 x 256^2 and 8 x 512^2 (width 64, bf16, channels_last) and the loader at 512^2. The measurements
-are `seg_dist.benchmarks`.
+are `lab.bench_data`, `lab.bench_train` and `lab.bench_scaling`.
 
 `recipe` is about results, not speed: the seed tutorial's recipe and seg_dist's default, each trained for
-the same wall-clock minutes on this machine, scored on the test split (`seg_dist.recipes`).
+the same wall-clock minutes on this machine, scored on the test split (`lab.bench_recipe`).
 """
 
 from __future__ import annotations
@@ -28,10 +28,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from . import atomic, cli
-from .config import COMPILE_MODES
+from seg_dist import atomic, cli
+from seg_dist.config import COMPILE_MODES
+
+from . import bench_data, bench_recipe, bench_scaling, bench_train, measure
 
 SECTIONS = ("data", "train", "scaling")
 
@@ -54,7 +57,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     common.add_argument("--repeats", type=int, default=None, help="timed repeats (default 3)")
     common.add_argument("--synthetic", type=int, default=96, metavar="N", help="samples in the synthetic set")
 
-    p = argparse.ArgumentParser(prog="python -m seg_dist.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m lab.bench", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="section", required=True, metavar="{data,train,scaling,all,recipe}")
 
     d = sub.add_parser("data", parents=[common], help="decode, augment, shard pipeline, folder Dataset")
@@ -85,7 +88,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     t = sub.add_parser("train", parents=[common], help="trainer step vs a bare loop: overhead, MFU, memory")
     model_args(t, 64, 256, "batch (default 2; cuda: 16 x 256^2 and 8 x 512^2)", "on")
     t.add_argument("--no-ddp", dest="ddp", action="store_false", default=None,
-                   help="leave out the DDP wrapper over a 1-rank group")
+                   help="the trainer without a process group, so without DDP")
 
     s = sub.add_parser("scaling", parents=[common], help="1 process vs N at the same global batch")
     s.add_argument("--procs", type=int, default=None, help="processes to compare with 1 (default 2)")
@@ -109,6 +112,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "as in the article)")
     r.add_argument("--seed-size", type=_size, default=None, metavar="H,W",
                    help="the tutorial's Resize (default: the train split's mean size)")
+    r.add_argument("--seed-max-epochs", type=int, default=10_000, metavar="N",
+                   help="end the tutorial's run after N epochs if its budget lasts that long (seg_dist's cap: "
+                   "train.epochs=N)")
     r.add_argument("--config", default=None, help="seg_dist's recipe (default: the built-in defaults)")
     r.add_argument("--out", default=None, help="folder for the runs (default runs/recipe-<data folder name>)")
     r.add_argument("--test-split", default="test")
@@ -134,19 +140,16 @@ def _say(message: str) -> None:
 
 
 def _recipe(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from . import recipes
-
-    settings = recipes.RecipeSettings(
+    settings = bench_recipe.RecipeSettings(
         data=args.data, minutes=args.minutes, width=args.width, global_batch=args.batch, ranks=args.ranks,
         seeds=args.seeds, recipes=tuple(r.strip() for r in args.recipes.split(",") if r.strip()),
-        seed_lr=args.seed_lr, seed_size=args.seed_size, config=args.config, overrides=tuple(args.overrides),
+        seed_lr=args.seed_lr, seed_size=args.seed_size, seed_max_epochs=args.seed_max_epochs, config=args.config,
+        overrides=tuple(args.overrides),
         out=args.out or f"runs/recipe-{Path(args.data).resolve().name}", test_split=args.test_split,
     )
-    report = recipes.compare(settings, progress=_say)
-    report["command"] = ["seg-dist", "bench", *sys.argv[1:]]
-    print(recipes.render(report), flush=True)
+    report = bench_recipe.compare(settings, progress=_say)
+    report["command"] = ["python", "-m", "lab.bench", *sys.argv[1:]]
+    print(bench_recipe.render(report), flush=True)
     if args.json:
         atomic.write_text(args.json, json.dumps(report, indent=2) + "\n")
         _say(f"wrote {args.json}")
@@ -157,13 +160,11 @@ def _bench(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     if args.section == "recipe":
         return _recipe(args)
-    from . import benchmarks as b  # late: `--help` stays quick
-
-    device = b.resolve_device(args.device)
+    device = measure.resolve_device(args.device)
     sections = SECTIONS if args.section == "all" else (args.section,)
-    report: dict[str, Any] = {"command": ["seg-dist", "bench", *(sys.argv[1:] if argv is None else argv)]}
+    report: dict[str, Any] = {"command": ["python", "-m", "lab.bench", *(sys.argv[1:] if argv is None else argv)]}
     with tempfile.TemporaryDirectory(prefix="seg_dist_bench_") as tmp:
-        synthetic = b.SyntheticShards(tmp, n=args.synthetic, progress=_say)
+        synthetic = measure.SyntheticShards(tmp, n=args.synthetic, progress=_say)
 
         def root(size: int) -> str:
             return args.data or synthetic.root(size)
@@ -171,33 +172,33 @@ def _bench(argv: Sequence[str] | None) -> int:
         common = {"repeats": args.repeats}
         if "data" in sections:
             given = {**common, **_given(args, "size", "batch", "workers", "samples")}
-            settings = b.DataSettings.for_device(device, root="", **given)
+            settings = bench_data.DataSettings.for_device(device, root="", **given)
             settings.root = root(settings.size)
-            report["data"] = b.bench_data(settings, progress=_say)
-            print(b.render("data", report["data"]), flush=True)
+            report["data"] = bench_data.measure_data(settings, progress=_say)
+            print(bench_data.render(report["data"]), flush=True)
         if "train" in sections:
             given = {**common, **_given(args, "width", "depth", "size", "batch", "amp", "channels_last", "compile",
                                         "compile_mode", "workers", "warmup", "steps", "ddp")}
             cases = []
-            for settings in b.TrainSettings.for_device(device, root="", **given):
-                settings.root = root(settings.size)
-                cases.append(b.bench_train(settings, progress=_say))
-                print(b.render("train", cases[-1]), flush=True)
+            for case in bench_train.TrainSettings.for_device(device, root="", **given):
+                case.root = root(case.size)
+                cases.append(bench_train.measure_train(case, progress=_say))
+                print(bench_train.render(cases[-1]), flush=True)
             last = cases[-1]  # the largest images: where the GPU targets are set
             report["train"] = {k: last[k] for k in ("overhead_ratio", "mfu", "images_per_s", "settings", "env")}
             report["train"]["cases"] = cases
         if "scaling" in sections:
             given = {**common, **_given(args, "procs", "width", "depth", "size", "batch", "amp", "channels_last",
                                         "compile", "compile_mode", "workers", "warmup", "steps", "pin_cpu_ranks")}
-            settings = b.ScalingSettings.for_device(device, root="", **given)
-            why = b.scaling_unavailable(device, settings.procs) if args.section == "all" else None
+            scaling = bench_scaling.ScalingSettings.for_device(device, root="", **given)
+            why = bench_scaling.unavailable(device, scaling.procs) if args.section == "all" else None
             if why:  # `all` on one GPU still reports the other sections
                 report["scaling"] = {"skipped": why}
                 _say(f"bench scaling skipped: {why}")
             else:
-                settings.root = root(settings.size)
-                report["scaling"] = b.bench_scaling(settings, progress=_say)
-                print(b.render("scaling", report["scaling"]), flush=True)
+                scaling.root = root(scaling.size)
+                report["scaling"] = bench_scaling.measure_scaling(scaling, progress=_say)
+                print(bench_scaling.render(report["scaling"]), flush=True)
     if args.json:
         atomic.write_text(args.json, json.dumps(report, indent=2) + "\n")
         _say(f"wrote {args.json}")

@@ -1,12 +1,13 @@
 """Recipe comparison: the seed tutorial's recipe against seg_dist's at the same wall-clock budget.
 
-`python -m seg_dist.bench recipe --data SHARDS --minutes 12` trains, on this machine and one after the
-other, (a) the tutorial's recipe (`seed_recipe.train_seed`: one process, full frames resized to the
+`python -m lab.bench recipe --data SHARDS --minutes 12` trains, on this machine and one after the
+other, (a) the tutorial's recipe (`lab.seed_recipe.train_seed`: one process, full frames resized to the
 split's mean size, Affine, AdamW at its learning rate, plateau schedule, batch 8) and (b) seg_dist's
 default recipe (`seg_dist.train` under torchrun on `--ranks` processes, the same global batch, with
 `train.budget_minutes`), then scores both on the test split with the same exact confusion matrix
 (`validation.evaluate_predictor`, every image at its own size) and prints one table. Both budgets
-include the recipe's own validation; neither includes process start-up or the final test scoring.
+include the recipe's own validation; neither includes process start-up or the final test scoring. The
+tutorial's U-Net at its initial weights is scored alike, as the floor any training must clear.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint, data, shards
-from .config import Config, DataConfig
-from .errors import RunFailed, UserError
-from .inference import Predictor
-from .validation import evaluate_predictor
+from seg_dist import checkpoint, data, shards
+from seg_dist.config import DataConfig, load_config_dict
+from seg_dist.errors import RunFailed, UserError
+from seg_dist.predict import Predictor
+from seg_dist.validation import evaluate_predictor
+
+from .seed_recipe import IMAGENET_MEAN, IMAGENET_STD, train_seed
 
 Progress = Callable[[str], None]
 RECIPES = ("seed", "seg_dist")
@@ -47,6 +50,7 @@ class RecipeSettings:
     recipes: tuple[str, ...] = RECIPES
     seed_lr: float = 1e-4  # the tutorial's AdamW learning rate
     seed_size: tuple[int, int] | None = None  # the tutorial's Resize; default: the train split's mean size
+    seed_max_epochs: int = 10_000  # the tutorial's cap (seg_dist's: train.epochs=N among the overrides)
     config: str | None = None  # seg_dist's recipe; default: the built-in defaults
     overrides: tuple[str, ...] = ()  # key=value for seg_dist's recipe
     out: str = "runs/recipe"  # one run folder per recipe and seed
@@ -56,8 +60,8 @@ class RecipeSettings:
 
 def split_pairs(root: str, manifest: dict[str, Any], split: str) -> list[tuple[np.ndarray, np.ndarray, str]]:
     """Every (uint8 image, int64 mask, key) of `split` as stored, in shard order."""
-    cfg = Config(data=DataConfig(root=root, workers=0))
-    return list(data.split_samples(cfg, manifest, root, 0, 1, split))
+    urls = shards.shard_urls(root, manifest, split)
+    return [(s["image"], s["mask"].astype(np.int64, copy=False), s["key"]) for s in data.iter_samples(urls)]
 
 
 def mean_size(manifest: dict[str, Any], split: str = "train") -> tuple[int, int]:
@@ -71,20 +75,21 @@ def score(predictor: Predictor, samples: Sequence[tuple[np.ndarray, np.ndarray, 
 
 
 def run_seed(s: RecipeSettings, seed: int, manifest: dict[str, Any], splits: dict[str, list[Any]],
-             progress: Progress) -> dict[str, Any]:
-    from .seed_recipe import train_seed  # late: only this recipe needs it
-
+             progress: Progress, minutes: float | None = None) -> dict[str, Any]:
+    """The tutorial's recipe for `minutes` (default: the settings'; 0: its model at the initial weights)."""
+    minutes = s.minutes if minutes is None else minutes
     classes = data.resolve_classes(DataConfig(root=s.data), manifest)
     size = s.seed_size or mean_size(manifest)
     torch.set_num_threads(s.threads)
     t0 = time.perf_counter()
     result = train_seed([(i, m) for i, m, _ in splits["train"]], [(i, m) for i, m, _ in splits["val"]],
-                        classes.num_classes, minutes=s.minutes, size_hw=size, width=s.width, lr=s.seed_lr,
+                        classes.num_classes, minutes=minutes, size_hw=size, width=s.width, lr=s.seed_lr,
                         batch_size=s.global_batch, seed=seed, ignore_index=classes.ignore_index,
+                        max_epochs=s.seed_max_epochs,
                         progress=lambda line: progress(f"seed recipe, seed {seed}: {line}"))
     wall = time.perf_counter() - t0
-    predictor = Predictor(result.model, DataConfig(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
-                          classes.num_classes, classes.names, torch.device("cpu"))
+    predictor = Predictor(result.model, DataConfig(mean=IMAGENET_MEAN, std=IMAGENET_STD), classes.num_classes,
+                          classes.names, torch.device("cpu"))
     metrics = score(predictor, splits[s.test_split], classes.ignore_index)
     return {"recipe": "seed", "seed": seed, "epochs": result.epochs, "steps": result.steps,
             "train_minutes": result.train_seconds / 60, "wall_minutes": wall / 60,
@@ -127,8 +132,9 @@ def run_seg_dist(s: RecipeSettings, seed: int, manifest: dict[str, Any], splits:
     torch.set_num_threads(s.threads)
     predictor = Predictor.from_checkpoint(last, device="cpu")
     metrics = score(predictor, splits[s.test_split], state["ignore_index"])
-    steps_per_epoch = math.ceil(shards.split_count(manifest, "train") / s.global_batch)  # as the trainer counts
     per_rank = s.global_batch // s.ranks
+    as_run = load_config_dict({"data": {"root": s.data}, "train": {"batch_size": per_rank}})
+    steps_per_epoch = data.steps_per_epoch(manifest, as_run, s.ranks)
     return {"recipe": "seg_dist", "seed": seed, "epochs": state["global_step"] / steps_per_epoch,
             "steps": state["global_step"], "train_minutes": state.get("train_seconds", math.nan) / 60,
             "wall_minutes": wall / 60, "setup": f"{s.ranks} process(es) x batch {per_rank}", "run_dir": str(run_dir),
@@ -167,6 +173,8 @@ def compare(s: RecipeSettings, progress: Progress) -> dict[str, Any]:
     classes = data.resolve_classes(DataConfig(root=s.data), manifest)
     progress(f"reading {s.data} (train, val, {s.test_split})")
     splits = {name: split_pairs(s.data, manifest, name) for name in ("train", "val", s.test_split)}
+    progress(f"the tutorial's U-Net at its initial weights (seed {s.seeds[0]}), the floor")
+    untrained = run_seed(s, s.seeds[0], manifest, splits, progress, minutes=0.0)
     runs = []
     for seed in s.seeds:
         for recipe in s.recipes:
@@ -185,8 +193,10 @@ def compare(s: RecipeSettings, progress: Progress) -> dict[str, Any]:
             "per_class_iou": _mean_over_runs([r["per_class_iou"] for r in mine]),
             "setup": mine[0]["setup"],
         }
+    floor = {"miou": untrained["miou"], "pixel_accuracy": untrained["pixel_accuracy"],
+             "setup": f"the tutorial's U-Net at its initial weights, seed {s.seeds[0]}"}
     return {"settings": dataclasses.asdict(s), "class_names": classes.names, "runs": runs, "means": means,
-            "torch": torch.__version__, "machine": f"{s.threads} CPU threads"}
+            "untrained": floor, "torch": torch.__version__, "machine": f"{s.threads} CPU threads"}
 
 
 def render(report: dict[str, Any]) -> str:
@@ -203,6 +213,9 @@ def render(report: dict[str, Any]) -> str:
         lo, hi = m["miou_spread"]
         lines.append(f"{r:<10} {m['setup']:<48} {100 * m['miou']:>9.1f} {f'{100 * lo:.1f}-{100 * hi:.1f}':>13} "
                      f"{100 * m['pixel_accuracy']:>9.1f} {m['epochs']:>7.1f}")
+    floor = report["untrained"]
+    lines.append(f"{'untrained':<10} {floor['setup']:<48} {100 * floor['miou']:>9.1f} {'':>13} "
+                 f"{100 * floor['pixel_accuracy']:>9.1f} {0:>7.1f}")
     width = max(len(n) for n in names)
     lines.append("")
     lines.append(f"{'class':<{width}} " + " ".join(f"{r:>9}" for r in recipes) + "   (test IoU, %)")

@@ -1,6 +1,6 @@
 """Clothing Co-Parsing (CCP) -> the image/mask folders `seg_dist.pack` takes, with a fixed split.
 
-    python tools/convert_ccp.py --src clothing-co-parsing --out data/ccp
+    python -m lab.convert_ccp --src clothing-co-parsing --out data/ccp      # from the repository root
 
 CCP (Yang et al., CVPR 2014; github.com/bearpaw/clothing-co-parsing, Apache-2.0): 1,004 street-fashion
 photos have pixel labels (`annotations/pixel-level/NNNN.mat`, variable `groundtruth`, uint8 class ids) and

@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . launch/setup.sh
-ruff check seg_dist tests tools
+ruff check seg_dist tests lab conftest.py
 python -m pytest -q "$@"

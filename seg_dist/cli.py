@@ -32,7 +32,6 @@ COMMANDS = {
     "evaluate": ("seg_dist.evaluate", "exact metrics of a checkpoint on a split, per class"),
     "predict": ("seg_dist.predict", "masks and overlays for image files, at their own size"),
     "export": ("seg_dist.export", "a checkpoint as TorchScript or ONNX, checked against the eager model"),
-    "bench": ("seg_dist.bench", "benchmarks: input pipeline, trainer vs a bare loop (MFU), DDP scaling"),
 }
 
 

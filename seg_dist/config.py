@@ -93,13 +93,13 @@ class LossConfig:
     class_weights: str = "none"  # none | inverse | sqrt_inverse | median (from the manifest's pixel histogram)
     # On several ranks, the loss of the global batch (CE's and Dice's sums added over the ranks) instead of
     # the mean of the ranks' losses: N x B then steps exactly as 1 x N*B. Off by default: on CCP-12 it
-    # scored no better at 12 minutes (docs/recipe.md).
+    # scored no better at 12 minutes (lab/recipe.md).
     global_batch: bool = False
 
 
 @dataclass
 class OptimConfig:
-    # For short runs of small U-Nets (the measured recipe, docs/recipe.md); a large model fine-tuned for
+    # For short runs of small U-Nets (the measured recipe, lab/recipe.md); a large model fine-tuned for
     # long on many GPUs wants less (configs/voc_unet_8gpu.yaml: 1e-4 with 500 warm-up steps).
     lr: float = 3e-3
     weight_decay: float = 1e-4

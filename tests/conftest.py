@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny packed synthetic datasets and a torchrun helper."""
+"""The product's test helpers: tiny configs, real processes (torchrun, local groups), checkpoints. CUDA hiding
+and the `tiny_shards` fixture are in the repository's conftest.py, shared with the lab's tests."""
 
 from __future__ import annotations
 
@@ -10,26 +11,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
-# The suite is about behaviour on CPU with gloo (what CI has). On a GPU machine, 2 ranks would each
-# want a GPU of their own; hide CUDA unless asked, for this process and every process it starts.
-if not os.environ.get("SEG_DIST_TEST_CUDA"):
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
-
-from seg_dist import pack
-
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """80 synthetic 32 px samples (64 train, 16 val) in uneven shards of 12."""
-    out = tmp_path_factory.mktemp("shards") / "synthetic"
-    pack.pack_synthetic(out, n=80, size=32, samples_per_shard=12, workers=1)
-    return out
 
 
 def tiny_overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -118,24 +103,22 @@ def as_rank(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
-def _train_rank(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
-    from seg_dist import distributed
+def _train_rank(denv, device: torch.device, overrides: list[str], out: str) -> None:
     from seg_dist.config import load_config
     from seg_dist.trainer import train
 
-    as_rank(rank, world, port)
-    with distributed.setup() as (denv, device):
-        result = train(load_config(REPO / "configs" / "default.yaml", overrides), denv, device)
-        torch.save({"model": result.model.state_dict(), "history": result.history, "step": result.global_step},
-                   f"{out}.{rank}")
+    torch.set_num_threads(1)
+    result = train(load_config(REPO / "configs" / "default.yaml", overrides), denv, device)
+    torch.save({"model": result.model.state_dict(), "history": result.history, "step": result.global_step},
+               f"{out}.{denv.rank}")
 
 
 def spawn_train(world: int, overrides: list[str], tmp_path: Path) -> list[dict]:
-    """Train with `world` real gloo processes (torch.multiprocessing); each rank's weights and history."""
-    import torch.multiprocessing as mp
+    """Train with `world` real gloo processes (distributed.spawn_local_group); each rank's weights and history."""
+    from seg_dist import distributed
 
     out = str(tmp_path / "rank")
-    mp.spawn(_train_rank, args=(world, free_port(), overrides, out), nprocs=world)
+    distributed.spawn_local_group(world, _train_rank, (overrides, out))
     return [torch.load(f"{out}.{r}", weights_only=True) for r in range(world)]
 
 

@@ -1,14 +1,16 @@
-"""tools/convert_ccp.py on a miniature CCP layout: folders the packer takes, a fixed split, class names."""
+"""lab/convert_ccp.py on a miniature CCP layout: folders the packer takes, a fixed split, class names."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
+from pathlib import Path
 
 import numpy as np
-from conftest import REPO
 from PIL import Image
 from scipy.io import savemat
+
+from lab import convert_ccp
+
+LAB = Path(__file__).resolve().parents[1]
 
 
 def _mini_ccp(root, n: int = 5):
@@ -26,12 +28,10 @@ def _mini_ccp(root, n: int = 5):
     Image.new("RGB", (9, 12)).save(root / "photos" / "9999.jpg")  # a photo without labels: not converted
 
 
-def test_ccp_conversion_writes_pairs_a_fixed_split_and_names(tmp_path):
+def test_ccp_conversion_writes_pairs_a_fixed_split_and_names(tmp_path, capsys):
     _mini_ccp(tmp_path / "ccp")
     out = tmp_path / "data"
-    run = subprocess.run([sys.executable, "tools/convert_ccp.py", "--src", str(tmp_path / "ccp"), "--out", str(out)],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
+    assert convert_ccp.main(["--src", str(tmp_path / "ccp"), "--out", str(out)]) == 0
     assert sorted(p.name for p in (out / "images").iterdir()) == [f"{i:04d}.jpg" for i in range(1, 6)]
     mask = np.array(Image.open(out / "masks" / "0003.png"))
     from scipy.io import loadmat
@@ -42,14 +42,14 @@ def test_ccp_conversion_writes_pairs_a_fixed_split_and_names(tmp_path):
     assert (out / "splits" / "train.txt").read_text().split() == ["0001", "0002", "0003", "0004", "0005"]
     assert (out / "splits" / "val.txt").read_text() == "" and (out / "splits" / "test.txt").read_text() == ""
     assert (out / "class_names.txt").read_text().strip() == "background,bag,belt,skin"
-    again = subprocess.run([sys.executable, "tools/convert_ccp.py", "--src", str(tmp_path / "ccp"), "--out",
-                            str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 2 and "--overwrite" in again.stderr  # nothing replaced without asking
+    capsys.readouterr()
+    assert convert_ccp.main(["--src", str(tmp_path / "ccp"), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err  # nothing replaced without asking
 
 
 def test_ccp_coarse_label_map_covers_every_class_once():
     from seg_dist.pack import load_label_map
 
-    lut = load_label_map(REPO / "tools" / "ccp_coarse.yaml", 12, 255)
+    lut = load_label_map(LAB / "ccp_coarse.yaml", 12, 255)
     assert len(lut) == 59 and lut[0] == 0  # every CCP class is mapped; background stays 0
     assert sorted(set(lut.tolist())) == list(range(12))  # and every coarse class receives at least one

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seg_dist.seed_recipe import (
+from lab.seed_recipe import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ResizeWrapper,
