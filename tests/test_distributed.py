@@ -162,3 +162,29 @@ def test_only_distributed_touches_process_groups():
     package = Path(D.__file__).parent
     others = [p for p in package.rglob("*.py") if p.name != "distributed.py"]
     assert [str(p.relative_to(package)) for p in others if "torch.distributed" in p.read_text()] == []
+
+
+def test_single_process_group_is_a_real_group_left_on_exit():
+    with D.single_process_group(torch.device("cpu")) as denv:
+        assert D.is_initialized() and D.world_size() == 1 and (denv.world_size, denv.launcher) == (1, "local")
+        assert D.all_reduce_(torch.ones(2)).tolist() == [1.0, 1.0]
+        with pytest.raises(RuntimeError, match="already"), D.single_process_group(torch.device("cpu")):
+            pass
+    assert not D.is_initialized()
+
+
+def _write_then_fail_on_rank_1(denv: D.DistEnv, device: torch.device, out: str) -> None:
+    total = D.all_reduce_(torch.tensor([denv.rank + 1.0]))  # 1 + 2 only if both joined one group
+    Path(f"{out}.{denv.rank}").write_text(f"{denv.local_rank} {denv.world_size} {total.item()} {device}")
+    D.barrier()  # both have written before rank 1 fails
+    if denv.rank == 1:
+        raise _Boom("rank 1 gives up")
+
+
+def test_spawn_local_group_runs_the_ranks_in_one_group_and_names_a_failing_rank(tmp_path):
+    from seg_dist.errors import RunFailed
+
+    out = str(tmp_path / "rank")
+    with pytest.raises(RunFailed, match=r"rank 1 of 2 local processes failed: .*rank 1 gives up"):
+        D.spawn_local_group(2, _write_then_fail_on_rank_1, (out,), device="cpu")
+    assert [Path(f"{out}.{r}").read_text() for r in range(2)] == [f"{r} 2 3.0 cpu" for r in range(2)]
