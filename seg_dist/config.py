@@ -182,7 +182,9 @@ class LoggingConfig:
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"
+    # auto: runs/<name of data.root's folder>, so runs on two datasets never share a directory (a run
+    # directory holds one run: train refuses another dataset's checkpoints there).
+    dir: str = "auto"
 
 
 @dataclass
@@ -519,6 +521,8 @@ def load_config_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...
         node[keys[-1]] = value
     cfg = _build(Config, data)
     check(cfg)
+    if cfg.run.dir == "auto":
+        cfg.run.dir = str(Path("runs") / (Path(cfg.data.root.rstrip("/")).name or "default"))
     return cfg
 
 

@@ -38,6 +38,7 @@ from .errors import RunFailed, UserError
 from .losses import SegLoss, class_weights
 from .models import build_model, count_parameters, encoder_of, freeze_encoder_batchnorm
 from .models.norms import GlobalBatchNorm2d, convert_to_global_batchnorm
+from .rundir import RunDirLock
 from .runlog import RunLog, clear_stop_marker, progress
 from .schedule import build_scheduler, is_per_iteration, param_groups
 from .validation import Validation, validate
@@ -246,6 +247,7 @@ class Run:
     # The training batches from the first epoch this process trains to the end of the run: one loader, so
     # its workers start once, not at every epoch (see data.train_loader's endless=True).
     train_stream: Generator[tuple[torch.Tensor, torch.Tensor], None, None] | None = field(default=None, repr=False)
+    lock: RunDirLock | None = field(default=None, repr=False)  # rank 0's hold on run.dir
 
     @property
     def ckpt_dir(self) -> Path:
@@ -295,7 +297,6 @@ def train(
                 else:
                     with meter.pause():
                         metrics = end_of_epoch(run, state, meter, history) or metrics
-                        fit_budget(run, state)
                     stopped = not run.finished(state) and stop.agreed(device)
                     if stopped:
                         log.info("stop requested (%s) at the end of an epoch, global step %d", stop.describe(),
@@ -306,54 +307,115 @@ def train(
     finally:
         if run.train_stream is not None:
             run.train_stream.close()  # stops the loader's workers now, also when the run failed
+        if run.lock is not None:
+            run.lock.release()
     run.nets.step = run.nets.bare  # let go of the DDP wrapper (and its hold on the process group) now
     return TrainResult(run.nets.bare, state.global_step, stopped, ",".join(stop.signals_seen), metrics, history)
 
 
 def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> tuple[Run, TrainState]:
     """Data, model, loss, optimiser, schedule and scaler, resumed from a checkpoint if there is one."""
-    saved = find_resume_checkpoint(cfg)
-    batches = resolve_batch_plan(cfg, denv.world_size, saved[1] if saved else None)
+    lock = claim_run_dir(cfg, denv)
+    manifest = load_manifest(cfg)
+    resume = find_resume(cfg, manifest)
+    batches = resolve_batch_plan(cfg, denv.world_size, resume.state if resume and resume.full else None)
     run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batches.per_rank,
                                                                  accum_steps=batches.accum_steps))
-    run_data = load_run_data(run_cfg, denv, batches)
+    run_data = run_data_for(run_cfg, manifest, denv, batches)
     horizon = Horizon.for_run(run_cfg.train, run_data.steps_per_epoch)
     model = build_train_model(run_cfg, run_data.classes.num_classes, device)
     opt = build_optimisation(run_cfg, model, run_data, horizon, device, distributed_loss=denv.distributed)
     state = TrainState()
-    if saved is not None:
-        restore(saved, model, opt, state, run_data.manifest_digest, run_cfg.train.seed)
-    ema = weight_average(run_cfg.train, model, saved[1] if saved else None)
+    if resume is not None:
+        restore(resume, model, opt, state, run_cfg.train.seed)
+    ema = weight_average(run_cfg.train, model, resume.state if resume and resume.full else None)
     step_model = model
     if run_cfg.train.compile:
         step_model, opt.loss_fn = compile_step_parts(
             model, opt.loss_fn, compile_mode(run_cfg.train.compile_mode, device, denv.world_size))
     if distributed.is_initialized():  # also a 1-process group: DDP's per-step work is then measurable
         step_model = wrap_ddp(step_model, model, device)
+    resumed = resume is not None and resume.full
     run = Run(cfg=run_cfg, given_config=to_dict(cfg), denv=denv, device=device, data=run_data,
               nets=Nets(step=step_model, bare=model, ema=ema), opt=opt, horizon=horizon,
               runlog=RunLog(Path(cfg.run.dir), enabled=denv.is_main, tensorboard=cfg.logging.tensorboard,
-                            resumed_at=state.global_step if saved is not None else None),
-              clock=(time.perf_counter(), state.train_seconds))
+                            resumed_at=state.global_step if resumed else None),
+              clock=(time.perf_counter(), state.train_seconds), lock=lock)
     announce(run, state)
     return run, state
 
 
-def find_resume_checkpoint(cfg: Config) -> tuple[Path, dict[str, Any]] | None:
-    """The checkpoint `train.resume` names (loaded on the CPU: RNG states must stay there), or None."""
-    run_dir = Path(cfg.run.dir)
-    last = run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.LAST
-    if cfg.train.resume == "never" and last.exists():
-        raise ConfigError(f"{last} exists and train.resume=never would overwrite it: choose another run.dir or resume")
-    return checkpoint.load_for_resume(cfg.train.resume, run_dir)
+def claim_run_dir(cfg: Config, denv: distributed.DistEnv) -> RunDirLock | None:
+    """Rank 0 locks run.dir for this run; every rank raises the same one-line error if it cannot."""
+    lock, error = None, None
+    if denv.is_main:
+        try:
+            lock = RunDirLock.claim(cfg.run.dir)
+        except UserError as e:
+            error = str(e)
+    error = distributed.broadcast_object(error)
+    if error is not None:
+        raise UserError(error)
+    return lock
 
 
-def load_run_data(cfg: Config, denv: distributed.DistEnv, batches: data.BatchPlan) -> RunData:
-    """The manifest (its shards checked as data.verify says), the classes, and this rank's validation loader."""
+def load_manifest(cfg: Config) -> dict[str, Any]:
+    """The shards' manifest, the shards checked as data.verify says."""
     manifest = shards.load_manifest(cfg.data.root)
     if cfg.data.verify != "off":
         shards.verify_shards(cfg.data.root, manifest, [cfg.data.train_split, cfg.data.val_split],
                              full=cfg.data.verify == "full")
+    return manifest
+
+
+@dataclass(frozen=True, kw_only=True)
+class Resume:
+    path: Path
+    state: dict[str, Any]
+    full: bool  # False: only the weights, to fine-tune on other data (optimiser, schedule and counters afresh)
+
+
+# Model keys that do not change the weights' shapes: a run may resume with them changed.
+_NOT_ARCHITECTURE = ("encoder_weights", "freeze_encoder_epochs")
+
+
+def find_resume(cfg: Config, manifest: dict[str, Any]) -> Resume | None:
+    """The checkpoint `train.resume` names (loaded on the CPU: RNG states must stay there), checked against
+    this run's model and data before any weight is loaded; None for a fresh start."""
+    run_dir = Path(cfg.run.dir)
+    last = run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.LAST
+    if cfg.train.resume == "never" and last.exists():
+        raise ConfigError(f"{last} exists and train.resume=never would overwrite it: choose another run.dir or resume")
+    found = checkpoint.load_for_resume(cfg.train.resume, run_dir)
+    if found is None:
+        return None
+    path, state = found
+    saved_model = state["config"].get("model", {})
+    for key, value in to_dict(cfg)["model"].items():
+        if key in _NOT_ARCHITECTURE or (key == "encoder" and cfg.model.name == "unet"):
+            continue
+        if key in saved_model and saved_model[key] != value:
+            raise UserError(f"{path} holds a model with model.{key}={saved_model[key]}, this run has "
+                            f"model.{key}={value}: set it back to resume, or choose another run.dir")
+    classes = data.resolve_classes(cfg.data, manifest)
+    if int(state["num_classes"]) != classes.num_classes:
+        raise UserError(f"{path} was trained for {state['num_classes']} classes, data.root={cfg.data.root} has "
+                        f"{classes.num_classes}: choose another run.dir")
+    if state.get("manifest_digest") == shards.manifest_digest(manifest):
+        return Resume(path=path, state=state, full=True)
+    trained_on = state["config"].get("data", {}).get("root", "?")
+    if cfg.train.resume == "auto":
+        raise UserError(f"run.dir={run_dir} holds a run on other data ({trained_on}, {path.name}) than data.root="
+                        f"{cfg.data.root}: choose another run.dir, or train.resume={path} to fine-tune from its "
+                        "weights")
+    log.info("fine-tuning from the weights of %s (trained on %s); optimiser, schedule and step start afresh",
+             path, trained_on)
+    return Resume(path=path, state=state, full=False)
+
+
+def run_data_for(cfg: Config, manifest: dict[str, Any], denv: distributed.DistEnv,
+                 batches: data.BatchPlan) -> RunData:
+    """What the run reads on this rank: classes, steps, the training crop, the validation loader."""
     return RunData(
         manifest=manifest,
         manifest_digest=shards.manifest_digest(manifest),
@@ -387,19 +449,18 @@ def build_optimisation(cfg: Config, model: nn.Module, run_data: RunData, horizon
                         scaler=precision.grad_scaler(device, amp_dtype), amp_dtype=amp_dtype)
 
 
-def restore(saved: tuple[Path, dict[str, Any]], model: nn.Module, opt: Optimisation, state: TrainState,
-            manifest_digest: str, seed: int) -> None:
-    """Weights, optimiser, schedule, scaler and counters from a checkpoint."""
-    path, ck = saved
+def restore(resume: Resume, model: nn.Module, opt: Optimisation, state: TrainState, seed: int) -> None:
+    """Weights, and for a full resume also optimiser, schedule, scaler and counters, from a checkpoint."""
+    ck = resume.state
     # With a weight average, `model` holds the average and `trained_model` the weights that train on.
     model.load_state_dict(ck.get("trained_model", ck["model"]))
+    if not resume.full:
+        return
     for part, target in (("optimizer", opt.optimizer), ("scheduler", opt.scheduler), ("scaler", opt.scaler)):
         target.load_state_dict(ck[part])
     state.load_state_dict(ck, seed=seed)
-    if ck.get("manifest_digest") != manifest_digest:
-        log.warning("the shards changed since %s was written", path)
     log.info("resumed from %s at epoch %d, step %d (global step %d), lr %.6g, grad scale %s (growth tracker %s)",
-             path, state.epoch, state.epoch_step, state.global_step, opt.optimizer.param_groups[0]["lr"],
+             resume.path, state.epoch + 1, state.epoch_step, state.global_step, opt.optimizer.param_groups[0]["lr"],
              ck["scaler"].get("scale", "off"), ck["scaler"].get("_growth_tracker", "off"))
 
 
@@ -426,11 +487,36 @@ def announce(run: Run, state: TrainState) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         clear_stop_marker(run_dir)
         atomic.write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
-        log.info("%s: %s parameters, %d classes, %d ranks on %s, started by %s, amp %s, %d steps/epoch x %d "
-                 "epochs, global batch %s", cfg.model.name, f"{count_parameters(run.nets.bare):,}",
-                 d.classes.num_classes, denv.world_size, run.device.type, denv.describe(),
-                 precision.name(run.opt.amp_dtype), d.steps_per_epoch, cfg.train.epochs, d.batches.describe())
+        log.info("%s: %s parameters, %d classes, %d ranks on %s, started by %s, amp %s, global batch %s",
+                 cfg.model.name, f"{count_parameters(run.nets.bare):,}", d.classes.num_classes, denv.world_size,
+                 run.device.type, denv.describe(), precision.name(run.opt.amp_dtype), d.batches.describe())
+        log.info("run.dir %s: %s", run_dir, plan_text(run, state))
     run.runlog.text("config", "    " + json.dumps(resolved, indent=2).replace("\n", "\n    "), state.global_step)
+
+
+def plan_text(run: Run, state: TrainState) -> str:
+    """How long the run will be: steps, epochs, the budget that may end it first, and where it starts."""
+    t, per_epoch = run.cfg.train, run.data.steps_per_epoch
+    text = f"{run.horizon.steps} steps ({t.epochs} epochs x {per_epoch} steps"
+    text += f", capped by train.max_steps={t.max_steps})" if t.max_steps and t.max_steps < t.epochs * per_epoch else ")"
+    if t.budget_minutes:
+        text += (f"; train.budget_minutes={t.budget_minutes:g} rules: the step count is re-planned from the measured "
+                 "rate, so the run ends when the budget is spent")
+    if state.global_step:
+        text += f"; resuming at step {state.global_step}"
+    return text
+
+
+def eta_text(run: Run, state: TrainState) -> str:
+    """`, about 3m20s left`: the rate so far (start-up and validation included) over the steps left."""
+    if state.global_step == 0 or run.finished(state):
+        return ""
+    elapsed = run.elapsed()
+    left = elapsed / state.global_step * (run.horizon.steps - state.global_step)
+    if run.cfg.train.budget_minutes:
+        left = min(left, max(0.0, run.cfg.train.budget_minutes * 60 - elapsed))
+    minutes, seconds = divmod(round(left), 60)
+    return f", about {minutes}m{seconds:02d}s left" if minutes else f", about {seconds}s left"
 
 
 def wrap_ddp(model: nn.Module, raw_model: nn.Module, device: torch.device) -> DDP:
@@ -540,13 +626,14 @@ def train_one_epoch(run: Run, state: TrainState, meter: StepMeter, stop: distrib
     run.nets.step.train()
     if state.epoch < cfg.model.freeze_encoder_epochs:  # frozen encoder: its BatchNorm statistics stay too
         norms = freeze_encoder_batchnorm(run.nets.step)
-        log.info("epoch %d: encoder frozen (learning rate 0, %d BatchNorm layers in eval mode)", state.epoch, norms)
+        log.info("epoch %d: encoder frozen (learning rate 0, %d BatchNorm layers in eval mode)", state.epoch + 1, norms)
     if run.train_stream is None:
         run.train_stream = iter(data.train_loader(cfg, run.data.manifest, cfg.data.root, run.denv.rank,
                                                   run.denv.world_size, state.epoch,
                                                   skip_steps=state.epoch_step, endless=True))
     batches = run.train_stream
-    with progress(run.data.steps_per_epoch, f"epoch {state.epoch}", run.denv.is_main and cfg.logging.progress,
+    label = f"epoch {state.epoch + 1}/{cfg.train.epochs}"
+    with progress(run.data.steps_per_epoch, label, run.denv.is_main and cfg.logging.progress,
                   initial=state.epoch_step) as bar:
         while state.epoch_step < run.data.steps_per_epoch:
             train_step(run, batches, meter)
@@ -637,9 +724,10 @@ def end_of_epoch(run: Run, state: TrainState, meter: StepMeter,
     if run.nets.ema is not None:
         distributed.sync_buffers(run.nets.ema.module)
     train_loss = meter.epoch_loss()
-    finished_epoch = state.epoch
+    number = state.epoch + 1  # epochs count from 1 wherever a user reads them
     if state.epoch_step >= run.data.steps_per_epoch:
         state.epoch, state.epoch_step = state.epoch + 1, 0
+    fit_budget(run, state)  # before deciding whether this validation is the last, so its overlays are kept
     is_last = run.finished(state)
     is_best, m = False, None
     if is_last or state.epoch % cfg.train.val_every == 0:
@@ -647,22 +735,22 @@ def end_of_epoch(run: Run, state: TrainState, meter: StepMeter,
         m = result.metrics
         if not is_per_iteration(run.opt.scheduler):
             run.opt.scheduler.step(m["loss"])  # all-reduced: every rank decides the same
-        history.append({"epoch": finished_epoch, "step": state.global_step,
+        history.append({"epoch": number, "step": state.global_step,
                         "lr": run.opt.optimizer.param_groups[0]["lr"], "val_loss": m["loss"], "miou": m["miou"],
                         "train_loss": train_loss})
         is_best = m["miou"] > state.best_miou
         state.best_miou = max(state.best_miou, m["miou"])
-        log.info("Epoch %d: train loss=%.4f, val loss=%.4f, val mIoU=%.4f, pixel acc=%.4f (%d val samples)",
-                 finished_epoch, train_loss, m["loss"], m["miou"], m["pixel_accuracy"], result.samples_seen)
+        log.info("Epoch %d/%d: train loss=%.4f, val loss=%.4f, val mIoU=%.4f, pixel acc=%.4f (%d val samples)%s",
+                 number, run.cfg.train.epochs, train_loss, m["loss"], m["miou"], m["pixel_accuracy"],
+                 result.samples_seen, eta_text(run, state))
         if run.denv.is_main:
             pictures = validation_pictures(result.examples, cfg.data.mean, cfg.data.std, run.data.classes.num_classes,
                                            run.data.classes.ignore_index)
             run.runlog.validation(m, result.matrix, result.samples_seen, run.data.classes.names, pictures,
-                                  finished_epoch, state.global_step, train_loss)
-            if is_last:
-                run.runlog.overlays(pictures)
+                                  number, state.global_step, train_loss)
+            run.runlog.overlays(pictures)  # every validation: a run may end at any one of them
     else:
-        log.info("Epoch %d: train loss=%.4f", finished_epoch, train_loss)
+        log.info("Epoch %d/%d: train loss=%.4f%s", number, run.cfg.train.epochs, train_loss, eta_text(run, state))
     save_checkpoint(run, state, is_best=is_best, snapshot=True)
     return m
 

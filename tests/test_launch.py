@@ -166,7 +166,7 @@ def test_two_hosts_simulated_on_one_machine_train_to_the_end_and_agree(tiny_shar
     # The hosts validated half of the split each and agreed on one all-reduced result: exactly what one
     # process computes from the final weights over the whole split.
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in lines] == [0, 1] and lines[-1]["samples"] == 16
+    assert [r["epoch"] for r in lines] == [1, 2] and lines[-1]["samples"] == 16
     report = tmp_path / "eval.json"
     subprocess.run([sys.executable, "-m", "seg_dist.evaluate", "--checkpoint", str(run / "checkpoints" / "last.pt"),
                     "--out", str(report), "train.amp=off"], cwd=REPO, env=child_env(), check=True, capture_output=True)

@@ -130,7 +130,7 @@ def test_sbatch_runs_to_completion(submit, tiny_shards: Path, tmp_path: Path) ->
     assert "SLURM_RESTART_COUNT=0" in log and "finished" in log, job.tail()
     assert global_step(run_dir / "checkpoints" / "last.pt") == 2 * STEPS_PER_EPOCH
     assert list((run_dir / "tb").rglob("events.out.tfevents.*")), "no TensorBoard event files"
-    assert validated_epochs(run_dir) == [0, 1]
+    assert validated_epochs(run_dir) == [1, 2]
 
 
 # How SIGUSR1 reaches the job: the batch shell only (as --signal=B:USR1@T does), the job steps only (as
@@ -173,5 +173,5 @@ def test_preemption_requeues_and_resumes(submit, tiny_shards: Path, tmp_path: Pa
     assert "] finished" in log.split("SLURM_RESTART_COUNT=1", 1)[1], job.tail()
 
     assert global_step(last) == epochs * STEPS_PER_EPOCH
-    assert validated_epochs(run_dir) == list(range(epochs)), "every epoch validated exactly once"
+    assert validated_epochs(run_dir) == list(range(1, epochs + 1)), "every epoch validated exactly once"
     assert not (run_dir / "STOPPED").exists()

@@ -47,7 +47,7 @@ def test_two_ranks_converge_agree_and_leave_artifacts(tiny_shards, tmp_path):
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in lines] == list(range(8))
+    assert [r["epoch"] for r in lines] == list(range(1, 9))  # epochs count from 1
     assert lines[-1]["samples"] == 16 and set(lines[-1]["per_class_iou"]) >= {"background", "disc"}
     ck = run / "checkpoints"
     assert (ck / "last.pt").is_file() and (ck / "best.pt").is_file()
@@ -224,9 +224,9 @@ def test_progress_is_plain_lines_when_not_on_a_terminal(tiny_shards, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     text = out.stdout + out.stderr
     assert "\r" not in text
-    lines = [line for line in text.splitlines() if "] epoch 0: " in line]
+    lines = [line for line in text.splitlines() if "] epoch 1/1: " in line]
     assert 8 <= len(lines) <= 16, lines  # 16 steps: every 10% is every 2nd step
-    assert lines[-1].split("] ")[1].startswith("epoch 0: 100% (16/16)")
+    assert lines[-1].split("] ")[1].startswith("epoch 1/1: 100% (16/16)")
 
 
 def test_compiled_step_trains_like_the_eager_one(tiny_shards, tmp_path):
