@@ -11,32 +11,41 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import UserError
 
 __all__ = [
     "FORMAT",
     "IMAGE_EXTS",
+    "IMAGE_MODES",
     "LABEL_MODES",
     "MANIFEST",
     "MASK_FIELD",
     "META_FIELD",
+    "TURNED_ORIENTATIONS",
+    "DecodedImage",
+    "ImageError",
     "ManifestError",
     "ShardError",
     "decode_image",
     "decode_mask",
+    "exif_orientation",
     "existing_shards",
     "load_manifest",
     "manifest_digest",
+    "orientation_text",
+    "packed_size",
+    "read_image",
     "shard_counts",
     "shard_name",
     "shard_name_pattern",
     "shard_urls",
     "split_count",
+    "upright_labels",
     "verify_shards",
 ]
 
@@ -49,11 +58,16 @@ META_FIELD = "json"
 
 _TOP_KEYS = ("format", "num_classes", "ignore_index", "class_names", "splits")
 _SPLIT_KEYS = ("num_samples", "shards", "class_histogram", "image_size")
-_IMAGE_SIZE_KEYS = ("min_hw", "max_hw", "mean_hw")
+# As stored (after --max-size), and the mean size of the original images as viewers show them.
+_IMAGE_SIZE_KEYS = ("min_hw", "max_hw", "mean_hw", "original_mean_hw")
 _SHARD_KEYS = ("name", "num_samples")
 
 # Single-channel PIL modes whose pixel values are the labels themselves ("P": palette indices).
 LABEL_MODES = ("P", "L", "I;16", "I;16L", "I;16B", "I", "1")
+# PIL modes of 8 (or 1) bits per channel, which convert("RGB") keeps as they are (alpha is dropped, CMYK and
+# YCbCr are converted). Anything else (16-bit, 32-bit integer, float) it would clip to 0 or 255 without a
+# word, so such images are refused until they are read faithfully.
+IMAGE_MODES = ("1", "L", "P", "LA", "La", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
 
 
 def shard_name(split: str, index: int) -> str:
@@ -64,6 +78,19 @@ def shard_name(split: str, index: int) -> str:
 def shard_name_pattern(split: str) -> re.Pattern[str]:
     """Matches (fullmatch) exactly the names `shard_name(split, i)` gives."""
     return re.compile(rf"{re.escape(split)}-\d{{6}}\.tar")
+
+
+def packed_size(height: int, width: int, max_size: int | None) -> tuple[int, int]:
+    """(height, width) an image of this size is stored at by `pack --max-size max_size`: scaled down so
+    the longer side is `max_size`, each side rounded and at least 1; unchanged when it already fits or
+    `max_size` is None. The one rule for the packing scale, so anything that must bring an image to the
+    scale a model was trained at computes the same size."""
+    if max_size is None or max(height, width) <= max_size:
+        return height, width
+    if max_size < 1:
+        raise ValueError(f"max_size must be >= 1 or None, got {max_size}")
+    scale = max_size / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def existing_shards(root: str | Path, split: str) -> list[Path]:
@@ -168,8 +195,11 @@ def _manifest_problem(manifest: Any) -> str | None:
     names = manifest["class_names"]
     if not isinstance(names, list) or len(names) != manifest["num_classes"]:
         return f"class_names: expected a list of num_classes={manifest['num_classes']} names"
+    if "max_size" in manifest and manifest["max_size"] is not None and not _is_int(manifest["max_size"], 1):
+        return f"max_size={manifest['max_size']!r}: expected an integer >= 1 or null"
     if not isinstance(manifest["splits"], dict):
         return "'splits' is not an object"
+    listed: dict[str, str] = {}  # shard name -> the split that lists it
     for name, split in manifest["splits"].items():
         if not isinstance(split, dict) or any(k not in split for k in _SPLIT_KEYS):
             lacking = [k for k in _SPLIT_KEYS if not isinstance(split, dict) or k not in split]
@@ -179,6 +209,14 @@ def _manifest_problem(manifest: Any) -> str | None:
         for shard in split["shards"]:
             if not isinstance(shard, dict) or any(k not in shard for k in _SHARD_KEYS):
                 return f"a shard entry of split {name!r} lacks keys {list(_SHARD_KEYS)}"
+            problem = _shard_name_problem(shard["name"])
+            if problem:
+                return f"split {name!r}: shard name {shard['name']!r} {problem}"
+            if shard["name"] in listed:
+                first = listed[shard["name"]]
+                twice = f"twice in split {name!r}" if first == name else f"in splits {first!r} and {name!r}"
+                return f"shard {shard['name']!r} is listed {twice} (each shard holds its samples once)"
+            listed[shard["name"]] = name
         hist = split["class_histogram"]
         if not isinstance(hist, list) or len(hist) != manifest["num_classes"] or not all(map(_is_int, hist)):
             return f"split {name!r}: class_histogram must list one pixel count per class"
@@ -186,6 +224,18 @@ def _manifest_problem(manifest: Any) -> str | None:
         # Each entry is optional (a split written by hand may carry none), but one that is there must be sound.
         if not isinstance(size, dict) or not all(_is_hw(size[k]) for k in _IMAGE_SIZE_KEYS if k in size):
             return f"split {name!r}: image_size must map {'/'.join(_IMAGE_SIZE_KEYS)} to [height, width]"
+    return None
+
+
+def _shard_name_problem(name: Any) -> str | None:
+    """Why a manifest's shard name does not name a file inside the shard folder; None if it does. A
+    manifest can come from anywhere, and a name that leads out would read (and verify) files elsewhere."""
+    if not isinstance(name, str) or not name:
+        return "is not a file name"
+    if "\\" in name or name.startswith("/") or re.match(r"[A-Za-z]:", name):
+        return "is an absolute path or uses '\\'; shard names are relative to the shard folder"
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return "leads outside the shard folder or has an empty, '.' or '..' part; name a file inside it"
     return None
 
 
@@ -230,16 +280,120 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def decode_mask(data: bytes) -> np.ndarray:
-    """Single-channel mask bytes -> writable int64 HxW labels (palette PNGs give their indices)."""
-    with Image.open(io.BytesIO(data)) as im:
+class ImageError(UserError):
+    """Image bytes that seg_dist cannot read as what a viewer shows: empty, undecodable, or of a mode it does
+    not read faithfully. The message says what the image is and what to do; callers prefix the file."""
+
+
+# EXIF orientation -> what a viewer does to the stored pixels to show the picture.
+_ORIENTATIONS = {
+    1: "upright",
+    2: "mirrored",
+    3: "turned 180 degrees",
+    4: "flipped upside down",
+    5: "mirrored and turned 90 degrees",
+    6: "turned 90 degrees clockwise",
+    7: "mirrored and turned 90 degrees",
+    8: "turned 90 degrees counter-clockwise",
+}
+# Orientations that swap height and width.
+TURNED_ORIENTATIONS = (5, 6, 7, 8)
+# What a mode holds, for the refusal message.
+_MODE_KINDS = {
+    "I;16": "16-bit grey", "I;16L": "16-bit grey", "I;16B": "16-bit grey", "I;16N": "16-bit grey",
+    "I": "32-bit integer grey", "F": "32-bit float grey",
+}
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        value = im.getexif().get(0x0112, 1)  # 0x0112: the EXIF/TIFF Orientation tag
+    except Exception:  # damaged EXIF: viewers show the stored pixels, and so does seg_dist
+        return 1
+    return value if isinstance(value, int) and value in _ORIENTATIONS else 1
+
+
+def orientation_text(orientation: int) -> str:
+    """'EXIF orientation 6 (turned 90 degrees clockwise)'."""
+    return f"EXIF orientation {orientation} ({_ORIENTATIONS.get(orientation, 'unknown')})"
+
+
+def _upright(im: Image.Image) -> tuple[Image.Image, int]:
+    orientation = _orientation(im)
+    return (ImageOps.exif_transpose(im) if orientation != 1 else im), orientation
+
+
+def _open(data: bytes) -> Image.Image:
+    """Opened and loaded PIL image; ImageError for empty or undecodable bytes."""
+    if not data:
+        raise ImageError("empty file (0 bytes), not an image")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError as e:
+        raise ImageError("not an image seg_dist can read (JPEG, PNG, TIFF or BMP), or damaged") from e
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error ... for broken files
+        raise ImageError(f"cannot decode the image ({_text(e)})") from e
+    try:
         im.load()
-        if im.mode not in LABEL_MODES:
-            raise ValueError(f"mask has mode {im.mode!r} ({len(im.getbands())} channels); expected one channel")
-        return np.array(im).astype(np.int64)
+    except Exception as e:
+        im.close()
+        raise ImageError(f"cannot decode the image ({_text(e)}; truncated or damaged?)") from e
+    return im
+
+
+def _text(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def exif_orientation(data: bytes) -> int:
+    """The EXIF orientation (1-8; 1 when there is none) of image bytes, as `read_image` applies it."""
+    return _orientation(_open(data))
+
+
+class DecodedImage(NamedTuple):
+    """An image as a viewer shows it, with what the decoder found."""
+
+    rgb: np.ndarray  # writable uint8 H x W x 3, EXIF orientation applied
+    format: str  # PIL's detected format ("JPEG", "PNG", "TIFF", "BMP", ...), whatever the file name says
+    orientation: int  # the EXIF orientation applied (1: none)
+
+
+def read_image(data: bytes) -> DecodedImage:
+    """Image bytes -> the picture as a viewer shows it: EXIF orientation applied, 8-bit RGB (grey and palette
+    images are expanded, alpha is dropped). ImageError for empty or undecodable bytes and for images of more
+    than 8 bits per channel, which converting would clip."""
+    with _open(data) as im:
+        if im.mode not in IMAGE_MODES:
+            fmt = f" {im.format}" if im.format else ""
+            kind = _MODE_KINDS.get(im.mode)
+            if kind is None:
+                raise ImageError(f"{fmt.strip() or 'image'} in PIL mode {im.mode}: seg_dist reads 8-bit grey, "
+                                 "palette, RGB(A), CMYK and YCbCr images; convert it to 8-bit RGB")
+            if im.mode == "F":
+                how = "scale it to 0-255 and save 8 bits per channel, e.g. `magick IN -auto-level -depth 8 OUT.png`"
+            else:
+                how = "convert it to 8 bits per channel, e.g. `magick IN -depth 8 OUT.png` (scales 0-65535 to 0-255)"
+            raise ImageError(f"{kind}{fmt} image (PIL mode {im.mode}): seg_dist reads 8-bit images for now; {how}")
+        upright, orientation = _upright(im)
+        return DecodedImage(np.array(upright.convert("RGB")), im.format or "", orientation)
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """Image bytes -> writable uint8 HxWx3 RGB (grey, palette and alpha images are converted)."""
-    with Image.open(io.BytesIO(data)) as im:
-        return np.array(im.convert("RGB"))
+    """Image bytes -> writable uint8 H x W x 3 RGB as a viewer shows it (see `read_image`). The one image
+    decoder: pack, the loaders, evaluate and predict all read images through it, so they see alike."""
+    return read_image(data).rgb
+
+
+def decode_mask(data: bytes) -> np.ndarray:
+    """Single-channel mask bytes -> writable int64 HxW labels (palette PNGs give their indices), EXIF
+    orientation applied as for images."""
+    with _open(data) as im:
+        if im.mode not in LABEL_MODES:
+            raise ValueError(f"mask has mode {im.mode!r} ({len(im.getbands())} channels); expected one channel")
+        upright, _ = _upright(im)
+        return np.array(upright).astype(np.int64)
+
+
+def upright_labels(im: Image.Image) -> Image.Image:
+    """A loaded mask image turned by its EXIF orientation, as `decode_mask` and images are."""
+    return _upright(im)[0]

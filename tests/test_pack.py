@@ -78,7 +78,8 @@ def test_round_trip(tmp_path: Path) -> None:
     assert split["num_samples"] == 5 and shards.split_count(manifest, "train") == 5
     assert shards.shard_counts(manifest, "train") == [2, 2, 1]
     assert [s["name"] for s in split["shards"]] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
-    assert split["rejects"] == [] and split["image_size"] == {"min_hw": [6, 8], "max_hw": [6, 8], "mean_hw": [6, 8]}
+    assert split["rejects"] == [] and manifest["max_size"] is None
+    assert split["image_size"] == {"min_hw": [6, 8], "max_hw": [6, 8], "mean_hw": [6, 8], "original_mean_hw": [6, 8]}
     hist = sum(np.bincount(lab[lab != 255], minlength=3) for _, lab in data.values())
     assert split["class_histogram"] == hist.tolist() and split["ignored_pixels"] == 5
 
@@ -127,7 +128,7 @@ def test_nested_mixed_extensions_and_key_sanitising(tmp_path: Path) -> None:
 
 def _break_undecodable(root: Path) -> str:
     (root / "images/b.png").write_bytes(b"not an image at all")
-    return "images/b.png: cannot decode image"
+    return "images/b.png: not an image seg_dist can read (JPEG, PNG, TIFF or BMP), or damaged"
 
 
 def _break_size(root: Path) -> str:
@@ -334,8 +335,42 @@ def test_max_size_resizes_image_and_mask(tmp_path: Path) -> None:
     (sample,) = _samples(tmp_path / "out", "train")
     assert shards.decode_image(sample["jpg"]).shape == (5, 10, 3)
     assert np.array_equal(shards.decode_mask(sample["mask.png"]), np.repeat([[0] * 5 + [2] * 5], 5, 0))
-    split = shards.load_manifest(tmp_path / "out")["splits"]["train"]
+    manifest = shards.load_manifest(tmp_path / "out")
+    split = manifest["splits"]["train"]
     assert json.loads(sample["json"])["size_hw"] == [20, 40] and split["image_size"]["max_hw"] == [5, 10]
+    assert manifest["max_size"] == 10 and split["image_size"]["original_mean_hw"] == [20, 40]
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (lambda m: m["splits"]["train"]["shards"][0].update(name="../other/train-000000.tar"),
+         "shard name '../other/train-000000.tar' leads outside the shard folder"),
+        (lambda m: m["splits"]["train"]["shards"][0].update(name="sub/../../x.tar"),
+         "shard name 'sub/../../x.tar' leads outside the shard folder"),
+        (lambda m: m["splits"]["train"]["shards"][0].update(name="/tmp/train-000000.tar"),
+         "shard name '/tmp/train-000000.tar' is an absolute path"),
+        (lambda m: m["splits"]["train"]["shards"][0].update(name="C:\\data\\x.tar"),
+         "is an absolute path or uses"),
+        (lambda m: m["splits"]["train"]["shards"].__setitem__(1, dict(m["splits"]["train"]["shards"][0])),
+         "shard 'train-000000.tar' is listed twice in split 'train'"),
+        (lambda m: m["splits"]["val"]["shards"].__setitem__(0, dict(m["splits"]["train"]["shards"][1])),
+         "shard 'train-000001.tar' is listed in splits 'train' and 'val'"),
+    ],
+)
+def test_manifest_shards_stay_in_their_folder_once(tmp_path: Path, edit, problem: str) -> None:
+    # A manifest from elsewhere must not make training read files outside the folder, nor one shard twice
+    # (and another never).
+    _dataset(tmp_path, ["a", "b", "c", "d", "e", "f"])
+    assert _run(tmp_path, "--samples-per-shard", "2", "--val-fraction", "0.34") == 0
+    path = tmp_path / "out" / shards.MANIFEST
+    manifest = json.loads(path.read_text())
+    shards.load_manifest(tmp_path / "out")  # sound as packed
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(shards.ManifestError) as caught:
+        shards.load_manifest(tmp_path / "out")
+    assert str(caught.value).startswith(f"{path}: ") and problem in str(caught.value)
 
 
 def test_synthetic(tmp_path: Path) -> None:

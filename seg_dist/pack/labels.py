@@ -114,8 +114,10 @@ def load_palette(path: str | Path, num_classes: int, ignore_index: int) -> tuple
 
 def decode_labels(data: bytes, spec: LabelSpec) -> np.ndarray:
     """Mask bytes -> int64 class ids with the palette or label map applied; MaskError for user errors."""
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
+    with Image.open(io.BytesIO(data)) as opened:
+        opened.load()
+        # Turned as viewers show it, as images are (seg_dist.shards.read_image), so the two line up.
+        im = shards.upright_labels(opened)
         if spec.colours is not None:
             rgb = np.array(im.convert("RGB")).astype(np.int64)
             code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]

@@ -149,7 +149,14 @@ def _load_existing(out: Path, o: PackOptions, names: list[str]) -> tuple[dict[st
     if kept and o.class_names is None and old["num_classes"] == o.num_classes:
         names = old["class_names"]  # adding a split: keep the names the first one was packed with
     if kept:
-        mine = {"num_classes": o.num_classes, "ignore_index": o.ignore_index, "class_names": names}
+        if "max_size" not in old:
+            raise PackError(
+                f"{out / shards.MANIFEST}: splits {kept} were packed before seg_dist recorded --max-size, so "
+                "whether this pack's scale matches theirs is unknown; re-pack them (--overwrite) or use another --out"
+            )
+        # One scale for every split: a model trained on one split is validated and used at that scale.
+        mine = {"num_classes": o.num_classes, "ignore_index": o.ignore_index, "class_names": names,
+                "max_size": o.max_size}
         for key, value in mine.items():
             if old[key] != value:
                 raise PackError(
@@ -266,6 +273,8 @@ def _write(
         "num_classes": o.num_classes,
         "ignore_index": o.ignore_index,
         "class_names": names,
+        # The packing scale (null: original sizes), so a model can be fed images at the scale it learnt.
+        "max_size": o.max_size,
         "splits": _ordered_splits(splits),
     }
     atomic.write_text(out / shards.MANIFEST, json.dumps(manifest, indent=2) + "\n")
@@ -289,6 +298,7 @@ def _split_entry(
     hist = np.zeros(num_classes, np.int64)
     ignored = 0
     hws = np.array([s.hw for s in good_stats], np.int64).reshape(-1, 2)
+    originals = np.array([s.original_hw for s in good_stats], np.int64).reshape(-1, 2)
     for s in good_stats:
         hist += s.histogram
         ignored += s.ignored
@@ -301,6 +311,7 @@ def _split_entry(
             "min_hw": [int(v) for v in hws.min(0)],
             "max_hw": [int(v) for v in hws.max(0)],
             "mean_hw": [round(float(v), 1) for v in hws.mean(0)],
+            "original_mean_hw": [round(float(v), 1) for v in originals.mean(0)],
         },
         "rejects": [{"path": p, "error": e} for p, e in sorted(rejects)],
     }

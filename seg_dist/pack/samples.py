@@ -21,6 +21,7 @@ from seg_dist import shards
 from seg_dist.pack.errors import PackError, Problem
 from seg_dist.pack.labels import LabelSpec, MaskError, decode_labels
 from seg_dist.pack.pairing import Pair
+from seg_dist.shards import DecodedImage
 
 __all__ = ["SamplePool", "SampleStats", "check_pair", "encode_pair"]
 
@@ -35,12 +36,13 @@ class SampleStats(NamedTuple):
     histogram: np.ndarray  # pixels per class id
     ignored: int  # pixels with the ignore index
     hw: tuple[int, int]  # stored (possibly downscaled) height, width
+    original_hw: tuple[int, int]  # height, width of the original image as viewers show it
 
 
 @dataclass
 class _Loaded:
     image_bytes: bytes
-    image: Image.Image
+    image: DecodedImage
     ext: str
     labels: np.ndarray
 
@@ -54,13 +56,6 @@ def _hw(shape: Sequence[int]) -> str:
     return f"{shape[0]}x{shape[1]}"
 
 
-def _target_hw(h: int, w: int, max_size: int | None) -> tuple[int, int] | None:
-    if not max_size or max(h, w) <= max_size:
-        return None
-    scale = max_size / max(h, w)
-    return max(1, round(h * scale)), max(1, round(w * scale))
-
-
 def _resize_nearest(labels: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     # Sampling at output pixel centres keeps labels exact (no blending of class ids).
     rows = ((np.arange(hw[0]) + 0.5) * labels.shape[0] / hw[0]).astype(np.int64)
@@ -71,30 +66,34 @@ def _resize_nearest(labels: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 def _load(pair: Pair, spec: LabelSpec) -> tuple[_Loaded | None, list[Problem]]:
     """Decode and check one pair; returns (loaded or None, [(path, problem), ...])."""
     problems: list[Problem] = []
-    image = labels = None
+    image: DecodedImage | None = None
+    labels = None
     ext = ""
     try:
         image_bytes = Path(pair.image).read_bytes()
-        image = Image.open(io.BytesIO(image_bytes))
-        image.load()
-        ext = _FORMAT_EXT.get(image.format or "", "")
+        image = shards.read_image(image_bytes)
+        ext = _FORMAT_EXT.get(image.format, "")
         if not ext:
             problems.append((pair.image, f"unsupported image format {image.format}"))
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
-        problems.append((pair.image, f"cannot decode image ({_one_line(e)})"))
-        image = None  # a header-only size would make a misleading size-mismatch line
+    except shards.ImageError as e:
+        problems.append((pair.image, str(e)))
+    except OSError as e:
+        problems.append((pair.image, f"cannot read ({_one_line(e)})"))
     try:
-        labels = decode_labels(Path(pair.mask).read_bytes(), spec)
+        mask_bytes = Path(pair.mask).read_bytes()
+        if not mask_bytes:
+            raise MaskError("empty file (0 bytes), not a mask")
+        labels = decode_labels(mask_bytes, spec)
     except MaskError as e:
         problems.append((pair.mask, str(e)))
-    except Exception as e:
+    except Image.UnidentifiedImageError:
+        problems.append((pair.mask, "not a mask image seg_dist can read (PNG, TIFF or BMP), or damaged"))
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
         problems.append((pair.mask, f"cannot decode mask ({_one_line(e)})"))
     if image is not None and labels is not None:
-        img_hw = (image.height, image.width)
+        img_hw = image.rgb.shape[:2]
         if labels.shape != img_hw:
-            problems.append(
-                (pair.mask, f"mask size {_hw(labels.shape)} != image size {_hw(img_hw)} (HxW) of {pair.image}")
-            )
+            problems.append((pair.mask, _size_mismatch(pair, labels.shape, img_hw, image.orientation, mask_bytes)))
         bad = (labels < 0) | (labels >= spec.num_classes)
         bad &= labels != spec.ignore_index
         if bad.any():
@@ -114,6 +113,25 @@ def _load(pair: Pair, spec: LabelSpec) -> tuple[_Loaded | None, list[Problem]]:
     return _Loaded(image_bytes, image, ext, labels), []
 
 
+def _size_mismatch(
+    pair: Pair, mask_hw: Sequence[int], img_hw: Sequence[int], img_orientation: int, mask_bytes: bytes
+) -> str:
+    text = f"mask size {_hw(mask_hw)} != image size {_hw(img_hw)} (HxW) of {pair.image}"
+    if tuple(mask_hw) != tuple(img_hw)[::-1]:
+        return text
+    # The sizes match after a quarter turn: most likely one file carries an EXIF orientation that the tool
+    # which drew (or exported) the other did not apply.
+    mask_orientation = shards.exif_orientation(mask_bytes)
+    turned = shards.TURNED_ORIENTATIONS
+    if img_orientation in turned and mask_orientation not in turned:
+        return (f"{text} as viewers show it: its {shards.orientation_text(img_orientation)} turns the stored "
+                f"{_hw(img_hw[::-1])} pixels, and seg_dist applies it as viewers do; the mask fits the unturned "
+                "pixels: draw the mask on the picture as shown, or remove the image's EXIF orientation tag")
+    return (f"{text}: the sizes match after a 90-degree turn; seg_dist applies EXIF orientation as viewers do "
+            f"(image: {shards.orientation_text(img_orientation)}, mask: {shards.orientation_text(mask_orientation)}); "
+            "turn one of them so both show the same way")
+
+
 _SPEC: LabelSpec | None = None
 
 
@@ -130,12 +148,13 @@ def check_pair(pair: Pair) -> tuple[list[Problem], SampleStats | None]:
     if loaded is None:
         return problems, None
     labels = loaded.labels
-    target = _target_hw(*labels.shape, _SPEC.max_size)
-    if target:
+    original = (int(labels.shape[0]), int(labels.shape[1]))
+    target = shards.packed_size(*original, _SPEC.max_size)
+    if target != original:
         labels = _resize_nearest(labels, target)
     valid = labels != _SPEC.ignore_index
     hist = np.bincount(labels[valid].ravel(), minlength=_SPEC.num_classes)
-    return [], SampleStats(hist, int(labels.size - valid.sum()), (int(labels.shape[0]), int(labels.shape[1])))
+    return [], SampleStats(hist, int(labels.size - valid.sum()), target, original)
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -152,10 +171,12 @@ def encode_pair(pair: Pair) -> list[tuple[str, bytes]]:
         # Validation passed moments ago, so the file changed under us.
         raise PackError("; ".join(f"{p}: {msg}" for p, msg in problems) + " (file changed while packing?)")
     image, labels, ext, image_bytes = loaded.image, loaded.labels, loaded.ext, loaded.image_bytes
-    size_hw = [image.height, image.width]
-    target = _target_hw(image.height, image.width, _SPEC.max_size)
-    if target:
-        resized = image.convert("RGB").resize((target[1], target[0]), Image.Resampling.BILINEAR)
+    h, w = image.rgb.shape[:2]
+    size_hw = [h, w]
+    target = shards.packed_size(h, w, _SPEC.max_size)
+    if target != (h, w):
+        # From the upright pixels: the re-encoded file carries no EXIF orientation, so it reads the same.
+        resized = Image.fromarray(image.rgb).resize((target[1], target[0]), Image.Resampling.BILINEAR)
         buf = io.BytesIO()
         if ext == "jpg":
             resized.save(buf, format="JPEG", quality=95)
