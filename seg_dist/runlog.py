@@ -90,10 +90,16 @@ class RunLog:
         self.flush()
 
     def overlays(self, pictures: list[np.ndarray]) -> None:
-        """`overlays/val_NNN.png` in the run directory (the last validation's examples)."""
+        """`overlays/val_NNN.png` in the run directory: the last validation's examples, and only those (a
+        resumed run with fewer `logging.overlays` leaves no stale pictures from the earlier one)."""
         if self.enabled:
+            folder = self.run_dir / "overlays"
+            names = {f"val_{i:03d}.png" for i in range(len(pictures))}
+            for old in folder.glob("val_*.png") if folder.is_dir() else ():
+                if old.name not in names:
+                    old.unlink(missing_ok=True)
             for i, picture in enumerate(pictures):
-                save_png(self.run_dir / "overlays" / f"val_{i:03d}.png", picture)
+                save_png(folder / f"val_{i:03d}.png", picture)
 
     def flush(self) -> None:
         if self.tb is not None:
@@ -161,11 +167,46 @@ class _NoProgress(LineProgress):
         self.n += n
 
 
-def progress(total: int, desc: str, enabled: bool, initial: int = 0) -> Any:
+class ShareProgress:
+    """A bar over all ranks' work driven by one rank's share: it shows `total` (the whole split) and each
+    `update(n)` of this rank's `share` advances it by the all-ranks estimate n * total / share, so it ends
+    at exactly `total` when the share is done. Ranks' shares differ by at most one sample."""
+
+    def __init__(self, bar: Any, total: int, share: int) -> None:
+        self.bar, self.total, self.share = bar, total, share
+        self.done = 0  # of this rank's share
+        self.shown = 0  # on the bar
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        target = self.total if self.done >= self.share else self.done * self.total // max(1, self.share)
+        if target > self.shown:
+            self.bar.update(target - self.shown)
+            self.shown = target
+
+    def set_postfix(self, **values: Any) -> None:
+        self.bar.set_postfix(**values)
+
+    def close(self) -> None:
+        if self.done >= self.share:  # a rank with an empty share still shows the split as done
+            self.update(0)
+        self.bar.close()
+
+    def __enter__(self) -> ShareProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def progress(total: int, desc: str, enabled: bool, initial: int = 0, share: int | None = None) -> Any:
     """A tqdm bar on a terminal; plain log lines every 10% when stderr is a file (batch jobs); nothing
-    when disabled (other ranks, logging.progress=false)."""
+    when disabled (other ranks, logging.progress=false). With `share` (this rank's part of `total`, as in
+    validation), the bar counts `total` while this rank works through its share (`ShareProgress`)."""
     if not enabled:
-        return _NoProgress(total, desc, initial)
-    if sys.stderr.isatty():
-        return tqdm(total=total, initial=initial, desc=desc, leave=False)
-    return LineProgress(total, desc, initial)
+        bar: Any = _NoProgress(total, desc, initial)
+    elif sys.stderr.isatty():
+        bar = tqdm(total=total, initial=initial, desc=desc, leave=False)
+    else:
+        bar = LineProgress(total, desc, initial)
+    return bar if share is None else ShareProgress(bar, total, share)

@@ -17,11 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .config import DataConfig
 from .data import normalize_padded
 from .inference import Predictor
 from .metrics import ConfusionMatrix
 from .precision import autocast
+
+Example = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -29,8 +32,49 @@ class Validation:
     metrics: dict[str, Any]
     samples_seen: int  # over all ranks
     matrix: torch.Tensor  # the reduced int64 confusion matrix, on CPU
-    # Up to `keep` (image, target, prediction) triples from this rank, on CPU, for overlays.
-    examples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # The split's first `keep` samples (smallest keys, whichever rank validated them), on CPU, for overlays:
+    # (uint8 H x W x 3 image as the model saw it, target, prediction), unpadded.
+    examples: list[Example] = field(default_factory=list)
+    example_keys: list[str] = field(default_factory=list)  # the sample key of each example
+
+
+class _FirstSamples:
+    """The `keep` samples with the smallest keys this rank has seen (the packer writes a split in key
+    order, so on one rank these are the split's first samples). Copies to the CPU only those that enter."""
+
+    def __init__(self, keep: int, num_classes: int) -> None:
+        self.keep = keep
+        self.pred_dtype = torch.uint8 if num_classes <= 256 else torch.int32
+        self.kept: list[tuple[str, Example]] = []
+
+    def offer(self, raw: torch.Tensor, masks: torch.Tensor, pred: torch.Tensor, keys: list[str],
+              sizes: list[tuple[int, int]]) -> None:
+        for i, key in enumerate(keys):
+            if len(self.kept) >= self.keep and key >= self.kept[-1][0]:
+                continue
+            h, w = sizes[i]
+            example = (raw[i, :h, :w].cpu().clone(), masks[i, :h, :w].cpu().clone(),
+                       pred[i, :h, :w].to(self.pred_dtype).cpu())
+            self.kept.append((key, example))
+            self.kept.sort(key=lambda item: item[0])
+            del self.kept[self.keep :]
+
+    def gathered(self) -> tuple[list[Example], list[str]]:
+        """The first samples over all ranks, the same on every rank. Collective on several ranks, called by
+        every rank whatever its `keep`: the count kept is the largest `keep` of any rank. Two gathers: keys
+        first, then only the chosen examples travel."""
+        if distributed.world_size() == 1:
+            return [e for _, e in self.kept], [k for k, _ in self.kept]
+        offers = distributed.all_gather_objects((self.keep, [k for k, _ in self.kept]))
+        want = max(keep for keep, _ in offers)
+        if want == 0:
+            return [], []
+        chosen = sorted((key, r, i) for r, (_, keys) in enumerate(offers) for i, key in enumerate(keys))[:want]
+        me = distributed.rank()
+        mine = [(key, r, self.kept[i][1]) for key, r, i in chosen if r == me]
+        merged = sorted((item for part in distributed.all_gather_objects(mine) for item in part),
+                        key=lambda item: (item[0], item[1]))
+        return [e for _, _, e in merged], [k for k, _, _ in merged]
 
 
 @torch.no_grad()
@@ -48,16 +92,20 @@ def validate(
 ) -> Validation:
     """Run `model` (unwrapped: no DDP hooks, so ranks with unequal batch counts cannot hang).
 
-    The only collective is the one at the end (`ConfusionMatrix.reduce_from_all_processes`). The
-    loss is the per-pixel cross-entropy summed over all valid pixels of all ranks, so, like the
+    The collectives come after the loop, on every rank: the reduction of the confusion matrix
+    (`ConfusionMatrix.reduce_from_all_processes`) and, on several ranks, the gathering of the examples.
+    The loss is the per-pixel cross-entropy summed over all valid pixels of all ranks, so, like the
     confusion matrix, it does not depend on how the set was split into batches or ranks.
+
+    `keep`: how many examples for overlays, the split's first (smallest keys) wherever they were
+    validated; give every rank the same `keep`, as each rank keeps candidates from its own share.
     """
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(num_classes, ignore_index, device)
-    examples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    for images, masks, _keys, sizes in loader:
-        images = normalize_padded(images.to(device, non_blocking=True), sizes, data_cfg.mean, data_cfg.std,
+    first = _FirstSamples(keep, num_classes)
+    for raw, masks, keys, sizes in loader:
+        images = normalize_padded(raw.to(device, non_blocking=True), sizes, data_cfg.mean, data_cfg.std,
                                   channels_last)
         masks = masks.to(device, non_blocking=True).long()
         with autocast(device, amp_dtype):
@@ -69,13 +117,15 @@ def validate(
         pred = logits.argmax(1)
         cm.update(pred, masks)
         cm.count_samples(images.shape[0])
-        for i in range(min(images.shape[0], keep - len(examples))):
-            examples.append((images[i].float().cpu(), masks[i].cpu(), pred[i].cpu()))
+        if keep > 0:
+            first.offer(raw, masks, pred, keys, sizes)
         if progress is not None:
             progress.update(images.shape[0])
     cm.reduce_from_all_processes()
+    examples, example_keys = first.gathered()
     model.train(was_training)
-    return Validation(metrics=cm.compute(), samples_seen=cm.samples_seen, matrix=cm.mat.cpu(), examples=examples)
+    return Validation(metrics=cm.compute(), samples_seen=cm.samples_seen, matrix=cm.mat.cpu(), examples=examples,
+                      example_keys=example_keys)
 
 
 def evaluate_predictor(
