@@ -10,7 +10,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ ! -f shards/synth/manifest.json ]; then
     python -m seg_dist.pack --synthetic --out shards/synth
 fi
-python -m seg_dist.preview --config configs/default.yaml --out shards/synth/preview.png
+python -m seg_dist.preview --config configs/default.yaml --out shards/synth/preview.png --overwrite
 
 # One process per GPU where there are GPUs, else 2 CPU processes.
 nproc=$(python -c "import torch; print(torch.cuda.device_count() or 2)")

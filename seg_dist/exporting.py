@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
-import json
 import logging
 import os
 import warnings
@@ -36,15 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import atomic, checkpoint, distributed
-from .config import to_dict
+from . import atomic, checkpoint, distributed, outputs
 from .errors import RunFailed, UserError
 from .models import SmpSegmenter
 from .models.unet import UNet, UNetPass
 
 __all__ = [
-    "ATOL", "FORMATS", "INPUT_DTYPES", "NORMALIZE", "RTOL", "CheckResult", "ExportResult", "ExportSmp",
-    "ExportUNet", "check_sizes", "export", "export_module", "metadata_path",
+    "ATOL", "FORMATS", "INPUT_DTYPES", "MODEL_FIELDS", "NORMALIZE", "RTOL", "CheckResult", "ExportResult",
+    "ExportSmp", "ExportUNet", "check_sizes", "export", "export_module", "metadata_path", "model_fields",
 ]
 
 FORMATS = ("torchscript", "onnx")
@@ -220,10 +218,10 @@ def export(
     if input_dtype not in INPUT_DTYPES:
         raise UserError(f"--input-dtype {input_dtype!r}: choose one of {', '.join(INPUT_DTYPES)}")
     out, meta = Path(out), metadata_path(out)
-    if not overwrite:
-        for path in (out, meta):
-            if path.exists():
-                raise UserError(f"{path}: already exists (pass --overwrite to replace it)")
+    outputs.check([outputs.Input(Path(checkpoint_path), "the checkpoint being exported",
+                                 f"--checkpoint {checkpoint_path}")],
+                  [outputs.Output(out, "the exported model", f"--out {out}"),
+                   outputs.Output(meta, "the exported model's metadata JSON", f"--out {out}")], overwrite=overwrite)
     if fmt == "onnx" and (reason := missing_onnx_exporter()):
         raise UserError(reason)
 
@@ -253,7 +251,7 @@ def export(
                             "nothing written")
     info = _metadata(trained, checkpoint_path, out, fmt, normalize, str(dtype).removeprefix("torch."),
                      module.min_size, opset_used, check)
-    atomic.write_text(meta, json.dumps(info, indent=2) + "\n")
+    atomic.write_text(meta, outputs.json_text(info, indent=2) + "\n")
     return ExportResult(out, meta, check, opset_used)
 
 
@@ -378,13 +376,26 @@ def _check(unet: nn.Module, module: ExportUNet | ExportSmp, path: Path, fmt: str
     return CheckResult(shapes, max_abs_diff=worst, tolerance=ATOL + RTOL * bound, argmax_agreement=agree / total)
 
 
+# The model.* keys that describe each exported architecture. Training-only keys (encoder_weights,
+# freeze_encoder_epochs) and keys of other models (a plain unet has no encoder) are left out.
+MODEL_FIELDS = {
+    "unet": ("name", "in_channels", "width", "depth", "bilinear", "norm"),
+    "smp_unet": ("name", "in_channels", "encoder"),
+}
+
+
+def model_fields(model_cfg: Any) -> dict[str, Any]:
+    """The `model` section of the export JSON: only the keys that apply to `model_cfg.name`."""
+    return {key: getattr(model_cfg, key) for key in MODEL_FIELDS[model_cfg.name]}
+
+
 def _metadata(trained: checkpoint.TrainedModel, checkpoint_path: str | Path, out: Path, fmt: str,
               normalize: str, input_dtype: str, min_size: int, opset: int | None, check: CheckResult) -> dict[str, Any]:
     inside = normalize == "inside"
-    return {
+    info: dict[str, Any] = {
         "file": out.name,
         "format": fmt,
-        "opset": opset,
+        **({"opset": opset} if fmt == "onnx" else {}),
         "normalize": normalize,
         "input": {
             "name": INPUT_NAME,
@@ -403,9 +414,11 @@ def _metadata(trained: checkpoint.TrainedModel, checkpoint_path: str | Path, out
         "num_classes": trained.num_classes,
         "class_names": trained.class_names,
         "ignore_index": trained.ignore_index,
-        "model": to_dict(trained.cfg)["model"],
+        "model": model_fields(trained.cfg.model),
         "checkpoint": str(checkpoint_path),
         "global_step": trained.global_step,
-        "check": asdict(check),
+        # The figures of a check that ran, or why it did not.
+        "check": {key: value for key, value in asdict(check).items() if value is not None},
         "versions": checkpoint.versions(),
     }
+    return info

@@ -6,8 +6,11 @@
     picture = p.overlay(image, mask)
 
 An image is normalised as in training (the checkpoint's mean/std), resized to `data.val_size` when the
-model was validated at a fixed size, run (mixed precision on GPU), and its logits are resized back, so
-the mask always has the input's size. Large images go through overlapping tiles whose logits are
+model was validated at a fixed size, run, and its logits are resized back, so the mask always has the
+input's size. Mixed precision only on CUDA (`train.amp` as trained): on the CPU the model runs in fp32,
+so its masks are those of an fp32 export. An image smaller than the model's smallest input (2**depth
+for the U-Net) is padded at the bottom and right with the mean colour (0 after normalisation, as
+`SmpSegmenter` pads) and its logits cropped back. Large images go through overlapping tiles whose logits are
 blended with a smooth weight, so memory stays bounded and tile borders leave no seams.
 """
 
@@ -28,9 +31,10 @@ from torch import nn
 from . import checkpoint, distributed, precision
 from .config import DataConfig
 from .data import normalize
+from .models.unet import UNet
 from .visualize import overlay_with_legend
 
-__all__ = ["AUTO_TILE_PIXELS", "Predictor", "tile_starts"]
+__all__ = ["AUTO_TILE_PIXELS", "Predictor", "min_input_size", "tile_starts"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,7 @@ class Predictor:
     tile: int = 0  # tile side in px; 0: whole images unless larger than AUTO_TILE_PIXELS
     overlap: float = 0.25  # fraction of a tile shared with its neighbour
     tta_flip: bool = False  # average with the horizontally flipped image's prediction
+    min_size: int = 1  # the smallest height and width the model takes; smaller inputs are padded to it
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", **options: Any) -> Predictor:
@@ -66,7 +71,9 @@ class Predictor:
         device = next(trained.model.parameters()).device
         if cfg.train.channels_last:
             trained.model.to(memory_format=torch.channels_last)
-        options.setdefault("amp_dtype", precision.resolve_amp(cfg.train.amp, device))
+        # bf16 autocast on a CPU would move masks off the fp32 ones an export gives, for little speed.
+        options.setdefault("amp_dtype", precision.resolve_amp(cfg.train.amp, device) if device.type == "cuda" else None)
+        options.setdefault("min_size", min_input_size(trained.model))
         tile, crop = options.get("tile", 0), trained.train_crop
         if tile and crop and tile < max(crop):
             # Measured on CCP: 256 px tiles of a model trained on 512 px crops agreed with whole-image
@@ -126,10 +133,14 @@ class Predictor:
         return logits
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        ph, pw = max(0, self.min_size - h), max(0, self.min_size - w)
+        if ph or pw:
+            x = F.pad(x, [0, pw, 0, ph])
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with precision.autocast(self.device, self.amp_dtype):
-            return self.model(x).float()
+            return self.model(x).float()[..., :h, :w]
 
     def _tiled(self, x: torch.Tensor, tile: int) -> torch.Tensor:
         """Sliding windows; each tile's logits are weighted by a ramp that falls towards its borders, so
@@ -146,6 +157,12 @@ class Predictor:
                 total[:, :, top : top + th, left : left + tw] += logits * weight
                 norm[top : top + th, left : left + tw] += weight
         return total / norm
+
+
+def min_input_size(model: nn.Module) -> int:
+    """The smallest side `model` takes: 2**depth for our U-Net (each down-step halves it); smp models pad
+    to their stride themselves, so any side from 1."""
+    return 2**model.depth if isinstance(model, UNet) else 1
 
 
 def tile_starts(length: int, tile: int, stride: int) -> list[int]:

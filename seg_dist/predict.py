@@ -5,8 +5,10 @@
 
 For every image, OUT/<relative path>.png holds its class ids at the image's own size (a palette PNG:
 `np.array(Image.open(f))` reads the ids back); with --overlay, OUT/<relative path>_overlay.png shows
-image | prediction | blend with a legend. A folder's structure is kept. An unreadable image is reported
-and skipped; the exit code is then 1. From Python: `Predictor` (see seg_dist/inference.py).
+image | prediction | blend with a legend. A folder's structure is kept. Images smaller than the model's
+smallest input are padded (see seg_dist/inference.py). An unreadable image is named and skipped, the
+others are still written, and the exit code is then 1. No mask or overlay may replace an input image or
+the checkpoint, even with --overwrite (seg_dist/outputs.py). From Python: `Predictor` (see seg_dist/inference.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import cli
+from . import cli, outputs
 from .errors import RunFailed, UserError
 from .inference import Predictor
 from .pack.pairing import IMAGE_SUFFIXES
@@ -58,6 +60,30 @@ def find_images(spec: str) -> list[tuple[Path, Path]]:
     return [(f, Path(f.stem)) for f in files]
 
 
+def _check_paths(args: argparse.Namespace, jobs: list[tuple[Path, Path]]) -> None:
+    """Masks and overlays may land neither on an input image nor on the checkpoint; existing ones need
+    --overwrite. Also refused: two images whose outputs would share a name (a/x.jpg and a/x.png)."""
+    out = Path(args.out)
+    by_name: dict[Path, list[Path]] = {}
+    for src, name in jobs:
+        by_name.setdefault(name, []).append(src)
+    clashes = {name: srcs for name, srcs in by_name.items() if len(srcs) > 1}
+    if clashes:
+        name, srcs = next(iter(sorted(clashes.items())))
+        raise UserError(f"--input {args.input}: {' and '.join(map(str, srcs[:3]))} would both be written to "
+                        f"{out / name}.png ({len(clashes)} such name(s)); rename one of them")
+    ins = [outputs.Input(Path(args.checkpoint), "the checkpoint the masks come from",
+                         f"--checkpoint {args.checkpoint}"),
+           *(outputs.Input(src, f"the input image {src}", f"--input {args.input}") for src, _ in jobs)]
+    outs: list[outputs.Output | outputs.OutputFolder] = [
+        outputs.OutputFolder(out, "the folder for the masks", f"--out {args.out}")]
+    for src, name in jobs:
+        outs.append(outputs.Output(out / f"{name}.png", f"the mask of {src}", f"--out {args.out}"))
+        if args.overlay:
+            outs.append(outputs.Output(out / f"{name}_overlay.png", f"the overlay of {src}", f"--out {args.out}"))
+    outputs.check(ins, outs, overwrite=args.overwrite)
+
+
 def _predict(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     if args.batch_size < 1 or not 0 <= args.overlap < 1 or args.tile < 0:
@@ -65,27 +91,27 @@ def _predict(argv: Sequence[str] | None) -> int:
     jobs = find_images(args.input)
     if not jobs:
         raise UserError(f"{args.input}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    _check_paths(args, jobs)
     out = Path(args.out)
-    names = [name for _, name in jobs]
-    clashes = sorted({str(n) for n in names if names.count(n) > 1})
-    if clashes:
-        raise UserError(f"{args.input}: several images map to the same output name: {', '.join(clashes[:5])}")
-    existing = [out / f"{n}.png" for n in names if (out / f"{n}.png").exists()]
-    if existing and not args.overwrite:
-        raise UserError(f"{existing[0]}: exists ({len(existing)} mask(s) in {out} already); "
-                        "pass --overwrite to replace them or choose another --out")
     predictor = Predictor.from_checkpoint(args.checkpoint, args.device, tile=args.tile, overlap=args.overlap,
                                           tta_flip=args.tta == "flip")
-    failed = []
+    failed: list[Path] = []
     with progress(len(jobs), "predict", enabled=len(jobs) > 1) as bar:
         for i in range(0, len(jobs), args.batch_size):
             batch = []
             for src, name in jobs[i : i + args.batch_size]:
                 try:
-                    batch.append((decode_image(src.read_bytes()), name))
+                    image = decode_image(src.read_bytes())
                 except Exception as e:  # PIL raises OSError, SyntaxError, ValueError ... for broken files
                     failed.append(src)
                     print(f"error: {src}: cannot read the image ({type(e).__name__}: {e}); skipped", file=sys.stderr)
+                    continue
+                if min(image.shape[:2]) < 1:
+                    failed.append(src)
+                    print(f"error: {src}: the image has no pixels ({image.shape[1]} x {image.shape[0]}); skipped",
+                          file=sys.stderr)
+                    continue
+                batch.append((image, name))
             masks = predictor.predict_batch([image for image, _ in batch])
             for (image, name), mask in zip(batch, masks, strict=True):
                 save_mask_png(out / f"{name}.png", mask, predictor.num_classes)
@@ -93,7 +119,8 @@ def _predict(argv: Sequence[str] | None) -> int:
                     save_png(out / f"{name}_overlay.png", predictor.overlay(image, mask))
             bar.update(len(jobs[i : i + args.batch_size]))
     done = len(jobs) - len(failed)
-    print(f"wrote {done} mask(s){' and overlays' if args.overlay else ''} to {out}")
+    print(f"wrote {done} of {len(jobs)} mask(s){' and overlays' if args.overlay else ''} to {out}"
+          f"{f'; {len(failed)} image(s) skipped' if failed else ''}")
     if failed:
         raise RunFailed(f"{len(failed)} of {len(jobs)} image(s) could not be read (first: {failed[0]})")
     return cli.EXIT_OK

@@ -3,6 +3,8 @@
 Each sample is shown as image | mask overlay (ignored pixels white), e.g.
 
     python -m seg_dist.preview --config configs/default.yaml --out preview.png --n 16 data.augment.rotate=30
+
+An existing --out is replaced only with --overwrite, and never when it is the config or a data file.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from . import cli, data, shards
+from . import cli, data, outputs, shards
 from .config import load_config
 from .visualize import grid, overlay, save_png
 
@@ -25,6 +28,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", help="split to draw from (default: data.train_split)")
     p.add_argument("--epoch", type=int, default=0, help="epoch whose augmentation seed to use (default: 0)")
     p.add_argument("--cols", type=int, default=0, help="samples per row (default: about sqrt(n))")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. data.augment.rotate=30")
     return p.parse_args(argv)
 
@@ -34,6 +38,11 @@ def _preview(argv: Sequence[str] | None) -> int:
     if args.n < 1:
         raise cli.UserError("--n must be at least 1")
     cfg = load_config(args.config, args.overrides)
+    ins = outputs.shard_inputs(cfg.data.root, f"data.root {cfg.data.root}", "the data previewed")
+    if args.config:
+        ins.append(outputs.Input(Path(args.config), "the config", f"--config {args.config}"))
+    outputs.check(ins, [outputs.Output(Path(args.out), "the preview picture", f"--out {args.out}")],
+                  overwrite=args.overwrite)
     manifest = shards.load_manifest(cfg.data.root)
     classes = data.resolve_classes(cfg.data, manifest)
     split = args.split or cfg.data.train_split

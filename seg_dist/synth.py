@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from seg_dist import cli, synthetic
+from seg_dist import cli, outputs, synthetic
 
 __all__ = ["main"]
 
@@ -30,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _synth(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
+    outputs.check([], [outputs.OutputFolder(Path(args.out), "the dataset folder", f"--out {args.out}")],
+                  overwrite=args.overwrite)
     out = synthetic.generate(args.out, args.n, args.size, args.seed, args.overwrite)
     print(f"wrote {args.n} samples ({len(synthetic.CLASS_NAMES)} classes, {args.size}px) to {out}")
     return cli.EXIT_OK

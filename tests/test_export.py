@@ -181,3 +181,40 @@ def test_check_sizes_are_odd_and_pad_every_level() -> None:
         assert all(s % 2 == 1 and s >= 2**depth for s in (h1, w1, h2, w2))
         # every level's map is odd, so each Up must pad (the branch a trace would bake in)
         assert all((h1 >> level) % 2 == 1 for level in range(depth))
+
+
+def test_cpu_predictor_masks_equal_the_torchscript_exports(tmp_path: Path) -> None:
+    """The Predictor runs fp32 on the CPU whatever train.amp says (autocast only on CUDA), so its masks are
+    the fp32 export's on every pixel."""
+    from seg_dist.inference import Predictor
+
+    ckpt = save_tiny_checkpoint(tmp_path / "bf16.pt", ModelConfig(width=8, depth=3), CLASS_NAMES, MEAN, STD,
+                                global_step=1)
+    state = checkpoint.load(ckpt)
+    state["config"]["train"]["amp"] = "bf16"  # as a GPU run would have trained
+    checkpoint.save(ckpt, state)
+    out = tmp_path / "model.pt"
+    assert main(["--checkpoint", str(ckpt), "--format", "torchscript", "--out", str(out)]) == 0
+    scripted = torch.jit.load(str(out))
+    predictor = Predictor.from_checkpoint(ckpt, "cpu")
+    assert predictor.amp_dtype is None
+    for seed, (n, h, w) in enumerate([(1, 45, 61), (1, 64, 64), (1, 33, 83)]):
+        images = _images(n, h, w, seed)
+        with torch.inference_mode():
+            logits = scripted(_nchw(images))
+        got = predictor(images[0].numpy())
+        assert (got == logits.argmax(1)[0].numpy()).mean() == 1.0
+        # Not by luck of the margins: the logits agree to fp32 rounding (bf16 autocast is 2e-3 off here).
+        assert (predictor.logits_batch([images[0].numpy()])[0] - logits[0]).abs().max() <= exporting.ATOL
+
+
+def test_export_json_holds_only_the_fields_of_its_model(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model.pt"
+    assert main(["--checkpoint", str(tiny_checkpoint), "--format", "torchscript", "--out", str(out)]) == 0
+    meta = json.loads(exporting.metadata_path(out).read_text())
+    assert meta["model"] == {"name": "unet", "in_channels": 3, "width": 8, "depth": 3, "bilinear": False,
+                             "norm": "batch"}  # no encoder, encoder_weights or freeze_encoder_epochs
+    assert "opset" not in meta  # an ONNX figure
+    assert "skipped" not in meta["check"] and meta["check"]["argmax_agreement"] == 1.0
+    assert exporting.model_fields(ModelConfig(name="smp_unet", encoder="resnet18")) == {
+        "name": "smp_unet", "in_channels": 3, "encoder": "resnet18"}

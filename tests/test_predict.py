@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import REPO, child_env, png_bytes, tiny_overrides
 from PIL import Image
 
@@ -150,3 +151,38 @@ def test_tiles_smaller_than_the_training_crop_are_warned_about(trained, caplog):
     with caplog.at_level("WARNING", logger="seg_dist.inference"):
         Predictor.from_checkpoint(trained, "cpu", tile=max(crop) - 8)
     assert f"smaller than the {crop[0]} x {crop[1]} crops the model trained on" in caplog.text
+
+
+def test_images_smaller_than_the_model_takes_are_padded_and_predicted(tmp_path):
+    """A depth-4 U-Net needs 16 px a side; smaller images are padded (mean colour) and their masks cropped
+    back, so every image of the folder gets its mask; a broken one is named, the rest written, exit 1."""
+    from conftest import save_tiny_checkpoint
+
+    from seg_dist import predict
+    from seg_dist.config import ModelConfig
+
+    ckpt = save_tiny_checkpoint(tmp_path / "d4.pt", ModelConfig(width=8, depth=4), ["a", "b", "c"],
+                                (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), global_step=1)
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(4)
+    sizes = {"a_tiny": (5, 7), "b_thin": (3, 40), "c_one": (1, 1), "d_ok": (20, 24)}
+    for name, hw in sizes.items():
+        Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)).save(src / f"{name}.png")
+    assert predict.main(["--checkpoint", str(ckpt), "--input", str(src), "--out", str(tmp_path / "o"),
+                         "--batch-size", "2", "--tta", "flip"]) == 0
+    for name, hw in sizes.items():
+        assert np.array(Image.open(tmp_path / "o" / f"{name}.png")).shape == hw
+    # The padded prediction is the model's on the zero-padded (mean-colour) normalised image, cropped back.
+    p = Predictor.from_checkpoint(ckpt, "cpu")
+    image = np.array(Image.open(src / "a_tiny.png"))
+    x = F.pad(p._to_tensor(image)[None], [0, 16 - 7, 0, 16 - 5])
+    with torch.no_grad():
+        assert torch.equal(p.logits_batch([image])[0], p.model(x)[0, :, :5, :7])
+
+    (src / "c_broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    out = _cli("seg_dist.predict", "--checkpoint", str(ckpt), "--input", str(src), "--out", str(tmp_path / "o2"))
+    assert out.returncode == 1
+    assert f"{src / 'c_broken.jpg'}: cannot read the image" in out.stderr
+    assert "wrote 4 of 5 mask(s)" in out.stdout and "1 image(s) skipped" in out.stdout
+    assert sorted(p.name for p in (tmp_path / "o2").iterdir()) == [f"{n}.png" for n in sorted(sizes)]

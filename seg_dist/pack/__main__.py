@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from seg_dist import cli, shards, synthetic
+from seg_dist import cli, outputs, shards, synthetic
 from seg_dist.pack.errors import PackError
 from seg_dist.pack.pipeline import (
     DEFAULT_SAMPLES_PER_SHARD,
@@ -120,8 +121,30 @@ def _synthetic(args: argparse.Namespace) -> PackResult:
     )
 
 
+def _writes(name: str) -> bool:
+    """Whether pack may write (or, replacing a split, remove) a file of this name in --out."""
+    return name == shards.MANIFEST or any(shards.shard_name_pattern(split).fullmatch(name) for split in SPLITS)
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """The shards and manifest may replace none of the files pack reads (seg_dist/outputs.py)."""
+    ins: list[outputs.Input | outputs.InputFolder] = []
+    for flag, what in (("--images", "the image folder"), ("--masks", "the mask folder")):
+        if _value(args, flag):
+            ins.append(outputs.InputFolder(Path(_value(args, flag)), what, f"{flag} {_value(args, flag)}"))
+    for flag, what in (("--list", "the stem list"), ("--label-map", "the label map"), ("--palette", "the palette")):
+        if _value(args, flag):
+            ins.append(outputs.Input(Path(_value(args, flag)), what, f"{flag} {_value(args, flag)}"))
+    out = args.out or ("shards/synth" if args.synthetic else None)
+    if out:
+        # Whether an existing split may be replaced is pack's own rule (--overwrite; other splits are kept).
+        outputs.check(ins, [outputs.OutputFolder(Path(out), "the shard folder", f"--out {out}", _writes)],
+                      overwrite=True)
+
+
 def _pack_command(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
+    _check_paths(args)
     try:
         result = _synthetic(args) if args.synthetic else pack(_options(args))
     except PackError as e:
