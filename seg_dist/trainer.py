@@ -42,7 +42,7 @@ from .rundir import RunDirLock
 from .runlog import RunLog, clear_stop_marker, progress
 from .schedule import build_scheduler, is_per_iteration, param_groups
 from .validation import Validation, validate
-from .visualize import validation_pictures
+from .visualize import palette_for, validation_pictures
 
 log = logging.getLogger("seg_dist.train")
 
@@ -744,8 +744,11 @@ def end_of_epoch(run: Run, state: TrainState, meter: StepMeter,
                  number, run.cfg.train.epochs, train_loss, m["loss"], m["miou"], m["pixel_accuracy"],
                  result.samples_seen, eta_text(run, state))
         if run.denv.is_main:
-            pictures = validation_pictures(result.examples, cfg.data.mean, cfg.data.std, run.data.classes.num_classes,
-                                           run.data.classes.ignore_index)
+            classes = run.data.classes
+            pictures = validation_pictures(result.examples, cfg.data.mean, cfg.data.std, classes.num_classes,
+                                           classes.ignore_index, class_names=classes.names,
+                                           colours=palette_for(run.data.manifest, classes.num_classes),
+                                           keys=result.example_keys)
             run.runlog.validation(m, result.matrix, result.samples_seen, run.data.classes.names, pictures,
                                   number, state.global_step, train_loss)
             run.runlog.overlays(pictures)  # every validation: a run may end at any one of them
@@ -758,12 +761,13 @@ def end_of_epoch(run: Run, state: TrainState, meter: StepMeter,
 def run_validation(run: Run) -> Validation:
     cfg, denv = run.cfg, run.denv
     share = data.val_share(run.data.manifest, cfg.data.val_split, denv.rank, denv.world_size)
-    with progress(share, "val", denv.is_main and cfg.logging.progress) as bar:
+    expected = shards.split_count(run.data.manifest, cfg.data.val_split)
+    # The bar counts the whole split; the overlays are the split's first samples, wherever they were validated.
+    with progress(expected, "val", denv.is_main and cfg.logging.progress, share=share) as bar:
         classes = run.data.classes
         result = validate(run.nets.evaluated, run.data.val_loader, classes.num_classes, classes.ignore_index,
                           run.device, cfg.data, run.opt.amp_dtype, cfg.train.channels_last,
-                          keep=cfg.logging.overlays if denv.is_main else 0, progress=bar)
-    expected = shards.split_count(run.data.manifest, cfg.data.val_split)
+                          keep=cfg.logging.overlays, progress=bar)
     if result.samples_seen != expected:
         raise RunFailed(f"validation saw {result.samples_seen} samples over all ranks, the manifest lists "
                         f"{expected} for split {cfg.data.val_split!r}")
