@@ -92,8 +92,8 @@ class LossConfig:
     dice_weight: float = 1.0
     class_weights: str = "none"  # none | inverse | sqrt_inverse | median (from the manifest's pixel histogram)
     # On several ranks, the loss of the global batch (CE's and Dice's sums added over the ranks) instead of
-    # the mean of the ranks' losses: N x B then steps exactly as 1 x N*B. Off by default: on CCP-12 it
-    # scored no better at 12 minutes (lab/recipe.md).
+    # the mean of the ranks' losses: N x B then steps exactly as 1 x N*B. Off by default: it costs an exchange
+    # per step and scored no better in the lab's recipe comparison (lab/recipe.md).
     global_batch: bool = False
 
 

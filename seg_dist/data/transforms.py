@@ -78,9 +78,8 @@ AUTO_CROP_MAX = 512  # the longest auto crop side: larger frames are cropped, no
 
 def training_crop(data_cfg: DataConfig, manifest: dict[str, Any]) -> tuple[int, int]:
     """`data.image_size` as (H, W); 0 (auto): the train split's mean frame, each side rounded up to a multiple
-    of 8 and capped at 512. Small images train whole (CCP packed at 200 x 133: 200 x 136; a 120 x 160 set:
-    120 x 160) because the scene around a pixel is what tells its class apart; only sides above 512 are
-    cropped (Cityscapes at 1024 x 2048: 512 x 512). lab/recipe.md has the evidence."""
+    of 8 and capped at 512 (a 200 x 133 set: 200 x 136; Cityscapes at 1024 x 2048: 512 x 512). Small images
+    train whole because the scene around a pixel is what tells its class apart (lab/recipe.md)."""
     if data_cfg.image_size != 0:
         return crop_hw(data_cfg)
     h, w = mean_image_size(manifest, data_cfg.train_split)
