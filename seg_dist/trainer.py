@@ -797,6 +797,9 @@ def save_checkpoint(run: Run, state: TrainState, is_best: bool = False, snapshot
         "ignore_index": classes.ignore_index,
         "class_names": classes.names,
         "train_crop": list(run.data.train_crop),  # what data.image_size=0 became
+        # The packing scale (pack --max-size): inference brings inputs to it, as pack did to the training images.
+        "max_size": run.data.manifest.get("max_size"),
+        "palette": palette_for(run.data.manifest, classes.num_classes).tolist(),  # the pictures' class colours
         "manifest_digest": run.data.manifest_digest,
         "versions": checkpoint.versions(),
     })

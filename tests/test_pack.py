@@ -241,6 +241,9 @@ def test_rgb_palette(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert _run(tmp_path, "--palette", str(pal)) == 0
     (sample,) = _samples(tmp_path / "out", "train")
     assert np.array_equal(shards.decode_mask(sample["mask.png"]), [[1, 2, 0], [255, 1, 255]])
+    # The manifest keeps the dataset's colours for the pictures (class 0, 1, 2 as the file gives them).
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["palette"] == [[0, 0, 0], [128, 0, 0], [0, 128, 0]]
     pal.write_text('"128,0,0": 5\n')
     assert _run(tmp_path, "--palette", str(pal), out="out2") == 2
     assert "class 5 is not in [0, 3)" in capsys.readouterr().err

@@ -141,6 +141,7 @@ def test_checkpoint_is_plain_and_loads_weights_only_in_a_fresh_process(tiny_shar
         "assert not any(k.startswith(('module.', '_orig_mod.')) for k in s['model'])\n"
         "assert s['config']['model']['width'] == 8 and s['global_step'] == 16 and s['epoch'] == 1\n"
         "assert {'optimizer', 'scheduler', 'scaler', 'rng', 'manifest_digest', 'versions'} <= set(s)\n"
+        "assert s['max_size'] is None and len(s['palette']) == 6 and [0, 0, 0] not in s['palette']\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(run / "checkpoints" / "last.pt")],

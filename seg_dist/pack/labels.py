@@ -15,7 +15,7 @@ from PIL import Image
 from seg_dist import shards
 from seg_dist.pack.errors import PackError
 
-__all__ = ["LabelSpec", "MaskError", "decode_labels", "load_label_map", "load_palette"]
+__all__ = ["LabelSpec", "MaskError", "class_colours", "decode_labels", "load_label_map", "load_palette"]
 
 
 class MaskError(Exception):
@@ -90,6 +90,26 @@ def load_palette(path: str | Path, num_classes: int, ignore_index: int) -> tuple
 
     Entries are either `"R,G,B": class` / `"#rrggbb": class`, or `class: [R, G, B]` (or a list of colours).
     """
+    table = _palette_table(path, num_classes, ignore_index)
+    codes = np.array(sorted(table), np.int64)
+    return codes, np.array([table[c] for c in codes], np.int64)
+
+
+def class_colours(path: str | Path, num_classes: int, ignore_index: int) -> list[list[int]]:
+    """[r, g, b] of classes 0, 1, ... as the palette file first gives them, up to the first class it leaves
+    out: the dataset's own colours, for pictures (the manifest's `palette`)."""
+    first: dict[int, int] = {}
+    for code, cls in _palette_table(path, num_classes, ignore_index).items():
+        first.setdefault(cls, code)
+    colours = []
+    while len(colours) in first:
+        code = first[len(colours)]
+        colours.append([code >> 16 & 255, code >> 8 & 255, code & 255])
+    return colours
+
+
+def _palette_table(path: str | Path, num_classes: int, ignore_index: int) -> dict[int, int]:
+    """0xRRGGBB -> class id, in the file's order."""
     data = _load_yaml_mapping(path, "--palette")
     where = f"--palette {path}"
     table: dict[int, int] = {}
@@ -108,8 +128,7 @@ def load_palette(path: str | Path, num_classes: int, ignore_index: int) -> tuple
                 add(colour, k)
         else:
             add(k, v)
-    codes = np.array(sorted(table), np.int64)
-    return codes, np.array([table[c] for c in codes], np.int64)
+    return table
 
 
 def decode_labels(data: bytes, spec: LabelSpec) -> np.ndarray:

@@ -21,7 +21,7 @@ import seg_dist
 from seg_dist import atomic, shards, synthetic
 from seg_dist.errors import UserError
 from seg_dist.pack.errors import PackError, Problem
-from seg_dist.pack.labels import LabelSpec, load_label_map, load_palette
+from seg_dist.pack.labels import LabelSpec, class_colours, load_label_map, load_palette
 from seg_dist.pack.pairing import Pair, pair_files, read_list
 from seg_dist.pack.samples import SamplePool, SampleStats, check_pair, encode_pair
 from seg_dist.pack.writer import ShardWriter
@@ -277,6 +277,8 @@ def _write(
         "max_size": o.max_size,
         "splits": _ordered_splits(splits),
     }
+    if o.palette:  # the dataset's own colours, so pictures show classes as its masks do
+        manifest["palette"] = class_colours(o.palette, o.num_classes, o.ignore_index)
     atomic.write_text(out / shards.MANIFEST, json.dumps(manifest, indent=2) + "\n")
     for split in o.split_names:
         # Shards of the replaced split that the new one did not overwrite (it has fewer now).
