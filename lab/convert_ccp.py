@@ -26,6 +26,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from seg_dist.errors import UserError
+from seg_dist.shards import decode_image
+
 SPLIT = (("train", 804), ("val", 100), ("test", 100))
 
 
@@ -44,9 +47,9 @@ def convert(src: Path, out: Path, overwrite: bool = False) -> dict[str, int]:
 
     annotations = sorted((src / "annotations" / "pixel-level").glob("*.mat"))
     if not annotations:
-        raise FileNotFoundError(f"{src / 'annotations' / 'pixel-level'}: no .mat files (is --src a CCP checkout?)")
+        raise UserError(f"{src / 'annotations' / 'pixel-level'}: no .mat files (is --src a CCP checkout?)")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out}: not empty; pass --overwrite to replace what is there")
+        raise UserError(f"{out}: not empty; pass --overwrite to replace what is there")
     for sub in ("images", "masks", "splits"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     names = class_names(src)
@@ -54,13 +57,14 @@ def convert(src: Path, out: Path, overwrite: bool = False) -> dict[str, int]:
     for mat in annotations:
         photo = src / "photos" / f"{mat.stem}.jpg"
         if not photo.is_file():
-            raise FileNotFoundError(f"{photo}: the photo of {mat} is missing")
+            raise UserError(f"{photo}: the photo of {mat} is missing")
         labels = np.asarray(loadmat(mat)["groundtruth"], dtype=np.uint8)
         if labels.max() >= len(names):
-            raise ValueError(f"{mat}: class id {labels.max()} but only {len(names)} classes")
-        with Image.open(photo) as im:
-            if im.size != (labels.shape[1], labels.shape[0]):
-                raise ValueError(f"{mat}: mask {labels.shape[::-1]} and photo {im.size} differ in size")
+            raise UserError(f"{mat}: class id {labels.max()} but only {len(names)} classes")
+        # As the packer will read it: EXIF orientation applied.
+        shown = decode_image(photo.read_bytes()).shape[:2]
+        if shown != labels.shape:
+            raise UserError(f"{mat}: mask {labels.shape} and photo {shown} (H x W) differ in size")
         shutil.copyfile(photo, out / "images" / photo.name)
         buf = io.BytesIO()
         Image.fromarray(labels, mode="L").save(buf, format="PNG")
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         counts = convert(Path(args.src), Path(args.out), args.overwrite)
-    except (OSError, ValueError, KeyError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {sum(counts.values())} samples to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
