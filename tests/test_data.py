@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import webdataset as wds
-from conftest import jpeg_bytes, png_bytes
+from helpers import jpeg_bytes, png_bytes
 
 from seg_dist import data
 from seg_dist.config import DataConfig, load_config

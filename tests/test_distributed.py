@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import as_rank, free_port
+from helpers import as_rank, free_port
 
 from seg_dist import distributed as D
 from seg_dist.errors import UserError

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, child_env, save_tiny_checkpoint
+from helpers import REPO, child_env, save_tiny_checkpoint
 from torch import nn
 
 from seg_dist import cli, distributed, export, preview, train

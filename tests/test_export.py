@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_checkpoint
+from helpers import save_tiny_checkpoint
 
 from seg_dist import checkpoint, exporting
 from seg_dist.config import DataConfig, ModelConfig
@@ -218,3 +218,16 @@ def test_export_json_holds_only_the_fields_of_its_model(tiny_checkpoint: Path, t
     assert "skipped" not in meta["check"] and meta["check"]["argmax_agreement"] == 1.0
     assert exporting.model_fields(ModelConfig(name="smp_unet", encoder="resnet18")) == {
         "name": "smp_unet", "in_channels": 3, "encoder": "resnet18"}
+
+
+def test_export_json_records_the_packing_scale(tmp_path: Path) -> None:
+    """A deployment brings images to the scale the model trained at (pack --max-size) as predict does."""
+    for max_size in (240, None):
+        ckpt = save_tiny_checkpoint(tmp_path / f"m{max_size}.pt", ModelConfig(width=8, depth=3), CLASS_NAMES, MEAN,
+                                    STD, global_step=1)
+        state = checkpoint.load(ckpt)
+        state["max_size"] = max_size
+        checkpoint.save(ckpt, state)
+        out = tmp_path / f"m{max_size}.ts"
+        assert main(["--checkpoint", str(ckpt), "--format", "torchscript", "--out", str(out)]) == 0
+        assert json.loads(exporting.metadata_path(out).read_text())["max_size"] == max_size

@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 import torch.distributed as dist
-from conftest import (
+from helpers import (
     REPO,
     child_env,
     free_port,

@@ -170,7 +170,7 @@ def _global_batch_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def _global_batch_rank(rank: int, port: int, out: str) -> None:
-    from conftest import as_rank
+    from helpers import as_rank
 
     from seg_dist import distributed
 
@@ -189,7 +189,7 @@ def _global_batch_rank(rank: int, port: int, out: str) -> None:
 def test_loss_over_ranks_is_the_global_batch_loss(tmp_path):
     """2 real gloo ranks x 4 images: the same loss and per-image gradients as 1 process on all 8."""
     import torch.multiprocessing as mp
-    from conftest import free_port
+    from helpers import free_port
 
     out = str(tmp_path / "r")
     mp.spawn(_global_batch_rank, args=(free_port(), out), nprocs=2)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import png_bytes, save_tiny_checkpoint
+from helpers import png_bytes, save_tiny_checkpoint
 from PIL import Image
 
 from seg_dist import checkpoint, evaluate, export, outputs, predict, preview, synth, synthetic

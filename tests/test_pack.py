@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from conftest import png_bytes
+from helpers import png_bytes
 from PIL import Image
 
 from seg_dist import atomic, cli, shards

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, child_env, png_bytes, tiny_overrides
+from helpers import REPO, child_env, png_bytes, tiny_overrides, torchrun
 from PIL import Image
 
 from seg_dist import data, distributed, shards
@@ -67,6 +67,22 @@ def test_evaluate_equals_predicts_masks_counted_against_the_ground_truth(trained
             assert min(im.size) > 50
 
 
+def test_evaluate_progress_counts_the_whole_split_on_two_ranks(trained, tmp_path):
+    out = torchrun(2, "seg_dist.evaluate", "--checkpoint", str(trained), "--json", str(tmp_path / "m.json"))
+    lines = [line for line in out.stdout.splitlines() if "evaluate val:" in line]
+    assert lines and all("[rank 0]" in line for line in lines)  # one bar, rank 0's
+    assert "100% (16/16)" in lines[-1]  # all 16 samples, though rank 0 scores 8 of them
+    assert json.loads((tmp_path / "m.json").read_text())["samples"] == 16
+
+
+def test_evaluate_out_is_a_folder_not_the_json(trained, tmp_path, capsys):
+    from seg_dist import evaluate
+
+    assert evaluate.main(["--checkpoint", str(trained), "--out", str(tmp_path / "m.json")]) == 2
+    assert "--out is the folder for the pictures; write the JSON report with --json" in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()
+
+
 def test_predict_keeps_sizes_grey_images_and_folder_structure(trained, tmp_path):
     rng = np.random.default_rng(0)
     src = tmp_path / "in"
@@ -97,7 +113,10 @@ def test_a_corrupt_image_is_named_and_the_others_are_written(trained, tmp_path):
     (src / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     out = _cli("seg_dist.predict", "--checkpoint", str(trained), "--input", str(src), "--out", str(tmp_path / "o"))
     assert out.returncode == 1
-    assert "broken.jpg: cannot read the image" in out.stderr and "1 of 4 image(s) could not be read" in out.stderr
+    # The decoder's own words after the file name, no exception class in front.
+    assert (f"error: {src / 'broken.jpg'}: not an image seg_dist can read (JPEG, PNG, TIFF or BMP), or damaged; "
+            "skipped") in out.stderr
+    assert "Error" not in out.stderr and "1 of 4 image(s) could not be read" in out.stderr
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["ok0.png", "ok1.png", "ok2.png"]
 
 
@@ -156,7 +175,7 @@ def test_tiles_smaller_than_the_training_crop_are_warned_about(trained, caplog):
 def test_images_smaller_than_the_model_takes_are_padded_and_predicted(tmp_path):
     """A depth-4 U-Net needs 16 px a side; smaller images are padded (mean colour) and their masks cropped
     back, so every image of the folder gets its mask; a broken one is named, the rest written, exit 1."""
-    from conftest import save_tiny_checkpoint
+    from helpers import save_tiny_checkpoint
 
     from seg_dist import predict
     from seg_dist.config import ModelConfig
@@ -183,6 +202,6 @@ def test_images_smaller_than_the_model_takes_are_padded_and_predicted(tmp_path):
     (src / "c_broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     out = _cli("seg_dist.predict", "--checkpoint", str(ckpt), "--input", str(src), "--out", str(tmp_path / "o2"))
     assert out.returncode == 1
-    assert f"{src / 'c_broken.jpg'}: cannot read the image" in out.stderr
+    assert f"{src / 'c_broken.jpg'}: not an image seg_dist can read" in out.stderr
     assert "wrote 4 of 5 mask(s)" in out.stdout and "1 image(s) skipped" in out.stdout
     assert sorted(p.name for p in (tmp_path / "o2").iterdir()) == [f"{n}.png" for n in sorted(sizes)]

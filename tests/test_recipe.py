@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, as_rank, free_port, spawn_train, tiny_overrides
+from helpers import REPO, as_rank, free_port, spawn_train, tiny_overrides
 
 from seg_dist import checkpoint
 from seg_dist.config import ConfigError, DataConfig, ModelConfig, load_config

@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import REPO, as_rank, free_port, tiny_overrides
+from helpers import REPO, as_rank, free_port, tiny_overrides
 
 from seg_dist import checkpoint, distributed
 from seg_dist.config import load_config
@@ -139,7 +139,7 @@ def test_damaged_shard_mid_run_is_one_line_and_keeps_the_checkpoint(tiny_shards,
     import subprocess
     import sys
 
-    from conftest import child_env
+    from helpers import child_env
 
     shards_dir = _copy_shards(tiny_shards, tmp_path / "shards")
     run = tmp_path / "run"

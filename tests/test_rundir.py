@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_overrides
+from helpers import REPO, tiny_overrides
 
 from seg_dist import checkpoint, distributed, pack
 from seg_dist.config import load_config

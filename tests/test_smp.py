@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, child_env, save_tiny_checkpoint, spawn_train, tiny_overrides
+from helpers import REPO, child_env, save_tiny_checkpoint, spawn_train, tiny_overrides
 
 from seg_dist import checkpoint, distributed, exporting, pack
 from seg_dist.config import DataConfig, ModelConfig, load_config

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     REPO,
     child_env,
     kill_tree,
@@ -120,7 +120,7 @@ def test_validation_is_identical_for_one_and_two_ranks(tiny_shards, tmp_path):
     # under test is the reduction, not the convolution's numerics.
     for nproc, extra in ((1, []), (2, []), (2, ["data.val_batch_size=3", "data.workers=2"])):
         out = tmp_path / f"eval{nproc}-{len(extra)}.json"
-        torchrun(nproc, "seg_dist.evaluate", "--checkpoint", str(ck), "--out", str(out), "train.amp=off", *extra)
+        torchrun(nproc, "seg_dist.evaluate", "--checkpoint", str(ck), "--json", str(out), "train.amp=off", *extra)
         reports.append(json.loads(out.read_text()))
     for other in reports[1:]:
         assert other["samples"] == reports[0]["samples"] == 16

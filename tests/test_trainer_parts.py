@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 
 from seg_dist import cli
 from seg_dist.config import load_config

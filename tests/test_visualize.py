@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from conftest import png_bytes
+from helpers import png_bytes
 from PIL import Image
 
 from seg_dist import preview
@@ -89,17 +89,48 @@ def shard_root(tmp_path):
     return tmp_path
 
 
+def _augmented(shard_root, n, *overrides):
+    """The samples preview draws: the training pipeline's, seeded alike in any process."""
+    from seg_dist import data, shards
+
+    cfg = load_config(None, [f"data.root={shard_root}", *overrides])
+    return list(data.augmented_samples(cfg, shards.load_manifest(shard_root), n, "train", 0))
+
+
+def _find(picture, tile):
+    """(y, x) where `tile` appears whole in `picture`, enlarged by the smallest integer factor that makes it
+    appear; None if it is nowhere."""
+    for k in range(1, 9):
+        big = np.repeat(np.repeat(tile, k, axis=0), k, axis=1)
+        h, w = big.shape[:2]
+        ys, xs = np.nonzero((picture[: picture.shape[0] - h + 1, : picture.shape[1] - w + 1] == big[0, 0]).all(-1))
+        for y, x in zip(ys, xs, strict=True):
+            if np.array_equal(picture[y : y + h, x : x + w], big):
+                return int(y), int(x)
+    return None
+
+
 def test_preview_writes_a_grid(shard_root, tmp_path):
+    colours = [[200, 30, 30], [30, 200, 30], [30, 30, 200], [200, 200, 30]]  # the dataset's own (pack --palette)
+    manifest = json.loads((shard_root / "manifest.json").read_text())
+    (shard_root / "manifest.json").write_text(json.dumps({**manifest, "palette": colours}))
     out = tmp_path / "p.png"
     rc = preview.main(["--out", str(out), "--n", "5", "--cols", "2", f"data.root={shard_root}",
                        "data.image_size=32", "data.augment.affine=1.0"])
     assert rc == 0
     with Image.open(out) as f:
         im = np.array(f)
-    # 5 samples, 2 per row, each image | overlay of 32 px, 2 px apart.
-    assert im.shape == (3 * 32 + 4 * 2, 4 * 32 + 5 * 2, 3)
-
-
+    samples = _augmented(shard_root, 5, "data.image_size=32", "data.augment.affine=1.0")
+    # Each sample's image, enlarged alike, in rows of 2 (titles above each row), left to right.
+    spots = [_find(im, rgb) for rgb, _ in samples]
+    assert None not in spots
+    (y0, x0), (y1, x1), (y2, x2), (y3, x3), (y4, x4) = spots
+    assert y0 == y1 < y2 == y3 < y4 and x0 == x2 == x4 < x1 == x3 and y0 > 10  # a title row above the first
+    # The legend below the last row shows each class present in the dataset's own colours.
+    below = im[y4 + (y2 - y0) - 10 :].reshape(-1, 3)
+    present = sorted({int(c) for _, m in samples for c in np.unique(m) if c < 4})  # 255: ignored (the affine fill)
+    shown = {tuple(c) for c in below}
+    assert present and all(tuple(colours[c]) in shown for c in present)
 def test_preview_errors_are_one_line(tmp_path, capsys):
     assert preview.main(["--out", str(tmp_path / "p.png"), f"data.root={tmp_path}"]) == 2
     err = capsys.readouterr().err
@@ -117,11 +148,20 @@ def test_preview_module_runs(shard_root, tmp_path):
     assert f"wrote {out} (2 samples of split 'train')" in r.stdout
     with Image.open(out) as f:
         im = np.array(f)
-    # 2 samples side by side (cols = ceil(sqrt(2))), each image | overlay of 32 px, 2 px apart.
-    assert im.shape == (32 + 2 * 2, 4 * 32 + 5 * 2, 3)
-    image, mask_overlay = im[2:34, 2:34].astype(int), im[2:34, 36:68].astype(int)
-    assert np.abs(image - mask_overlay).mean() > 5  # the class colours are really drawn over the image
-
+    # 2 samples side by side (cols = ceil(sqrt(2))), each as image | labels: the mask really drawn over it in
+    # the generated colours (the manifest has no palette).
+    (rgb0, mask0), (rgb1, _) = _augmented(shard_root, 2, "data.image_size=32")
+    (y0, x0), (y1, x1) = _find(im, rgb0), _find(im, rgb1)
+    k = (x1 - x0) // (2 * 32)  # the enlargement: two panels per sample
+    labels = overlay(np.repeat(np.repeat(rgb0, k, 0), k, 1), np.repeat(np.repeat(mask0, k, 0), k, 1), 4, 255,
+                     colours=palette(4))
+    ym, xm = _find(im, labels)
+    assert y0 == ym == y1 and x0 < xm < x1
+    assert np.abs(labels.astype(int) - np.repeat(np.repeat(rgb0, k, 0), k, 1)).mean() > 5
+    # Titles above the row, a legend of the classes shown below it.
+    assert (im[: y0 - 2] < 128).all(-1).any()  # dark title text
+    legend = {tuple(c) for c in im[y0 + 32 * k :].reshape(-1, 3)}
+    assert all(tuple(palette(4)[c]) in legend for c in np.unique(mask0) if c < 4)
 
 def test_enlarge_repeats_pixels():
     from seg_dist.visualize import enlarge

@@ -1,5 +1,8 @@
 """The product's test helpers: tiny configs, real processes (torchrun, local groups), checkpoints. CUDA hiding
-and the `tiny_shards` fixture are in the repository's conftest.py, shared with the lab's tests."""
+and the `tiny_shards` fixture are in the repository's conftest.py, shared with the lab's tests.
+
+Not a conftest.py: processes the tests spawn find these functions by module name, and `conftest` would
+name the repository's conftest.py there."""
 
 from __future__ import annotations
 
