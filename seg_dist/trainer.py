@@ -203,6 +203,7 @@ class RunData:
     batches: data.BatchPlan
     steps_per_epoch: int
     train_crop: tuple[int, int]  # what data.image_size=0 (auto) became
+    train_mean_hw: list[float] | None  # the train split's mean frame as packed (None: the manifest lacks it)
     val_loader: data.ValBatches
 
 
@@ -423,8 +424,16 @@ def run_data_for(cfg: Config, manifest: dict[str, Any], denv: distributed.DistEn
         batches=batches,
         steps_per_epoch=data.steps_per_epoch(manifest, cfg, denv.world_size),
         train_crop=data.training_crop(cfg.data, manifest),
+        train_mean_hw=_mean_frame(manifest, cfg.data.train_split),
         val_loader=data.val_loader(cfg, manifest, cfg.data.root, denv.rank, denv.world_size),
     )
+
+
+def _mean_frame(manifest: dict[str, Any], split: str) -> list[float] | None:
+    try:
+        return list(shards.mean_image_size(manifest, split))
+    except shards.ManifestError:
+        return None
 
 
 def build_optimisation(cfg: Config, model: nn.Module, run_data: RunData, horizon: Horizon, device: torch.device,
@@ -799,6 +808,7 @@ def save_checkpoint(run: Run, state: TrainState, is_best: bool = False, snapshot
         "train_crop": list(run.data.train_crop),  # what data.image_size=0 became
         # The packing scale (pack --max-size): inference brings inputs to it, as pack did to the training images.
         "max_size": run.data.manifest.get("max_size"),
+        "train_mean_hw": run.data.train_mean_hw,  # the frames it learnt from: inference warns far from them
         "palette": palette_for(run.data.manifest, classes.num_classes).tolist(),  # the pictures' class colours
         "manifest_digest": run.data.manifest_digest,
         "versions": checkpoint.versions(),
