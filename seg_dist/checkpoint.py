@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import pickle
 import platform
 import re
 from collections.abc import Sequence
@@ -85,7 +86,11 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", require: Se
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # a torn, foreign or non-weights-only file: bad input, not a bug
+    except pickle.UnpicklingError as e:  # torch's message goes on to suggest unpickling it anyway: not here
+        raise CheckpointError(f"{path}: holds Python objects besides tensors and plain data, which seg_dist does "
+                              "not load (a file from another program, or altered); seg_dist's checkpoints hold "
+                              "only tensors and plain data") from e
+    except Exception as e:  # a torn or foreign file: bad input, not a bug
         first_line = (str(e).strip().splitlines() or [""])[0]  # torch's weights-only errors run to a page
         raise CheckpointError(f"{path}: cannot load checkpoint ({type(e).__name__}: {first_line})") from e
     if not isinstance(state, dict):
@@ -166,6 +171,9 @@ class TrainedModel:
     class_names: list[str]
     global_step: int
     train_crop: tuple[int, int] | None = None  # (H, W) of the training crops; None in older checkpoints
+    max_size: int | None = None  # the packing scale (pack --max-size); None: packed as given, or an older checkpoint
+    palette: list[list[int]] | None = None  # [r, g, b] per class as the run drew them; None in older checkpoints
+    train_mean_hw: tuple[float, float] | None = None  # the train split's mean frame as packed; None if not stored
 
 
 def load_model(path: str | Path, device: torch.device, overrides: Sequence[str] = ()) -> TrainedModel:
@@ -183,6 +191,7 @@ def load_model(path: str | Path, device: torch.device, overrides: Sequence[str] 
         first_line = (str(e).strip().splitlines() or [""])[0]
         raise CheckpointError(f"{path}: its weights do not fit its model.* config ({first_line})") from None
     model.eval()
-    crop = state.get("train_crop")
+    crop, mean_hw = state.get("train_crop"), state.get("train_mean_hw")
     return TrainedModel(model, cfg, state["num_classes"], state["ignore_index"], list(state["class_names"]),
-                        state["global_step"], tuple(crop) if crop else None)
+                        state["global_step"], tuple(crop) if crop else None, state.get("max_size"),
+                        state.get("palette"), tuple(mean_hw) if mean_hw else None)

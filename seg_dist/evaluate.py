@@ -14,7 +14,6 @@ per-class IoU bar chart. The checkpoint carries its config; overrides change it.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,8 +25,6 @@ from .inference import Predictor
 from .runlog import progress, setup_logging
 from .validation import evaluate_predictor, metrics_table
 from .visualize import bar_chart, confusion_matrix_figure, save_png
-
-log = logging.getLogger("seg_dist.evaluate")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -43,10 +40,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json and pictures")
     p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.amp=off")
     args = p.parse_args(argv)
-    if args.out and args.out.endswith(".json"):
-        # --out used to name the JSON report; keep that working, and say what it is now.
-        log.warning("--out %s: --out now takes a folder for pictures; writing the JSON as with --json", args.out)
-        args.json, args.out = args.json or args.out, None
+    if args.out and args.out.lower().endswith(".json"):  # a folder named *.json is surely a mix-up
+        raise UserError(f"--out {args.out}: --out is the folder for the pictures; write the JSON report with --json")
     return args
 
 
@@ -100,7 +95,8 @@ def _evaluate(argv: Sequence[str] | None) -> int:
         split = args.split or cfg.data.val_split
         expected = shards.split_count(manifest, split)
         share = data.val_share(manifest, split, denv.rank, denv.world_size)
-        with progress(share, f"evaluate {split}", enabled=denv.is_main) as bar:
+        # The bar counts the whole split while rank 0 works through its share.
+        with progress(expected, f"evaluate {split}", enabled=denv.is_main, share=share) as bar:
             samples = data.split_samples(cfg, manifest, cfg.data.root, denv.rank, denv.world_size, split)
             result = evaluate_predictor(predictor, samples, trained.ignore_index, args.batch_size, progress=bar)
         if result.samples_seen != expected:

@@ -7,7 +7,8 @@ The file takes N x 3 x H x W images of any batch, height and width (at least 2**
 logits N x C x H x W. `--normalize inside` (the default): the input is RGB in 0-255 (uint8; the ONNX
 input dtype is `--input-dtype`, TorchScript takes either) and the checkpoint's mean/std are applied in
 the graph. `--normalize json`: the bare model, fed (x / 255 - mean) / std by the caller. Either way
-`<out>.json` beside it holds the class names, ignore index, mean, std and the input layout.
+`<out>.json` beside it holds the class names, ignore index, mean, std, the input layout and `max_size`,
+the scale to bring images to first (pack --max-size; null: none).
 
 Before the file is renamed into place, the exported and eager models run on random images of two odd
 sizes; a max abs diff above the tolerance fails (exit 1) and leaves nothing. ONNX needs

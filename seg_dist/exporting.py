@@ -3,8 +3,9 @@
 `export()` loads a checkpoint (`checkpoint.load_model`), wraps its model in `ExportUNet` (model.name=unet)
 or `ExportSmp` (model.name=smp_unet), optionally with the run's normalisation inside the graph, writes the
 file under a temporary name, runs the exported file and the eager model on random images of two odd sizes,
-and only then renames it to `out` and writes `<out>.json` beside it: class names, ignore index, mean/std
-and the input layout, what a deployer needs to feed the file and read its output.
+and only then renames it to `out` and writes `<out>.json` beside it: class names, ignore index, mean/std,
+the input layout and the packing scale (`max_size`), what a deployer needs to feed the file and read its
+output.
 
 Why a wrapper instead of the model itself: `UNet.forward` cannot be scripted (an f-string over a
 shape tuple) and `Up.forward` pads only `if dh or dw`, a branch that `torch.jit.trace` bakes in for
@@ -414,6 +415,10 @@ def _metadata(trained: checkpoint.TrainedModel, checkpoint_path: str | Path, out
         "num_classes": trained.num_classes,
         "class_names": trained.class_names,
         "ignore_index": trained.ignore_index,
+        # The scale the model trained at (pack --max-size): an image whose longer side exceeds it is scaled
+        # down so that side is max_size (each side rounded, at least 1; bilinear), as seg_dist.predict does,
+        # and the logits resized back to the image before the argmax. null: images run at their own size.
+        "max_size": trained.max_size,
         "model": model_fields(trained.cfg.model),
         "checkpoint": str(checkpoint_path),
         "global_step": trained.global_step,

@@ -5,42 +5,63 @@
     mask = p(image)                 # uint8 H x W x 3 RGB -> int64 H x W class ids, same size
     picture = p.overlay(image, mask)
 
-An image is normalised as in training (the checkpoint's mean/std), resized to `data.val_size` when the
-model was validated at a fixed size, run, and its logits are resized back, so the mask always has the
-input's size. Mixed precision only on CUDA (`train.amp` as trained): on the CPU the model runs in fp32,
+An image is first brought to the scale the model trained at: pack --max-size scaled every image whose
+longer side exceeded it down to that side (`shards.packed_size`, bilinear), so the Predictor does the same
+with the checkpoint's `max_size` (the same rule and filter; `native_scale=True` or predict --native-scale
+runs images as given). It is then normalised as in training (the checkpoint's mean/std), resized to
+`data.val_size` when the model was validated at a fixed size, and run. The logits are brought back to
+the input's size bilinearly before the argmax, so class borders fall between the low-resolution pixels
+as the model's scores cross, instead of in blocks of the scale factor that resizing the labels (nearest)
+would leave; the mask always has the input's size. An input whose scale, after that, is still far from
+the training frames' (more than SCALE_TOLERANCE times larger or smaller) is warned about once per
+Predictor. Mixed precision only on CUDA (`train.amp` as trained): on the CPU the model runs in fp32,
 so its masks are those of an fp32 export. An image smaller than the model's smallest input (2**depth
 for the U-Net) is padded at the bottom and right with the mean colour (0 after normalisation, as
 `SmpSegmenter` pads) and its logits cropped back. Large images go through overlapping tiles whose logits are
-blended with a smooth weight, so memory stays bounded and tile borders leave no seams.
+blended with a smooth weight, so memory stays bounded and tile borders leave no seams; with
+`tile_progress_after`, the tiles of an image that would take longer than that show a progress bar.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from . import checkpoint, distributed, precision
 from .config import DataConfig
 from .data import normalize
+from .data.transforms import AUTO_CROP_MAX
 from .models.unet import UNet
-from .visualize import overlay_with_legend
+from .runlog import progress
+from .shards import packed_size
+from .visualize import overlay_with_legend, palette
 
-__all__ = ["AUTO_TILE_PIXELS", "Predictor", "min_input_size", "tile_starts"]
+__all__ = ["AUTO_TILE_PIXELS", "BAND_VALUES", "SCALE_TOLERANCE", "Predictor", "min_input_size", "tile_starts",
+           "training_side", "upsampled_argmax"]
 
 log = logging.getLogger(__name__)
 
 # Above this many pixels an image is tiled even without --tile (4 Mpx: a 2000 x 2000 photo goes whole).
 AUTO_TILE_PIXELS = 4_000_000
 AUTO_TILE = 1024
+# An input whose longer side (at the scale it runs at) is more than this factor above or below the training
+# frames' is warned about: a convolutional network recognises objects at about the sizes it saw them, and
+# the augmentation's scale jitter (0.9-1.1 by default) covers far less than a factor of 2.
+SCALE_TOLERANCE = 2.0
+# Logits brought back to the input's size in bands of about this many values (classes x rows x width), so a
+# 100 Mpx mask never needs classes x 100 M floats at once.
+BAND_VALUES = 1 << 24
 
 
 @dataclass
@@ -58,6 +79,12 @@ class Predictor:
     overlap: float = 0.25  # fraction of a tile shared with its neighbour
     tta_flip: bool = False  # average with the horizontally flipped image's prediction
     min_size: int = 1  # the smallest height and width the model takes; smaller inputs are padded to it
+    max_size: int | None = None  # the packing scale (pack --max-size) it trained at; None: images run as given
+    native_scale: bool = False  # run images at their own size even where they exceed max_size
+    train_side: float | None = None  # longer side of the training frames, for the scale warning; None: no warning
+    colours: np.ndarray | None = None  # num_classes x 3 uint8 colours of masks and overlays; None: generated
+    tile_progress_after: float | None = None  # seconds: show progress over the tiles of slower images; None: never
+    _scale_warned: bool = field(default=False, init=False, repr=False)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", **options: Any) -> Predictor:
@@ -74,10 +101,14 @@ class Predictor:
         # bf16 autocast on a CPU would move masks off the fp32 ones an export gives, for little speed.
         options.setdefault("amp_dtype", precision.resolve_amp(cfg.train.amp, device) if device.type == "cuda" else None)
         options.setdefault("min_size", min_input_size(trained.model))
+        options.setdefault("max_size", trained.max_size)
+        options.setdefault("train_side", training_side(trained))
+        options.setdefault("colours", _colours(trained.palette, trained.num_classes))
         tile, crop = options.get("tile", 0), trained.train_crop
         if tile and crop and tile < max(crop):
-            # Measured on CCP: 256 px tiles of a model trained on 512 px crops agreed with whole-image
-            # prediction on only 76-92% of pixels.
+            # A tile narrower than the crops gives each pixel less surrounding scene than training did, and
+            # classes told apart by their surroundings then change well inside the tile, not only at its
+            # blended borders (lab/recipe.md: the context a pixel needs).
             log.warning("tile %d px is smaller than the %d x %d crops the model trained on: tiles see less "
                         "context than training did, so masks may differ from whole-image ones; use --tile %d "
                         "or more", tile, crop[0], crop[1], max(crop))
@@ -88,42 +119,102 @@ class Predictor:
         """uint8 H x W x 3 (or H x W grey) -> int64 H x W class ids."""
         return self.predict_batch([image])[0]
 
-    def predict_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Masks for several images; images of one size run as one batch."""
-        return [logits.argmax(0).cpu().numpy() for logits in self.logits_batch(images)]
+    def predict_batch(self, images: Sequence[np.ndarray], labels: Sequence[str] | None = None) -> list[np.ndarray]:
+        """Masks for several images; images that run at one size run as one batch. `labels` (file names, say)
+        name the images in the scale warning and on the tiles' progress bar."""
+        return [upsampled_argmax(logits, h, w).cpu().numpy()
+                for logits, (h, w) in self._run_batch(images, labels)]
 
-    @torch.no_grad()
-    def logits_batch(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+    def logits_batch(self, images: Sequence[np.ndarray], labels: Sequence[str] | None = None) -> list[torch.Tensor]:
         """float32 C x H x W logits per image, at each image's own size (on the device)."""
-        out: list[torch.Tensor | None] = [None] * len(images)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, image in enumerate(images):
-            groups.setdefault(_rgb(image).shape[:2], []).append(i)
-        for (h, w), idx in groups.items():
-            batch = torch.stack([self._to_tensor(images[i]) for i in idx])
-            logits = self._logits(batch, h, w)
-            for j, i in enumerate(idx):
-                out[i] = logits[j]
-        return out  # type: ignore[return-value]
+        return [logits if logits.shape[-2:] == (h, w) else
+                F.interpolate(logits[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+                for logits, (h, w) in self._run_batch(images, labels)]
 
     def overlay(self, image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
         """image | prediction | blend, with a legend of the classes present: an H x W' x 3 uint8 picture."""
-        return overlay_with_legend(_rgb(image), mask, self.class_names, alpha=alpha)
+        return overlay_with_legend(_rgb(image), mask, self.class_names, alpha=alpha, colours=self.colours)
+
+    def run_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) an image of this size runs at: the packing scale (`shards.packed_size` with
+        `max_size`), or its own with `native_scale`."""
+        return (height, width) if self.native_scale else packed_size(height, width, self.max_size)
+
+    def scale_problem(self, height: int, width: int) -> str | None:
+        """Why an image of this size is far from the scale the model trained at (run at `run_size`, its
+        longer side more than SCALE_TOLERANCE times the training frames' or less than 1 / SCALE_TOLERANCE
+        of it), with what to do; None when it is near, or the training scale is unknown. A model validated
+        at `data.val_size` sees every input at that size, as in its validation: never far."""
+        if not self.train_side or self.data.val_size > 0:
+            return None
+        rh, rw = self.run_size(height, width)
+        ratio = max(rh, rw) / self.train_side
+        if 1 / SCALE_TOLERANCE <= ratio <= SCALE_TOLERANCE:
+            return None
+        side = round(self.train_side)
+        runs = f" (run at {rw} x {rh})" if (rh, rw) != (height, width) else ""
+        if ratio > 1:
+            if self.native_scale and self.max_size and max(height, width) > self.max_size:
+                advice = "drop --native-scale to run it at the packing scale"
+            else:
+                advice = f"reduce it to a longer side of about {side} px first"
+            look = "larger"
+        else:
+            advice = f"enlarge it to a longer side of about {side} px, or train on images of this scale"
+            look = "smaller"
+        return (f"{width} x {height} px{runs} is {ratio:.2g}x the scale of the frames the model trained on "
+                f"(longer side {side} px): objects look {look} than in training, so the mask may be poor; {advice}")
+
+    def check_scale(self, height: int, width: int, label: str = "an input image") -> bool:
+        """True when an image of this size is far from the training scale (`scale_problem`); the first
+        such image of this Predictor is warned about, named by `label`."""
+        problem = self.scale_problem(height, width)
+        if problem and not self._scale_warned:
+            self._scale_warned = True
+            log.warning("%s: %s", label, problem)
+        return problem is not None
 
     # --- internals ------------------------------------------------------------------------------------
 
+    @torch.no_grad()
+    def _run_batch(self, images: Sequence[np.ndarray],
+                   labels: Sequence[str] | None) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+        """(float32 C x h x w logits at the size each image runs at, on the device; the image's own H, W)."""
+        if labels is not None and len(labels) != len(images):
+            raise ValueError(f"{len(labels)} labels for {len(images)} images")
+        names = list(labels) if labels is not None else ["an input image"] * len(images)
+        out: list[tuple[torch.Tensor, tuple[int, int]] | None] = [None] * len(images)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            h, w = _rgb(image).shape[:2]
+            self.check_scale(h, w, names[i])
+            groups.setdefault(self.run_size(h, w), []).append(i)
+        for (h, w), idx in groups.items():
+            batch = torch.stack([self._to_tensor(images[i]) for i in idx])
+            label = names[idx[0]] + (f" and {len(idx) - 1} more" if len(idx) > 1 else "")
+            logits = self._logits(batch, h, w, label)
+            for j, i in enumerate(idx):
+                out[i] = (logits[j], _rgb(images[i]).shape[:2])
+        return out  # type: ignore[return-value]
+
     def _to_tensor(self, image: np.ndarray) -> torch.Tensor:
-        return normalize(torch.from_numpy(np.ascontiguousarray(_rgb(image))).to(self.device), self.data.mean,
+        """The image at the scale it runs at (`run_size`; scaled as pack scales: PIL's bilinear filter on
+        the 8-bit pixels), normalised, on the device: 3 x h x w float32."""
+        rgb = _rgb(image)
+        h, w = self.run_size(*rgb.shape[:2])
+        if (h, w) != rgb.shape[:2]:
+            rgb = np.array(Image.fromarray(np.ascontiguousarray(rgb)).resize((w, h), Image.Resampling.BILINEAR))
+        return normalize(torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device), self.data.mean,
                          self.data.std)
 
-    def _logits(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor, h: int, w: int, label: str = "") -> torch.Tensor:
         size = self.data.val_size
         if size > 0 and (h, w) != (size, size):  # trained to see val_size x val_size: resize, run, resize back
             small = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
             return F.interpolate(self._forward(small), size=(h, w), mode="bilinear", align_corners=False)
         tile = self.tile or (AUTO_TILE if h * w > AUTO_TILE_PIXELS else 0)
         if tile and (h > tile or w > tile):
-            return self._tiled(x, tile)
+            return self._tiled(x, tile, label)
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,20 +233,39 @@ class Predictor:
         with precision.autocast(self.device, self.amp_dtype):
             return self.model(x).float()[..., :h, :w]
 
-    def _tiled(self, x: torch.Tensor, tile: int) -> torch.Tensor:
+    def _tiled(self, x: torch.Tensor, tile: int, label: str = "") -> torch.Tensor:
         """Sliding windows; each tile's logits are weighted by a ramp that falls towards its borders, so
-        every pixel is a smooth mix of the tiles that cover it (no seams)."""
+        every pixel is a smooth mix of the tiles that cover it (no seams). Where the tiles would take longer
+        than `tile_progress_after` seconds (projected from those done), a progress bar counts them."""
         n, _, h, w = x.shape
         th, tw = min(tile, h), min(tile, w)
         stride = max(1, int(tile * (1 - self.overlap)))
         weight = _ramp(th, self.device)[:, None] * _ramp(tw, self.device)[None, :]
         total = torch.zeros((n, self.num_classes, h, w), device=self.device)
         norm = torch.zeros((h, w), device=self.device)
-        for top in tile_starts(h, th, stride):
-            for left in tile_starts(w, tw, stride):
-                logits = self._forward(x[:, :, top : top + th, left : left + tw])
-                total[:, :, top : top + th, left : left + tw] += logits * weight
-                norm[top : top + th, left : left + tw] += weight
+        windows = [(top, left) for top in tile_starts(h, th, stride) for left in tile_starts(w, tw, stride)]
+        bar, first_done = None, 0.0
+        for done, (top, left) in enumerate(windows, 1):
+            logits = self._forward(x[:, :, top : top + th, left : left + tw])
+            total[:, :, top : top + th, left : left + tw] += logits * weight
+            norm[top : top + th, left : left + tw] += weight
+            if self.tile_progress_after is None or done == len(windows):
+                continue
+            if bar is not None:
+                bar.update(1)
+                continue
+            if self.device.type == "cuda":  # kernels run asynchronously: time what has really been done
+                torch.cuda.synchronize(self.device)
+            # Projected from the tiles after the first, whose time includes one-off warm-up (allocations, kernels).
+            now = time.perf_counter()
+            if done == 1:
+                first_done = now
+            elif (now - first_done) / (done - 1) * len(windows) > self.tile_progress_after:
+                bar = progress(len(windows), f"{label or 'image'}: {len(windows)} tiles of {th} x {tw} px",
+                               enabled=True, initial=done)
+        if bar is not None:
+            bar.update(1)
+            bar.close()
         return total / norm
 
 
@@ -163,6 +273,40 @@ def min_input_size(model: nn.Module) -> int:
     """The smallest side `model` takes: 2**depth for our U-Net (each down-step halves it); smp models pad
     to their stride themselves, so any side from 1."""
     return 2**model.depth if isinstance(model, UNet) else 1
+
+
+def training_side(trained: checkpoint.TrainedModel) -> float | None:
+    """The longer side of the frames `trained` saw, as packed: the train split's mean frame where the
+    checkpoint records it, else the automatic crop (`data.image_size=0` crops the mean frame, rounded up to
+    a multiple of 8) when it is below its cap; None where neither tells (an explicit crop of larger frames)."""
+    if trained.train_mean_hw:
+        return float(max(trained.train_mean_hw))
+    crop = trained.train_crop
+    if crop and trained.cfg.data.image_size == 0 and max(crop) < AUTO_CROP_MAX:
+        return float(max(crop))
+    return None
+
+
+def upsampled_argmax(logits: torch.Tensor, height: int, width: int, band_values: int = BAND_VALUES) -> torch.Tensor:
+    """argmax over C of C x h x w `logits` resized bilinearly to `height` x `width` (as F.interpolate with
+    align_corners=False), in bands of about `band_values` values: memory stays near C x h x width plus one
+    band, whatever `height` is."""
+    c, h, w = logits.shape
+    if (h, w) == (height, width):
+        return logits.argmax(0)
+    wide = logits if w == width else F.interpolate(logits[None], size=(h, width), mode="bilinear",
+                                                   align_corners=False)[0]
+    # PyTorch's source rows for align_corners=False: (y + 0.5) * h / height - 0.5, clamped at 0.
+    src = ((torch.arange(height, device=logits.device, dtype=torch.float64) + 0.5) * (h / height) - 0.5).clamp(min=0)
+    lo = src.floor().long().clamp(max=h - 1)
+    hi = (lo + 1).clamp(max=h - 1)
+    frac = (src - lo).to(logits.dtype)[:, None]
+    out = torch.empty((height, width), dtype=torch.int64, device=logits.device)
+    rows = max(1, band_values // (c * width))
+    for top in range(0, height, rows):
+        band = slice(top, top + rows)
+        out[band] = (wide[:, lo[band]] * (1 - frac[band]) + wide[:, hi[band]] * frac[band]).argmax(0)
+    return out
 
 
 def tile_starts(length: int, tile: int, stride: int) -> list[int]:
@@ -179,6 +323,16 @@ def _ramp(n: int, device: torch.device) -> torch.Tensor:
     pos = torch.arange(n, device=device, dtype=torch.float32)
     dist = torch.minimum(pos + 1, n - pos)
     return (dist / math.ceil(n / 2)).clamp(min=1e-3)
+
+
+def _colours(given: list[list[int]] | None, num_classes: int) -> np.ndarray:
+    """The checkpoint's class colours (the run's pictures drew with them), generated ones for the rest; a
+    malformed list is logged and replaced by generated colours: pictures must not stop a prediction."""
+    try:
+        return palette(num_classes, given)
+    except (ValueError, TypeError) as e:
+        log.warning("the checkpoint's palette is ignored (expected [r, g, b] in 0..255 per class): %s", e)
+        return palette(num_classes)
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Check the training augmentation by eye: a PNG grid of samples from the real train pipeline.
 
-Each sample is shown as image | mask overlay (ignored pixels white), e.g.
+Each sample is shown as "i image | i labels" (the mask over the image in the dataset's class colours,
+ignored pixels in the ignore colour), titled, with one legend of the classes shown below the grid, e.g.
 
     python -m seg_dist.preview --config configs/default.yaml --out preview.png --n 16 data.augment.rotate=30
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from . import cli, data, outputs, shards
 from .config import load_config
-from .visualize import grid, overlay, save_png
+from .visualize import palette_for, preview_grid, save_png
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -46,11 +47,10 @@ def _preview(argv: Sequence[str] | None) -> int:
     manifest = shards.load_manifest(cfg.data.root)
     classes = data.resolve_classes(cfg.data, manifest)
     split = args.split or cfg.data.train_split
-    tiles = []
-    for rgb, mask in data.augmented_samples(cfg, manifest, args.n, split, args.epoch):
-        tiles += [rgb, overlay(rgb, mask, classes.num_classes, classes.ignore_index)]
+    samples = list(data.augmented_samples(cfg, manifest, args.n, split, args.epoch))
     cols = args.cols or math.ceil(math.sqrt(args.n))
-    save_png(args.out, grid(tiles, cols=2 * cols))
+    save_png(args.out, preview_grid(samples, classes.names, cols, classes.ignore_index,
+                                    colours=palette_for(manifest, classes.num_classes)))
     print(f"wrote {args.out} ({args.n} samples of split {split!r})")
     return cli.EXIT_OK
 
