@@ -7,6 +7,7 @@ side, and the recipe comparison with the seed tutorial. From the repository root
     python -m lab.bench scaling [--procs 2] [--batch GLOBAL]
     python -m lab.bench all [--device cuda] [--json OUT]          # the three, defaults (< 10 min on 2 cores)
     python -m lab.bench recipe --data SHARDS --minutes 12 [--ranks 2] [--seeds 0,1] [key=value ...]
+    python -m lab.bench index [--samples 1000000] [--workers 1,2] [--json OUT]   # the sample index at scale
 
 Each measurement prints a progress line on stderr; the tables go to stdout, with min/median/max over
 the timed repeats and a warning where max/min > 1.3. `--json OUT` writes every figure beside the
@@ -34,7 +35,7 @@ from typing import Any
 from seg_dist import atomic, cli
 from seg_dist.config import COMPILE_MODES
 
-from . import bench_data, bench_recipe, bench_scaling, bench_train, measure
+from . import bench_data, bench_index, bench_recipe, bench_scaling, bench_train, measure
 
 SECTIONS = ("data", "train", "scaling")
 
@@ -58,7 +59,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     common.add_argument("--synthetic", type=int, default=96, metavar="N", help="samples in the synthetic set")
 
     p = argparse.ArgumentParser(prog="python -m lab.bench", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="section", required=True, metavar="{data,train,scaling,all,recipe}")
+    sub = p.add_subparsers(dest="section", required=True, metavar="{data,train,scaling,all,recipe,index}")
 
     d = sub.add_parser("data", parents=[common], help="decode, augment, shard pipeline, folder Dataset")
     d.add_argument("--size", type=int, default=None, help="training crop (default 256; 512 on cuda)")
@@ -99,6 +100,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a = sub.add_parser("all", parents=[common], help="data, train and scaling with their defaults")
     a.add_argument("--compile", action="store_true", default=None, help="torch.compile in bench train")
     a.add_argument("--compile-mode", choices=COMPILE_MODES, default=None, help="torch.compile mode with --compile")
+
+    x = sub.add_parser("index", help="the sample index of a million tiny samples: load time, first batch, memory")
+    x.add_argument("--samples", type=int, default=1_000_000, help="samples written (default 1,000,000)")
+    x.add_argument("--per-shard", type=int, default=None, help="samples per shard (default: the packer's, 256)")
+    x.add_argument("--workers", type=_workers, default=None, help="worker counts for the first batch (default "
+                   "1 and max(2, cores))")
+    x.add_argument("--batch", type=int, default=64, help="micro-batch of the first batch (default 64)")
+    x.add_argument("--repeats", type=int, default=3, help="index loads timed (default 3)")
+    x.add_argument("--no-headers", dest="headers", action="store_false", help="skip reading the index from the "
+                   "tar headers (as for shards without an index file)")
+    x.add_argument("--data", default=None, help="a folder an earlier `bench index` wrote (default: write one)")
+    x.add_argument("--json", default=None, metavar="OUT", help="write every figure and its settings here")
 
     r = sub.add_parser("recipe", help="the seed tutorial's recipe vs seg_dist's at the same training minutes")
     r.add_argument("--data", required=True, help="shard folder with train, val and test splits")
@@ -156,10 +169,25 @@ def _recipe(args: argparse.Namespace) -> int:
     return cli.EXIT_OK
 
 
+def _index(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    given = {k: getattr(args, k) for k in ("per_shard", "workers") if getattr(args, k) is not None}
+    settings = bench_index.IndexSettings(samples=args.samples, batch=args.batch, repeats=args.repeats,
+                                         headers=args.headers, data=args.data, **given)
+    report = bench_index.measure_index(settings, progress=_say)
+    report["command"] = ["python", "-m", "lab.bench", *(sys.argv[1:] if argv is None else argv)]
+    print(bench_index.render(report), flush=True)
+    if args.json:
+        atomic.write_text(args.json, json.dumps(report, indent=2) + "\n")
+        _say(f"wrote {args.json}")
+    return cli.EXIT_OK
+
+
 def _bench(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     if args.section == "recipe":
         return _recipe(args)
+    if args.section == "index":
+        return _index(args, argv)
     device = measure.resolve_device(args.device)
     sections = SECTIONS if args.section == "all" else (args.section,)
     report: dict[str, Any] = {"command": ["python", "-m", "lab.bench", *(sys.argv[1:] if argv is None else argv)]}

@@ -318,7 +318,7 @@ def test_deterministic_bytes(tmp_path: Path) -> None:
     assert _run(tmp_path, "--val-fraction", "0.34", out="o1") == 0
     assert _run(tmp_path, "--val-fraction", "0.34", out="o2") == 0
     files = sorted(p.name for p in (tmp_path / "o1").iterdir())
-    assert files == ["manifest.json", "train-000000.tar", "val-000000.tar"]
+    assert files == ["manifest.json", "train-000000.tar", "train.index.npy", "val-000000.tar", "val.index.npy"]
     for name in files:
         assert (tmp_path / "o1" / name).read_bytes() == (tmp_path / "o2" / name).read_bytes()
     if shutil.which("tar"):  # stock tar reads the shards too

@@ -3,8 +3,9 @@
 The rooms, in the order data flows through them:
 
 - `reader`: the one tar reader. `read_shard` gives a shard's samples as bytes, `decode_sample` turns them
-  into arrays, `iter_samples` does both for a list of shards; the training index (`index_split`) holds
-  where each sample's bytes lie in the tar, so training reads them without walking the shard.
+  into arrays, `iter_samples` does both for a list of shards; the training index (`split_index`: flat
+  arrays the packer wrote beside the shards, memory-mapped, or read from the tar headers of older shards)
+  holds where each sample's bytes lie in the tar, so training reads them without walking the shard.
 - `classes`: the label space (`resolve_classes`): the manifest's, or the config's where it fits the shards.
 - `epochs`: numbers only. Which sample sits at each position of the training stream, how a global batch
   is made (`BatchPlan`, `plan_batches`), optimiser steps per epoch (`steps_per_epoch`), which positions
@@ -16,7 +17,7 @@ The rooms, in the order data flows through them:
 An optimiser **step** takes one global batch; what one rank's loader yields per call is a **micro-batch**,
 and `train.accum_steps` micro-batches on each rank make a step.
 
-Training reads samples where the tar headers say they lie (an index built at start, no bytes read). An
+Training reads samples where the split's index says they lie (written at pack time; no bytes read at start). An
 epoch is a permutation of the whole split, seeded by `train.seed` and the epoch, cut into global batches;
 rank r takes its slice of each, so every rank takes the same number of micro-batches whatever the shard
 layout (no all-reduce can hang on a rank that ran dry), a global batch is the same on any number of ranks,
@@ -35,7 +36,7 @@ from .loaders import (
     train_loader,
     val_loader,
 )
-from .reader import decode_sample, iter_samples, read_shard
+from .reader import SampleIndex, decode_sample, iter_samples, read_shard, split_index
 from .transforms import (
     build_transforms,
     mask_dtype,
@@ -48,6 +49,7 @@ from .transforms import (
 __all__ = [
     "BatchPlan",
     "ClassInfo",
+    "SampleIndex",
     "TrainBatches",
     "ValBatches",
     "augmented_samples",
@@ -62,6 +64,7 @@ __all__ = [
     "preprocess",
     "read_shard",
     "resolve_classes",
+    "split_index",
     "split_samples",
     "steps_per_epoch",
     "train_loader",

@@ -1,6 +1,9 @@
 """The one tar reader of seg_dist: a shard's samples in order, a shard's tar-header index, one sample's bytes
 read where the index says they lie, and the decoding of a sample's bytes into arrays.
 
+The index of a split is flat numpy arrays (`seg_dist.shard_index.SampleIndex`): the file the packer wrote,
+memory-mapped, or for older shards the same arrays read from the tar headers.
+
 Everything that reads shards goes through here (the loaders, and outside this package `read_shard` and
 `iter_samples`), so webdataset's key convention, the skipped metadata members and the one-line errors for
 damaged shards hold everywhere alike.
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import tarfile
 import time
@@ -20,9 +24,31 @@ from typing import IO, Any
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
-from ..shards import IMAGE_EXTS, MASK_FIELD, META_FIELD, ShardError, decode_image, decode_mask
+from ..shard_index import IndexBuilder, SampleIndex, check_index
+from ..shards import (
+    IMAGE_EXTS,
+    MANIFEST,
+    MASK_FIELD,
+    META_FIELD,
+    ShardError,
+    decode_image,
+    decode_mask,
+    shard_counts,
+    shard_urls,
+)
 
-__all__ = ["Entry", "SampleReader", "decode_sample", "index_shard", "index_split", "iter_samples", "read_shard"]
+__all__ = [
+    "Entry",
+    "SampleIndex",
+    "SampleReader",
+    "decode_sample",
+    "index_entry",
+    "index_shard",
+    "index_split",
+    "iter_samples",
+    "read_shard",
+    "split_index",
+]
 
 log = logging.getLogger(__name__)
 
@@ -82,21 +108,27 @@ def iter_samples(urls: Sequence[str]) -> Iterator[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class Entry:
-    """Where one sample's files lie in its shard: (field, offset, size) of each field's bytes."""
+    """Where one sample's files lie in its shard: (field, offset, size) of each field's bytes. Made for one
+    read from the split's `SampleIndex` (`index_entry`), never held for a whole split."""
 
     shard: int  # the shard's place in its split's list of urls
     key: str
     fields: tuple[tuple[str, int, int], ...]
 
 
+def index_entry(index: SampleIndex, i: int) -> Entry:
+    """Sample `i` of a split's index as an `Entry` for `SampleReader.read`."""
+    return Entry(index.shard_of(i), index.key(i), index.fields(i))
+
+
 _WDS_META = re.compile(r"__[^/]*__($|/)")
 
 
-def index_shard(url: str, count: int) -> list[tuple[str, tuple[tuple[str, int, int], ...]]]:
-    """The samples of one shard in order: key and (field, offset, size) of each file, read from the tar
-    headers without the files' bytes, with webdataset's key convention (`base_plus_ext`). A shard that does not
-    hold the `count` samples its manifest lists raises `ShardError`."""
-    samples: list[tuple[str, list[tuple[str, int, int]]]] = []
+def _shard_headers(url: str) -> Iterator[tuple[str, list[tuple[str, int, int]]]]:
+    """Key and (field, offset, size) of each sample of a shard in order, from the tar headers without the
+    files' bytes, with webdataset's key convention (`base_plus_ext`)."""
+    key: str | None = None
+    fields: list[tuple[str, int, int]] = []
     try:
         with tarfile.open(url, "r:") as tar:
             for member in tar:
@@ -104,32 +136,62 @@ def index_shard(url: str, count: int) -> list[tuple[str, tuple[tuple[str, int, i
                 if not member.isreg() or _WDS_META.match(member.name) or (
                         "/" not in member.name and member.name.startswith("__") and member.name.endswith("__")):
                     continue
-                key, ext = base_plus_ext(member.name)
-                if key is None:
+                name, ext = base_plus_ext(member.name)
+                if name is None:
                     continue
-                if not samples or samples[-1][0] != key:
-                    samples.append((key, []))
-                samples[-1][1].append((ext.lower(), member.offset_data, member.size))
+                if name != key:
+                    if key is not None:
+                        yield key, fields
+                    key, fields = name, []
+                fields.append((ext.lower(), member.offset_data, member.size))
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ShardError.unreadable(url, e) from e
+    if key is not None:
+        yield key, fields
+
+
+def index_shard(url: str, count: int) -> list[tuple[str, tuple[tuple[str, int, int], ...]]]:
+    """The samples of one shard in order: key and (field, offset, size) of each file, read from the tar
+    headers without the files' bytes, with webdataset's key convention (`base_plus_ext`). A shard that does not
+    hold the `count` samples its manifest lists raises `ShardError`."""
+    samples = [(key, tuple(fields)) for key, fields in _shard_headers(url)]
     if len(samples) != count:
         raise ShardError(f"{url}: {len(samples)} samples, the manifest lists {count}; {ShardError.HINT}")
-    return [(key, tuple(fields)) for key, fields in samples]
+    return samples
 
 
-def index_split(urls: list[str], counts: list[int]) -> list[Entry]:
-    """Every sample of a split's shards (`counts` from its manifest), in shard order."""
+def index_split(urls: list[str], counts: list[int]) -> SampleIndex:
+    """Every sample of a split's shards (`counts` from its manifest), in shard order, read from the tar
+    headers into the arrays of the index the packer writes."""
+    builder = IndexBuilder()
+    for url, count in zip(urls, counts, strict=True):
+        n = 0
+        for key, fields in _shard_headers(url):
+            builder.add(key, fields)
+            n += 1
+        if n != count:
+            raise ShardError(f"{url}: {n} samples, the manifest lists {count}; {ShardError.HINT}")
+        builder.end_shard(os.path.getsize(url))
+    return builder.build()
+
+
+def split_index(root: str, manifest: dict[str, Any], split: str) -> SampleIndex:
+    """`split`'s sample index: the file the packer wrote, checked against the manifest and the shards (a stale
+    or damaged one raises `ShardError` naming it), else read from the shards' tar headers."""
+    urls = shard_urls(root, manifest, split)  # a one-line error for an unknown split
+    entry = manifest["splits"][split]
+    if "index" in entry:
+        return check_index(root, split, entry["index"], entry["shards"])
     start = time.perf_counter()
-    entries: list[Entry] = []
-    for shard, (url, count) in enumerate(zip(urls, counts, strict=True)):
-        entries += [Entry(shard, key, fields) for key, fields in index_shard(url, count)]
-    if (took := time.perf_counter() - start) > 2:  # a pause at start deserves a word
-        log.info("indexed %d training samples in %d shards (%.1f s)", len(entries), len(urls), took)
-    return entries
+    index = index_split(urls, shard_counts(manifest, split))
+    log.info("%s: split %r has no sample index (packed before seg_dist wrote one); read %d samples from the tar "
+             "headers of %d shards in %.1f s; packing the split again writes the index, which loads at once",
+             os.path.join(root, MANIFEST), split, len(index), index.num_shards, time.perf_counter() - start)
+    return index
 
 
 class SampleReader:
-    """Raw samples (as `read_shard` gives them) by their `Entry`, each field's bytes read at its offset.
+    """Raw samples (as `read_shard` gives them) by their `Entry` (`index_entry`), each field's bytes read at its offset.
 
     A shard stays open for the next sample; open files stay with their process (a pickled reader, as a
     DataLoader worker gets it, starts with none) until `close`.
