@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,10 +15,11 @@ import pytest
 import torch
 from helpers import REPO, child_env, spawn_train, tiny_overrides, torchrun
 
-from seg_dist import shards
+from seg_dist import checkpoint, distributed, shards
 from seg_dist.config import load_config
 from seg_dist.data import loaders, stream, val_loader
 from seg_dist.errors import UserError
+from seg_dist.trainer import train
 
 DEFAULT = REPO / "configs" / "default.yaml"
 
@@ -191,6 +193,32 @@ def test_resume_mid_epoch_streams_a_reseeded_rest_then_the_next_epoch_as_uninter
     again = _take(iter(loaders.train_loader(cfg, manifest, root, 1, 2, epoch=0, skip_steps=5, endless=True)),
                   steps - 5)
     assert all(torch.equal(a, b) for a, b in zip(again, rest, strict=True))
+
+
+def _train_here(overrides: list[str], stop_at_once: bool = False) -> None:
+    torch.set_num_threads(1)
+    stop = distributed.StopRequest()
+    if stop_at_once:
+        stop.signal = signal.SIGUSR1  # as if preempted: the run stops at its first logging step
+    with distributed.setup() as (denv, device):
+        train(load_config(DEFAULT, overrides), denv, device, stop)
+
+
+def test_a_run_over_http_stopped_mid_epoch_resumes_at_its_step_and_ends_with_the_same_schedule(
+        http_server, tiny_shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = _url(http_server, "ok")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    extra = ("train.epochs=2", "schedule.warmup_iters=3", "train.resume=auto", f"data.root={root}")
+    _train_here(tiny_overrides(tiny_shards, straight, *extra))
+    _train_here(tiny_overrides(tiny_shards, split, *extra), stop_at_once=True)
+    assert checkpoint.load(split / "checkpoints" / "last.pt")["global_step"] == 2  # of 16 in the epoch
+    with caplog.at_level("INFO"):
+        _train_here(tiny_overrides(tiny_shards, split, *extra))
+    assert "epoch 1 resumes at step 2: its other 14 steps stream a reseeded draw" in caplog.text
+    a, b = (checkpoint.load(run / "checkpoints" / "last.pt") for run in (straight, split))
+    assert a["global_step"] == b["global_step"] == 2 * 64 // 4
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+    assert [m["samples"] for m in _metrics(split)] == [16, 16]
 
 
 def test_a_connection_dropped_mid_shard_is_retried_and_the_run_completes(

@@ -257,5 +257,9 @@ def stream_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, w
         kw.pop("prefetch_factor", None)
     log.info("streaming %d training shards from %s: %d steps per epoch, shuffle buffer %d, %d retries", len(counts),
              root, steps, cfg.data.shuffle_buffer, cfg.data.retries)
+    if skip_steps:
+        log.info("epoch %d resumes at step %d: its other %d steps stream a reseeded draw of the shards, not what "
+                 "the interrupted run would have read (local shards resume at the exact sample)", epoch + 1,
+                 skip_steps, max(0, steps - skip_steps))
     return StreamBatches(dataset, plan.per_rank, kw)
 
