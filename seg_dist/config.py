@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -37,6 +38,10 @@ class AugmentConfig:
     hflip: float = 0.5
     vflip: float = 0.0
     brightness_contrast: float = 0.2  # probability of RandomBrightnessContrast
+    # Whether brightness/contrast runs at all: auto (8-bit grey or RGB only: on 16-bit, float or extra bands a
+    # shift in fractions of 255 has no meaning) | on (any data: shifts by fractions of the type's full scale,
+    # 255, 65535 or 1.0 for float) | off.
+    photometric: str = "auto"
     affine: float = 0.2  # probability of a small Affine (translate, rotate)
     rotate: float = 10.0  # degrees, for the Affine
     translate: float = 0.1  # fraction of the crop size, for the Affine
@@ -55,8 +60,17 @@ class DataConfig:
     num_classes: int | None = None
     ignore_index: int | None = None
     class_names: list[str] | None = None
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # Normalisation, one value per image channel, in the pixel type's full scale (8-bit: fractions of 255,
+    # as ImageNet's 0.485 ...; 16-bit: of 65535; float32: the stored values). Unset (the default): the
+    # manifest's statistics of the train split, except that a pretrained smp encoder (model.encoder_weights)
+    # on 8-bit RGB gets the ImageNet constants it was trained with (data.resolve_normalization). Set both to
+    # override.
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    # The image channels pictures show (overlays, previews, predict's blends): one (grey) or three (RGB)
+    # indices; unset: the first three of 3+ channels, else the first. Non-8-bit images are shown with a
+    # 2-98 percentile stretch.
+    display_bands: list[int] | None = None
     # On 2 cores 0 workers beats 2 (moving batches between processes costs more than decoding).
     workers: int = 0
     pin_memory: bool = True
@@ -66,6 +80,11 @@ class DataConfig:
     # At start: "size" checks every shard's byte size against the manifest (cheap: a truncated copy),
     # "full" its sha256 too (reads every shard), "off" skips the check.
     verify: str = "size"
+    # Remote data.root (http(s)://, s3://, gs://, pipe:) only, where training streams whole shards: samples
+    # drawn at random from a buffer of this many per loader worker (1: the shards' own order), and the
+    # retries of a broken shard read (waits of 1, 2, 4 ... s, at most 30 s) before the run fails.
+    shuffle_buffer: int = 512
+    retries: int = 5
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -74,7 +93,7 @@ class ModelConfig:
     name: str = "unet"  # unet | smp_unet
     width: int = 64  # base channels; 64 is the classic U-Net
     depth: int = 4
-    in_channels: int = 3
+    in_channels: int = 0  # 0: the data's channel count (the manifest's image.channels); set: must match it
     bilinear: bool = False
     # batch: BatchNorm (statistics of each rank's batch, so results move with the per-rank batch on CPU);
     # group: GroupNorm, no batch statistics, the same on any number of ranks and at any batch size.
@@ -205,6 +224,7 @@ AMP_MODES = ("off", "bf16", "fp16", "auto")
 SCHEDULES = ("poly", "cosine", "plateau", "constant")
 CLASS_WEIGHTS = ("none", "inverse", "sqrt_inverse", "median")
 NORMS = ("batch", "group")
+PHOTOMETRIC = ("auto", "on", "off")
 SYNC_BN = ("auto", "on", "off")
 # Below this many samples per CPU rank, `train.sync_bn=auto` takes BatchNorm statistics over the global batch.
 SMALL_RANK_BATCH = 4
@@ -264,25 +284,32 @@ CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("data.ignore_index", lambda v: v is None or 0 <= v <= 65535,
      "unset (from the manifest) or a label value in [0, 65535]"),
     ("data.class_names", lambda v: v is None or len(v) >= 1, "unset (from the manifest) or a list of names"),
-    ("data.mean", _each(_between(0.0, 1.0)), "each channel's mean in [0, 1] (pixels scaled to 0-1)"),
-    ("data.std", _each(lambda x: x > 0), "each channel's std must be greater than 0"),
+    ("data.mean", lambda v: v is None or (len(v) >= 1 and _each(math.isfinite)(v)),
+     "unset (from the manifest) or one finite number per channel, in the pixel type's full scale"),
+    ("data.std", lambda v: v is None or (len(v) >= 1 and _each(lambda x: math.isfinite(x) and x > 0)(v)),
+     "unset (from the manifest) or one number greater than 0 per channel"),
+    ("data.display_bands", lambda v: v is None or (len(v) in (1, 3) and _each(_at_least(0))(v)),
+     "unset, or 1 (grey) or 3 (RGB) channel indices, each at least 0"),
     ("data.workers", *AT_LEAST_0),
     ("data.pin_memory", *BOOL),
     ("data.persistent_workers", *BOOL),
     ("data.prefetch_factor", *AT_LEAST_1),
     ("data.val_batch_size", lambda v: v >= 0, "0 (train.batch_size) or at least 1"),
     ("data.verify", *_one_of(VERIFY)),
+    ("data.shuffle_buffer", lambda v: v >= 1, "at least 1 (1: samples in the shards' order)"),
+    ("data.retries", *AT_LEAST_0),
     ("data.augment.scale", lambda v: 0 < v[0] <= v[1], "[low, high] with 0 < low <= high"),
     ("data.augment.hflip", *PROBABILITY),
     ("data.augment.vflip", *PROBABILITY),
     ("data.augment.brightness_contrast", *PROBABILITY),
+    ("data.augment.photometric", *_one_of(PHOTOMETRIC)),
     ("data.augment.affine", *PROBABILITY),
     ("data.augment.rotate", _between(0.0, 180.0), "degrees, must be in [0, 180]"),
     ("data.augment.translate", _between(0.0, 1.0), "a fraction of the crop, must be in [0, 1]"),
     ("model.name", *_one_of(MODEL_NAMES)),
     ("model.width", *AT_LEAST_1),
     ("model.depth", *AT_LEAST_1),
-    ("model.in_channels", *AT_LEAST_1),
+    ("model.in_channels", *AT_LEAST_0),
     ("model.bilinear", *BOOL),
     ("model.norm", *_one_of(NORMS)),
     ("model.encoder", *NONEMPTY),
@@ -362,6 +389,10 @@ def check(cfg: Config) -> None:
                           "at least one must be greater than 0 (the loss would be zero)")
     if cfg.schedule.min_lr > cfg.optim.lr:
         raise ConfigError(f"schedule.min_lr={cfg.schedule.min_lr}: must be at most optim.lr={cfg.optim.lr}")
+    mean, std = cfg.data.mean, cfg.data.std
+    if (mean is None) != (std is None) or (mean is not None and std is not None and len(mean) != len(std)):
+        raise ConfigError(f"data.mean={_show(mean)} and data.std={_show(std)}: set both, one value per image "
+                          "channel each, or neither (the manifest's statistics)")
     names, classes = cfg.data.class_names, cfg.data.num_classes
     if names is not None and classes is not None and len(names) != classes:
         raise ConfigError(f"data.class_names has {len(names)} names but data.num_classes={classes}: "

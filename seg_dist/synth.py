@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--n", type=int, default=480, help="number of samples (default 480)")
     ap.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kind", default="rgb", choices=synthetic.KINDS,
+                    help="rgb (default, JPEG), grey16 (16-bit grey PNG) or bands4 (4-band 16-bit TIFF)")
     ap.add_argument("--overwrite", action="store_true", help="replace earlier synth_* files in --out")
     return ap
 
@@ -33,8 +35,8 @@ def _synth(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     outputs.check([], [outputs.OutputFolder(Path(args.out), "the dataset folder", f"--out {args.out}")],
                   overwrite=args.overwrite)
-    out = synthetic.generate(args.out, args.n, args.size, args.seed, args.overwrite)
-    print(f"wrote {args.n} samples ({len(synthetic.CLASS_NAMES)} classes, {args.size}px) to {out}")
+    out = synthetic.generate(args.out, args.n, args.size, args.seed, args.overwrite, kind=args.kind)
+    print(f"wrote {args.n} samples ({len(synthetic.class_names(args.kind))} classes, {args.size}px) to {out}")
     return cli.EXIT_OK
 
 

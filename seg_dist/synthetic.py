@@ -6,6 +6,11 @@ looked at. Classes are told apart mostly by hue (saturated objects on a low-satu
 background) and secondarily by shape, so a small U-Net learns them in minutes on a CPU, while occlusion,
 texture, noise, JPEG artefacts and class imbalance keep the task non-trivial.
 
+Two more kinds prove that images reach the model with every bit and band (`KINDS`, `kind=` of `generate`):
+`grey16`, 16-bit grey PNGs whose classes differ only in the low byte of values 4096-4351 (converting to 8
+bits, by `>> 8` or by clipping to 0-255, leaves one grey for every class), and `bands4`, 4-band 16-bit
+TIFFs (RGB + near infrared) whose classes differ only in the fourth band.
+
 Commands: `python -m seg_dist.synth` writes the files; `python -m seg_dist.pack --synthetic` packs them.
 """
 
@@ -20,9 +25,14 @@ from PIL import Image
 from seg_dist.errors import UserError
 from seg_dist.visualize import IGNORE_COLOUR, palette
 
-__all__ = ["CLASS_NAMES", "IGNORE_INDEX", "PALETTE", "generate", "mask_image", "render"]
+__all__ = ["BAND_CLASS_NAMES", "CLASS_NAMES", "IGNORE_INDEX", "KINDS", "PALETTE", "class_names", "generate",
+           "mask_image", "render", "render_bands"]
 
 CLASS_NAMES = ("background", "disc", "square", "triangle", "ring", "blob")
+# The kinds of dataset `generate` writes: the 8-bit RGB photos-like set, and the two that 8-bit RGB
+# decoding would lose (16-bit grey, 4-band 16-bit).
+KINDS = ("rgb", "grey16", "bands4")
+BAND_CLASS_NAMES = ("background", "low", "high")
 PALETTE = [tuple(int(v) for v in c) for c in palette(len(CLASS_NAMES))]
 IGNORE_INDEX = 255
 
@@ -126,10 +136,62 @@ def mask_image(label: np.ndarray) -> Image.Image:
     return im
 
 
-def generate(out_dir: str | Path, n: int = 480, size: int = 64, seed: int = 0, overwrite: bool = False) -> Path:
-    """Write `n` samples to out_dir/images/synth_NNNNN.jpg and out_dir/masks/synth_NNNNN.png."""
+# grey16: every value is 0x1000 + a low byte, so the high byte (what `>> 8` keeps) is 16 everywhere and
+# clipping to 0-255 gives 255 everywhere. The classes' low bytes: background, "low" and "high" objects.
+_GREY16_BASE = 0x1000
+_GREY16_LEVELS = (40.0, 128.0, 216.0)
+_GREY16_NOISE = 18.0
+# bands4: red, green and blue are one texture for every class; near infrared tells them apart.
+_NIR_LEVELS = (8000.0, 20000.0, 32000.0)
+_NIR_NOISE = 2500.0
+
+
+def class_names(kind: str = "rgb") -> tuple[str, ...]:
+    """The class names of a kind of synthetic dataset."""
+    return CLASS_NAMES if kind == "rgb" else BAND_CLASS_NAMES
+
+
+def render_bands(index: int, size: int = 64, seed: int = 0, kind: str = "grey16") -> tuple[np.ndarray, np.ndarray]:
+    """Sample `index` of a `grey16` (uint16 H x W) or `bands4` (uint16 H x W x 4) set: (image, uint8 labels
+    of BAND_CLASS_NAMES). Discs and squares of class 1 or 2 on background 0, no ignored pixels."""
+    if kind not in ("grey16", "bands4"):
+        raise ValueError(f"kind={kind!r}: expected grey16 or bands4")
+    rng = np.random.default_rng([seed, index, KINDS.index(kind)])
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    label = np.zeros((size, size), np.uint8)
+    for _ in range(rng.integers(1, 4)):
+        cls = int(rng.integers(1, 3))
+        cx, cy = rng.uniform(0.15, 0.85, size=2) * size
+        r = rng.uniform(0.1, 0.22) * size
+        inside = np.hypot(xx - cx, yy - cy) < r if rng.random() < 0.5 else np.maximum(
+            np.abs(xx - cx), np.abs(yy - cy)) < r * 0.85
+        label[inside] = cls
+    if kind == "grey16":
+        low = np.asarray(_GREY16_LEVELS, np.float32)[label] + rng.normal(0, _GREY16_NOISE, label.shape)
+        return (_GREY16_BASE + np.clip(np.rint(low), 0, 255)).astype(np.uint16), label
+    texture = 12000 + 6000 * _smooth_noise(rng, size, 5)[..., None] + rng.normal(0, 1500, (size, size, 3))
+    nir = np.asarray(_NIR_LEVELS, np.float32)[label] + rng.normal(0, _NIR_NOISE, label.shape)
+    bands = np.concatenate([texture, nir[..., None]], axis=2)
+    return np.clip(np.rint(bands), 0, 65535).astype(np.uint16), label
+
+
+def _write_bands(path: Path, image: np.ndarray) -> None:
+    if image.ndim == 2:  # 16-bit grey PNG
+        Image.fromarray(image).save(path.with_suffix(".png"))
+        return
+    import tifffile  # only the multi-band set needs it
+
+    tifffile.imwrite(path.with_suffix(".tif"), image, photometric="minisblack", planarconfig="contig")
+
+
+def generate(out_dir: str | Path, n: int = 480, size: int = 64, seed: int = 0, overwrite: bool = False,
+             kind: str = "rgb") -> Path:
+    """Write `n` samples to out_dir/images/synth_NNNNN.jpg (`grey16`: .png, `bands4`: .tif) and
+    out_dir/masks/synth_NNNNN.png."""
     if n < 1 or size < 8:
         raise UserError(f"--n {n} --size {size}: need n >= 1 samples of size >= 8 pixels")
+    if kind not in KINDS:
+        raise UserError(f"--kind {kind}: expected one of {', '.join(KINDS)}")
     out = Path(out_dir)
     images, masks = out / "images", out / "masks"
     existing = [p for d in (images, masks) if d.is_dir() for p in d.iterdir()]
@@ -137,10 +199,16 @@ def generate(out_dir: str | Path, n: int = 480, size: int = 64, seed: int = 0, o
         raise UserError(f"{out}: images/ or masks/ already has files; pass overwrite (--overwrite)")
     for p in existing:
         # Only our own files go, so a mistyped --out cannot wipe someone's data.
-        if p.name.startswith("synth_") and p.suffix in (".jpg", ".png"):
+        if p.name.startswith("synth_") and p.suffix in (".jpg", ".png", ".tif"):
             p.unlink()
     images.mkdir(parents=True, exist_ok=True)
     masks.mkdir(parents=True, exist_ok=True)
+    if kind != "rgb":
+        for i in range(n):
+            image, label = render_bands(i, size, seed, kind)
+            _write_bands(images / f"synth_{i:05d}", image)
+            mask_image(label).save(masks / f"synth_{i:05d}.png")
+        return out
     for i in range(n):
         img, label = render(i, size, seed)
         # 4:4:4 chroma: colour is the main cue, and 4:2:0 would smear it across small-object edges.

@@ -318,6 +318,7 @@ def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> t
     """Data, model, loss, optimiser, schedule and scaler, resumed from a checkpoint if there is one."""
     lock = claim_run_dir(cfg, denv)
     manifest = load_manifest(cfg)
+    cfg = data.resolve_inputs(cfg, manifest)  # normalisation and model.in_channels from the data, as saved
     resume = find_resume(cfg, manifest)
     batches = resolve_batch_plan(cfg, denv.world_size, resume.state if resume and resume.full else None)
     run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batches.per_rank,

@@ -184,8 +184,8 @@ def test_device_normalisation_equals_the_albumentations_float_path():
     batch = torch.from_numpy(np.stack([image, image[::-1].copy()]))
     cl = data.normalize(batch, mean, std, channels_last=True)
     assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, data.normalize(batch, mean, std))
-    with pytest.raises(ValueError, match="expected uint8"):
-        data.normalize(batch.float(), mean, std)
+    with pytest.raises(ValueError, match="expected uint8, uint16 or float32"):
+        data.normalize(batch.double(), mean, std)
 
 
 def test_masks_travel_in_the_smallest_type():
@@ -218,7 +218,7 @@ def test_padding_and_affine_fill_mask_with_ignore(dataset):
 
 def test_val_resize_keeps_labels_and_preprocess_matches_val(dataset):
     root, _ = dataset
-    cfg = _cfg(root)
+    cfg = data.resolve_inputs(_cfg(root), json.loads((root / "manifest.json").read_text()))
     sample = next(data.iter_samples([str(root / "val-000000.tar")]))
     assert sample["image"].dtype == np.uint8 and sample["mask"].dtype == np.int64
     assert sample["meta"]["key"] == sample["key"]
@@ -404,7 +404,7 @@ def test_val_sees_every_sample_once(dataset, split, world, workers):
 
 def test_val_collate_pads_with_ignore_and_loader_restarts(dataset):
     root, manifest = dataset
-    cfg = _cfg(root, "data.val_batch_size=4")
+    cfg = data.resolve_inputs(_cfg(root, "data.val_batch_size=4"), manifest)
     loader = data.val_loader(cfg, manifest, str(root), 0, 1)
     batches = list(loader)
     assert len(batches) == len(loader) == 4 and loader.num_samples == 13

@@ -1,14 +1,18 @@
-"""Images are read as a viewer shows them (EXIF orientation applied), in pack and at read time alike; images
-that 8-bit RGB would clip are refused; `packed_size` is the packing scale. Real JPEG/PNG/TIFF bytes."""
+"""Images are read as a viewer shows them (EXIF orientation applied), in pack and at read time alike, with every
+band and bit (16-bit, float, N bands from PNG, TIFF and .npy); what cannot be read faithfully is refused saying
+what it is; `packed_size` is the packing scale. Real JPEG/PNG/TIFF/npy bytes."""
 
 from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from seg_dist import shards
@@ -72,7 +76,7 @@ def test_decode_image_shows_the_picture_as_displayed(tmp_path: Path, orientation
         assert (raw.height, raw.width) == STORE[orientation](labels).shape
     decoded = shards.read_image(data)
     assert decoded.orientation == orientation and decoded.format == "JPEG"
-    assert _aligned(decoded.rgb, labels) and _aligned(shards.decode_image(data), labels)
+    assert _aligned(decoded.pixels, labels) and _aligned(shards.decode_image(data), labels)
 
 
 @pytest.mark.parametrize("orientation", [3, 6])
@@ -133,45 +137,74 @@ def test_mask_with_exif_orientation_is_turned_like_an_image(tmp_path: Path) -> N
 # --- image modes ---------------------------------------------------------------------------------------
 
 
-def _sixteen_bit(tmp: Path) -> dict[str, tuple[Path, str]]:
-    """Images that convert("RGB") clips, and what the refusal must say of each."""
+def _deep(tmp: Path) -> dict[str, tuple[Path, np.ndarray]]:
+    """Images that PIL's convert("RGB") would clip, and the pixels each must decode to."""
     ramp = (np.arange(6 * 8, dtype=np.uint16).reshape(6, 8) * 1000).astype(np.uint16)
     big_endian = Image.frombytes("I;16B", (8, 6), ramp.astype(">u2").tobytes())
+    floats = ramp.astype(np.float32) / 65535 - 0.25
+    colour = np.dstack([ramp, 65535 - ramp, ramp // 3])
+    bands = np.dstack([ramp, ramp // 2, ramp // 3, 65535 - ramp])
+    thirteen = np.dstack([floats * (i + 1) for i in range(13)])
+    tmp.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(tmp / "rgb16.tif", colour, photometric="rgb")
+    tifffile.imwrite(tmp / "bands.tif", bands, photometric="minisblack", planarconfig="contig")
+    tifffile.imwrite(tmp / "planar.tif", np.moveaxis(thirteen, 2, 0), photometric="minisblack",
+                     planarconfig="separate")
+    cv2.imwrite(str(tmp / "rgb16.png"), colour[..., ::-1])  # OpenCV writes BGR
+    np.save(tmp / "bands.npy", bands)
+    np.save(tmp / "grey.npy", floats)
     return {
-        "png16": (_save(tmp / "png16.png", Image.fromarray(ramp)), "16-bit grey PNG image (PIL mode I;16)"),
-        "tif16": (_save(tmp / "tif16.tif", Image.fromarray(ramp)), "16-bit grey TIFF image (PIL mode I;16)"),
-        "tif16b": (_save(tmp / "tif16b.tif", big_endian), "16-bit grey TIFF image (PIL mode I;16B)"),
-        "tif32": (_save(tmp / "tif32.tif", Image.fromarray(ramp.astype(np.int32) * 50)),
-                  "32-bit integer grey TIFF image (PIL mode I)"),
-        "float": (_save(tmp / "float.tif", Image.fromarray(ramp.astype(np.float32) / 65535)),
-                  "32-bit float grey TIFF image (PIL mode F)"),
+        "png16": (_save(tmp / "png16.png", Image.fromarray(ramp)), ramp[..., None]),
+        "tif16": (_save(tmp / "tif16.tif", Image.fromarray(ramp)), ramp[..., None]),
+        "tif16b": (_save(tmp / "tif16b.tif", big_endian), ramp[..., None]),
+        "float": (_save(tmp / "float.tif", Image.fromarray(floats)), floats[..., None]),
+        "rgb16png": (tmp / "rgb16.png", colour),
+        "rgb16tif": (tmp / "rgb16.tif", colour),
+        "bands": (tmp / "bands.tif", bands),
+        "planar13": (tmp / "planar.tif", thirteen),
+        "npy": (tmp / "bands.npy", bands),
+        "npy2d": (tmp / "grey.npy", floats[..., None]),
     }
 
 
-def test_images_deeper_than_8_bits_are_refused_not_clipped(tmp_path: Path) -> None:
-    for path, what in _sixteen_bit(tmp_path).values():
-        with pytest.raises(shards.ImageError) as caught:
+def test_deep_and_multiband_images_decode_as_stored(tmp_path: Path) -> None:
+    for name, (path, want) in _deep(tmp_path).items():
+        got = shards.decode_image(path.read_bytes())
+        assert got.dtype == want.dtype and np.array_equal(got, want), name
+        assert got.flags.writeable and got.flags.c_contiguous, name
+
+
+def test_unfaithful_images_are_refused_saying_what_they_are(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ramp = np.arange(48, dtype=np.int32).reshape(6, 8) * 100000
+    nan = np.zeros((6, 8), np.float32)
+    nan[2, 3] = np.nan
+    refused = {
+        "int32.tif": (lambda p: tifffile.imwrite(p, ramp), "TIFF of int32 pixels: seg_dist reads uint8, uint16 and "
+                                                          "float32 images; convert it to uint16 or float32"),
+        "f64.npy": (lambda p: np.save(p, ramp.astype(np.float64)), ".npy array of float64 pixels"),
+        "nan.npy": (lambda p: np.save(p, nan), ".npy array holds NaN or infinite values"),
+        "stack.tif": (lambda p: tifffile.imwrite(p, np.zeros((2, 3, 6, 8), np.uint16), photometric="minisblack"), "seg_dist reads one image"),
+    }
+    for name, (write, what) in refused.items():
+        path = tmp_path / "images" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+        _mask(tmp_path / f"masks/{Path(name).stem}.png", np.zeros((6, 8), np.uint8))
+        with pytest.raises(shards.ImageError, match=re.escape(what)):
             shards.decode_image(path.read_bytes())
-        assert str(caught.value).startswith(what) and "seg_dist reads 8-bit images for now" in str(caught.value)
-        assert "-depth 8" in str(caught.value)  # how to convert it
-
-
-def test_pack_lists_every_deep_image_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    images = _sixteen_bit(tmp_path / "images")
-    for name in images:
-        _mask(tmp_path / f"masks/{name}.png", np.zeros((6, 8), np.uint8))
     assert _pack(tmp_path) == 2
     err = capsys.readouterr().err.replace(str(tmp_path) + "/", "")
-    for path, what in images.values():
-        assert f"images/{path.name}: {what}: seg_dist reads 8-bit images for now" in err
-    assert f"{len(images)} problem(s); nothing written" in err and not (tmp_path / "out").exists()
+    for name, (_, what) in refused.items():
+        assert f"images/{name}: " in err and what in err
+    assert f"{len(refused)} problem(s); nothing written" in err and not (tmp_path / "out").exists()
 
 
-def test_a_deep_image_in_a_shard_is_refused_at_read_time(tmp_path: Path) -> None:
-    # Shards packed by hand (or by an older packer) meet the same rule in the loaders, evaluate and predict.
+def test_a_sample_of_another_kind_is_refused_at_read_time(tmp_path: Path) -> None:
+    # Shards packed by hand or by an older packer hold 8-bit RGB (no `image` in their JSON): a 16-bit image
+    # there is refused, naming both kinds, rather than clipped.
     import tarfile
 
-    png16 = _sixteen_bit(tmp_path)["png16"][0].read_bytes()
+    png16 = _deep(tmp_path)["png16"][0].read_bytes()
     mask = io.BytesIO()
     Image.fromarray(np.zeros((6, 8), np.uint8)).save(mask, format="PNG")
     url = tmp_path / "train-000000.tar"
@@ -180,26 +213,54 @@ def test_a_deep_image_in_a_shard_is_refused_at_read_time(tmp_path: Path) -> None
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    with pytest.raises(shards.ShardError, match=r"16-bit grey PNG image .*seg_dist reads 8-bit images"):
+    with pytest.raises(shards.ShardError, match=r"a 1-channel uint16 image, the dataset's images are 3-channel uint8"):
         list(iter_samples([str(url)]))
 
 
-def test_eight_bit_modes_read_as_before(tmp_path: Path) -> None:
+def test_eight_bit_modes(tmp_path: Path) -> None:
     grey = np.arange(48, dtype=np.uint8).reshape(6, 8) * 5
-    assert np.array_equal(shards.decode_image(_save(tmp_path / "g.png", Image.fromarray(grey)).read_bytes()),
-                          np.repeat(grey[..., None], 3, 2))
+    decoded = shards.decode_image(_save(tmp_path / "g.png", Image.fromarray(grey)).read_bytes())
+    assert np.array_equal(decoded, grey[..., None])  # grey is one channel ...
+    assert np.array_equal(shards.conform_image(decoded, shards.RGB8), np.repeat(grey[..., None], 3, 2))  # among RGB
     pal = Image.fromarray(grey % 4).convert("P")
     pal.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 756)
     decoded = shards.decode_image(_save(tmp_path / "p.png", pal).read_bytes())
     assert decoded[0, 1].tolist() == [255, 0, 0] and decoded[0, 3].tolist() == [0, 0, 255]
-    # RGBA: alpha is dropped and the colour as stored is read, also under transparent pixels (as before).
+    # RGBA: alpha is dropped and the colour as stored is read, also under transparent pixels; kept on request.
     rgba = np.zeros((6, 8, 4), np.uint8)
     rgba[..., :3], rgba[..., 3] = (10, 200, 30), np.arange(8, dtype=np.uint8) * 30
-    assert (shards.decode_image(_save(tmp_path / "a.png", Image.fromarray(rgba)).read_bytes()) == (10, 200, 30)).all()
+    data = _save(tmp_path / "a.png", Image.fromarray(rgba)).read_bytes()
+    assert shards.decode_image(data).shape == (6, 8, 3) and (shards.decode_image(data) == (10, 200, 30)).all()
+    assert np.array_equal(shards.decode_image(data, keep_alpha=True), rgba)
     bilevel = Image.fromarray(grey > 100).convert("1")
     assert set(np.unique(shards.decode_image(_save(tmp_path / "b.tif", bilevel).read_bytes()))) == {0, 255}
     cmyk = Image.new("CMYK", (8, 6), (0, 255, 255, 0))  # pure red ink
     assert (shards.decode_image(_save(tmp_path / "c.jpg", cmyk, quality=95).read_bytes())[..., 0] > 200).all()
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_orientation_applies_to_16bit_and_tiff_images(tmp_path: Path, orientation: int) -> None:
+    # The decoders beside PIL (OpenCV for 16-bit colour PNGs, tifffile) turn images as PIL turns JPEGs.
+    _, labels = _displayed()
+    deep = np.where(labels[..., None] == 1, np.uint16([60000, 100, 100]), np.uint16([100, 100, 60000]))
+    stored = np.ascontiguousarray(STORE[orientation](deep))
+    tifffile.imwrite(tmp_path / "a.tif", stored, photometric="rgb", extratags=[(274, "H", 1, orientation, True)])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    png = io.BytesIO()
+    Image.fromarray(np.zeros(stored.shape[:2], np.uint8)).save(png, format="PNG", exif=exif.tobytes())
+    eight = png.getvalue()
+    sixteen = cv2.imencode(".png", stored[..., ::-1])[1]
+    # OpenCV writes no EXIF: splice the 8-bit PNG's eXIf chunk into the 16-bit one, before its IDAT.
+    chunk = eight[eight.index(b"eXIf") - 4:]
+    chunk = chunk[:chunk.index(b"IDAT") - 4]
+    sixteen = sixteen.tobytes()
+    at = sixteen.index(b"IDAT") - 4
+    for data in ((tmp_path / "a.tif").read_bytes(), sixteen[:at] + chunk + sixteen[at:]):
+        decoded = shards.read_image(data)
+        assert decoded.orientation == orientation and decoded.pixels.dtype == np.uint16
+        assert np.array_equal(decoded.pixels, deep)
+        assert shards.exif_orientation(data) == orientation
 
 
 @pytest.mark.parametrize(("content", "problem"), [

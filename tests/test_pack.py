@@ -91,7 +91,8 @@ def test_round_trip(tmp_path: Path) -> None:
         assert np.array_equal(shards.decode_mask(s["mask.png"]), labels)
         assert Image.open(io.BytesIO(s["mask.png"])).mode == "L"
         meta = json.loads(s["json"])
-        assert meta == {"source": f"{s['__key__']}.jpg", "mask_source": f"{s['__key__']}.png", "size_hw": [6, 8]}
+        assert meta == {"source": f"{s['__key__']}.jpg", "mask_source": f"{s['__key__']}.png", "size_hw": [6, 8],
+                        "image": {"channels": 3, "dtype": "uint8"}}
         assert shards.decode_image(s["jpg"]).shape == (6, 8, 3)
 
     for entry, url in zip(split["shards"], shards.shard_urls(out, manifest, "train"), strict=True):
@@ -121,7 +122,7 @@ def test_nested_mixed_extensions_and_key_sanitising(tmp_path: Path) -> None:
     assert samples["sub__img_001"]["jpg"] == img_bytes["sub/img.001"]
     assert samples["a_b"]["png"] == img_bytes["a b"]
     assert samples["x"]["tif"] == img_bytes["x"]
-    assert shards.decode_image(samples["a_b"]["png"]).shape == (6, 8, 3)  # grey kept as is, loader converts
+    assert shards.decode_image(samples["a_b"]["png"]).shape == (6, 8, 1)  # grey kept as is, the loader expands it
     assert np.array_equal(shards.decode_mask(samples["a_b"]["mask.png"]), _labels(seed=2))
     assert json.loads(samples["sub__img_001"]["json"])["source"] == "sub/img.001.JPG"
 
@@ -472,7 +473,7 @@ def test_manifest_helpers(tmp_path: Path) -> None:
     mask = shards.decode_mask(png_bytes(np.array([[1, 300]], np.uint16)))
     assert mask.dtype == np.int64 and mask.flags.writeable and mask.tolist() == [[1, 300]]
     image = shards.decode_image(png_bytes(np.zeros((2, 3), np.uint8)))
-    assert image.shape == (2, 3, 3) and image.dtype == np.uint8 and image.flags.writeable
+    assert image.shape == (2, 3, 1) and image.dtype == np.uint8 and image.flags.writeable
 
     colours = palette(40)
     assert colours.shape == (40, 3) and colours.dtype == np.uint8

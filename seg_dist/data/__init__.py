@@ -38,17 +38,21 @@ from .loaders import (
 )
 from .reader import SampleIndex, decode_sample, iter_samples, read_shard, split_index
 from .transforms import (
+    Normalization,
     build_transforms,
     mask_dtype,
     normalize,
     normalize_padded,
     preprocess,
+    resolve_inputs,
+    resolve_normalization,
     training_crop,
 )
 
 __all__ = [
     "BatchPlan",
     "ClassInfo",
+    "Normalization",
     "SampleIndex",
     "TrainBatches",
     "ValBatches",
@@ -64,6 +68,8 @@ __all__ = [
     "preprocess",
     "read_shard",
     "resolve_classes",
+    "resolve_inputs",
+    "resolve_normalization",
     "split_index",
     "split_samples",
     "steps_per_epoch",

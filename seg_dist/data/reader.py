@@ -31,8 +31,10 @@ from ..shards import (
     MASK_FIELD,
     META_FIELD,
     ShardError,
+    conform_image,
     decode_image,
     decode_mask,
+    image_spec,
     shard_counts,
     shard_urls,
 )
@@ -75,9 +77,10 @@ def read_shard(url: str) -> Iterator[dict[str, Any]]:
 
 
 def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
-    """A raw sample (as `read_shard` gives it) -> dict of key, image (uint8 H x W x 3 RGB), mask (int64
-    H x W), meta (the sample's JSON, or {}) and url. A sample without an image and a mask, with bytes that do
-    not decode, or with image and mask of different sizes raises `ShardError`."""
+    """A raw sample (as `read_shard` gives it) -> dict of key, image (H x W x C of the dataset's channels and
+    type: the sample's JSON names them, as the manifest's `image` does; 8-bit RGB for shards packed before
+    that), mask (int64 H x W), meta (the sample's JSON, or {}) and url. A sample without an image and a
+    mask, with bytes that do not decode, or with image and mask of different sizes raises `ShardError`."""
     key, url = raw["__key__"], raw.get("__url__", "?")
     ext = next((e for e in IMAGE_EXTS if e in raw), None)
     if ext is None or MASK_FIELD not in raw:
@@ -85,13 +88,14 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
         raise ShardError(f"{url}: sample {key!r} needs an image ({'/'.join(IMAGE_EXTS)}) and {MASK_FIELD}; "
                          f"has {fields}")
     try:
-        image = decode_image(raw[ext])
+        meta = json.loads(raw[META_FIELD]) if META_FIELD in raw else {}
+        spec = image_spec(meta)
+        image = conform_image(decode_image(raw[ext], keep_alpha=spec.alpha), spec)
         mask = decode_mask(raw[MASK_FIELD])
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError ... for damaged bytes
         raise ShardError(f"{url}: sample {key!r} does not decode ({type(e).__name__}: {e}); {ShardError.HINT}") from e
     if image.shape[:2] != mask.shape:
         raise ShardError(f"{url}: sample {key!r}: image {image.shape[:2]} and mask {mask.shape} differ in size")
-    meta = json.loads(raw[META_FIELD]) if META_FIELD in raw else {}
     return {"key": key, "image": image, "mask": mask, "meta": meta, "url": url}
 
 
@@ -190,8 +194,22 @@ def split_index(root: str, manifest: dict[str, Any], split: str) -> SampleIndex:
     return index
 
 
+def _check_header(info: tarfile.TarInfo, url: str, key: str, field: str, offset: int, size: int) -> None:
+    """The member whose bytes start at `offset` is the one the index names (its name where the header holds it
+    whole: a 100-byte name field may hold a long name cut short)."""
+    name_key, ext = base_plus_ext(info.name)
+    whole = len(info.name.encode("utf-8", "surrogateescape")) < 100
+    if info.size != size or (whole and (name_key != key or (ext or "").lower() != field)):
+        raise ShardError(f"{url}: at offset {offset} lies {info.name!r} of {info.size} bytes, the index says {field} "
+                         f"of {key!r}, {size} bytes (the shard was re-packed or replaced after its index was "
+                         f"written); {ShardError.HINT}")
+
+
 class SampleReader:
-    """Raw samples (as `read_shard` gives them) by their `Entry` (`index_entry`), each field's bytes read at its offset.
+    """Raw samples (as `read_shard` gives them) by their `Entry` (`index_entry`), each field's bytes read at its
+    offset together with the tar header just before them, which must be intact and name the field and size
+    the index gives: a damaged header, or a shard re-packed or replaced after its index was written, is one
+    `ShardError` naming the shard, not wrong bytes.
 
     A shard stays open for the next sample; open files stay with their process (a pickled reader, as a
     DataLoader worker gets it, starts with none) until `close`.
@@ -207,16 +225,20 @@ class SampleReader:
     def read(self, entry: Entry) -> dict[str, Any]:
         url = self.urls[entry.shard]
         f = self._files.get(entry.shard)
+        block = tarfile.BLOCKSIZE
         try:
             if f is None:
                 f = self._files[entry.shard] = open(url, "rb")  # noqa: SIM115 (kept open for the next sample)
             raw: dict[str, Any] = {"__key__": entry.key, "__url__": url}
             for field, offset, size in entry.fields:
-                f.seek(offset)
-                raw[field] = f.read(size)
-                if len(raw[field]) != size:
+                f.seek(offset - block)
+                data = f.read(block + size)
+                if len(data) != block + size:
                     raise EOFError(f"{field} of {entry.key!r} ends early")
-        except (OSError, EOFError) as e:
+                _check_header(tarfile.TarInfo.frombuf(data[:block], "utf-8", "surrogateescape"), url, entry.key,
+                              field, offset, size)
+                raw[field] = data[block:]
+        except (OSError, EOFError, tarfile.HeaderError) as e:
             raise ShardError.unreadable(url, e) from e
         return raw
 

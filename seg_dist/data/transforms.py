@@ -1,12 +1,16 @@
-"""Pixels: the training augmentation and validation resize (in loader workers, on uint8 images), the
-training crop, the one normalisation (on the device), and the compact mask type batches travel in."""
+"""Pixels: the training augmentation and validation resize (in loader workers, on images in their own type:
+uint8, uint16 or float32, any channel count), the training crop, the normalisation constants
+(`resolve_normalization`) and the one normalisation (`normalize`, on the device), and the compact mask type
+batches travel in."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 # Importing albumentations otherwise asks PyPI for a newer version (in every worker, and offline
@@ -18,24 +22,44 @@ import cv2
 import numpy as np
 import torch
 
-from ..config import DataConfig, crop_hw
-from ..shards import mean_image_size
+from ..config import Config, DataConfig, crop_hw
+from ..errors import UserError
+from ..shards import FULL_SCALE, MANIFEST, RGB8, ImageSpec, image_spec, image_statistics, mean_image_size
 
 __all__ = [
     "AUTO_CROP_MAX",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Normalization",
     "build_transforms",
     "mask_dtype",
     "normalize",
     "normalize_padded",
+    "photometric_on",
     "preprocess",
+    "resolve_inputs",
+    "resolve_normalization",
     "training_crop",
     "transform_sample",
 ]
 
+# What ImageNet-pretrained encoders were trained with, in fractions of 255.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
-def build_transforms(data_cfg: DataConfig, train: bool, ignore_index: int) -> A.Compose:
-    """Image+mask augmentation (train) or resize (val, when data.val_size is set) on uint8 HxWx3 images;
-    masks always use nearest. Normalisation is not here: it runs on the device (`normalize`).
+
+def photometric_on(data_cfg: DataConfig, image: ImageSpec) -> bool:
+    """Whether brightness/contrast augmentation runs on these images (`data.augment.photometric`): auto
+    means 8-bit grey or RGB only, where a shift in fractions of 255 means what it says."""
+    mode = data_cfg.augment.photometric
+    return mode == "on" or (mode == "auto" and image.dtype == "uint8" and image.channels in (1, 3))
+
+
+def build_transforms(data_cfg: DataConfig, train: bool, ignore_index: int, image: ImageSpec = RGB8) -> A.Compose:
+    """Image+mask augmentation (train) or resize (val, when data.val_size is set) on H x W x C images of
+    `image`'s channels and type (uint8, uint16, float32: albumentations' geometric ops keep both); masks
+    always use nearest. Brightness/contrast only where `photometric_on`. Normalisation is not here: it runs
+    on the device (`normalize`).
 
     Every op that can introduce pixels fills the mask with `ignore_index`: albumentations fills
     masks with 0, a real class, unless told otherwise.
@@ -62,7 +86,7 @@ def build_transforms(data_cfg: DataConfig, train: bool, ignore_index: int) -> A.
         ops.append(A.HorizontalFlip(p=aug.hflip))
     if aug.vflip > 0:
         ops.append(A.VerticalFlip(p=aug.vflip))
-    if aug.brightness_contrast > 0:
+    if aug.brightness_contrast > 0 and photometric_on(data_cfg, image):
         ops.append(A.RandomBrightnessContrast(p=aug.brightness_contrast))
     if aug.affine > 0:
         ops.append(A.Affine(
@@ -90,18 +114,91 @@ def _auto_side(mean: float) -> int:
     return min(AUTO_CROP_MAX, max(8, math.ceil(mean / 8) * 8))
 
 
+@dataclass(frozen=True)
+class Normalization:
+    """The normalisation constants of a run and what they apply to. `mean` and `std` are in `data.mean`'s
+    units, the pixel type's full scale (`shards.FULL_SCALE`: 8-bit values / 255, 16-bit / 65535, float32
+    as stored), so `normalize(images, mean, std)` takes them as they are."""
+
+    channels: int
+    dtype: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str  # "data.mean/std", "manifest", "imagenet" (a pretrained encoder), "imagenet (old manifest)"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for checkpoints and export JSON; `raw_mean`/`raw_std` are in pixel values."""
+        full = FULL_SCALE[self.dtype]
+        return {"channels": self.channels, "dtype": self.dtype, "mean": list(self.mean), "std": list(self.std),
+                "raw_mean": [m * full for m in self.mean], "raw_std": [s * full for s in self.std],
+                "source": self.source}
+
+
+def resolve_normalization(cfg: Config, manifest: dict[str, Any]) -> Normalization:
+    """The one rule for the normalisation constants (training, validation, and through the checkpoint the
+    Predictor and export): `data.mean`/`data.std` where set; else ImageNet's for a pretrained smp encoder
+    (`model.encoder_weights`) on 8-bit RGB; else the manifest's train-split statistics (a channel that
+    never varied gets std 1); ImageNet's again for manifests from before statistics were recorded, which
+    hold 8-bit RGB. UserError, naming the key and the data, where they do not fit the images."""
+    image = image_spec(manifest)
+    where = f"data.root={cfg.data.root} ({image.text()} images)"
+    d = cfg.data
+    if d.mean is not None and d.std is not None:
+        if len(d.mean) != image.channels or len(d.std) != image.channels:
+            raise UserError(f"data.mean has {len(d.mean)} and data.std {len(d.std)} values, {where} need one per "
+                            f"channel ({image.channels}); unset both for the manifest's statistics")
+        return Normalization(image.channels, image.dtype, tuple(d.mean), tuple(d.std), "data.mean/std")
+    if cfg.model.name == "smp_unet" and cfg.model.encoder_weights and image == RGB8:
+        return Normalization(3, "uint8", IMAGENET_MEAN, IMAGENET_STD, "imagenet")
+    measured = image_statistics(manifest)
+    if measured is not None:
+        full = FULL_SCALE[image.dtype]
+        mean = tuple(m / full for m in measured[0])
+        std = tuple((s if s > 0 else full) / full for s in measured[1])
+        return Normalization(image.channels, image.dtype, mean, std, "manifest")
+    if image == RGB8:
+        return Normalization(3, "uint8", IMAGENET_MEAN, IMAGENET_STD, "imagenet (old manifest)")
+    raise UserError(f"{cfg.data.root}/{MANIFEST} has no pixel statistics (no train split was packed): pack one, "
+                    f"or set data.mean and data.std ({image.channels} values each)")
+
+
+def resolve_inputs(cfg: Config, manifest: dict[str, Any]) -> Config:
+    """`cfg` with what the data decides filled in: `data.mean`/`data.std` (`resolve_normalization`),
+    `model.in_channels` (the manifest's channels; a set value that differs is a UserError naming both) and
+    `data.augment.photometric` (auto: on or off by `photometric_on`). Idempotent, so a checkpoint's config,
+    resolved once, resolves to itself."""
+    image = image_spec(manifest)
+    given = cfg.model.in_channels
+    if given not in (0, image.channels):
+        raise UserError(f"model.in_channels={given}, but data.root={cfg.data.root} holds {image.text()} images "
+                        f"({MANIFEST}); set model.in_channels=0 (from the data) or {image.channels}")
+    norm = resolve_normalization(cfg, manifest)
+    augment = dataclasses.replace(cfg.data.augment, photometric="on" if photometric_on(cfg.data, image) else "off")
+    return dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, mean=list(norm.mean), std=list(norm.std), augment=augment),
+        model=dataclasses.replace(cfg.model, in_channels=image.channels))
+
+
+_FULL_SCALE = {torch.uint8: 255.0, torch.uint16: 65535.0, torch.float32: 1.0}
+
+
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
               channels_last: bool = False) -> torch.Tensor:
-    """uint8 (N x) H x W x 3 images, as batches leave the loader -> float32 (N x) 3 x H x W, normalised.
+    """(N x) H x W x C images of uint8, uint16 or float32, as batches leave the loader -> float32
+    (N x) C x H x W, normalised.
 
     The one normalisation of seg_dist (training, validation, evaluate, predict, preview): run on the
-    device, so loader workers ship 4x fewer bytes than float32. Same arithmetic as albumentations'
-    Normalize(max_pixel_value=255): (x - 255 mean) * (1 / (255 std)) in float32. The permute of an
-    N x H x W x 3 batch is already channels-last in memory; `channels_last=False` makes it contiguous.
+    device, so loader workers ship 8-bit images 4x smaller than float32. `mean` and `std` have one value per
+    channel in the type's full scale (`Normalization`): (x - F mean) * (1 / (F std)) in float32 with F =
+    255, 65535 or 1, for 8-bit the arithmetic of albumentations' Normalize(max_pixel_value=255). The
+    permute of an N x H x W x C batch is already channels-last in memory; `channels_last=False` makes it
+    contiguous.
     """
-    if images.dtype != torch.uint8 or images.shape[-1] != 3:
-        raise ValueError(f"expected uint8 ... x H x W x 3 images, got {images.dtype} {tuple(images.shape)}")
-    shift, scale = _normalize_constants(images.device, tuple(mean), tuple(std))
+    full = _FULL_SCALE.get(images.dtype)
+    if full is None or images.shape[-1] != len(mean) or len(std) != len(mean):
+        raise ValueError(f"expected uint8, uint16 or float32 ... x H x W x {len(mean)} images (one channel per "
+                         f"mean), got {images.dtype} {tuple(images.shape)}")
+    shift, scale = _normalize_constants(images.device, tuple(mean), tuple(std), full)
     x = (images.float() - shift) * scale
     x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x.permute(2, 0, 1)
     if x.ndim == 4 and channels_last:
@@ -110,18 +207,22 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
 
 
 @functools.lru_cache(maxsize=16)
-def _normalize_constants(device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]
+def _normalize_constants(device: torch.device, mean: tuple[float, ...], std: tuple[float, ...], full: float
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     # Made once per device: a tensor built from a Python list on a GPU is a blocking copy, every step.
-    shift = torch.tensor([255.0 * m for m in mean], dtype=torch.float32, device=device)
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32, device=device)
+    shift = torch.tensor([full * m for m in mean], dtype=torch.float32, device=device)
+    scale = torch.tensor([1.0 / (full * s) for s in std], dtype=torch.float32, device=device)
     return shift, scale
 
 
 def preprocess(image: np.ndarray, data_cfg: DataConfig) -> torch.Tensor:
-    """uint8 HxWx3 RGB -> 3xHxW float normalised as validation does, at the original resolution."""
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected a uint8 HxWx3 image, got {image.dtype} {image.shape}")
+    """H x W x C image (uint8, uint16 or float32, as `shards.decode_image` gives it) -> C x H x W float
+    normalised as validation does, at the original resolution, with `data_cfg`'s resolved mean and std
+    (`resolve_inputs`)."""
+    if image.ndim != 3:
+        raise ValueError(f"expected an H x W x C image, got {image.dtype} {image.shape}")
+    if data_cfg.mean is None or data_cfg.std is None:
+        raise ValueError("data.mean/std are unset: resolve them first (data.resolve_inputs)")
     return normalize(torch.from_numpy(np.ascontiguousarray(image)), data_cfg.mean, data_cfg.std)
 
 
@@ -138,8 +239,8 @@ def mask_dtype(num_classes: int, ignore_index: int) -> torch.dtype:
 
 def transform_sample(transform: A.Compose, image: np.ndarray, mask: np.ndarray,
                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """`transform` applied to one sample -> uint8 H x W x 3 image and compact H x W mask (`dtype`) tensors
-    (see `normalize` for the rest)."""
+    """`transform` applied to one sample -> H x W x C image (in its own type) and compact H x W mask
+    (`dtype`) tensors (see `normalize` for the rest)."""
     out = transform(image=image, mask=mask)
     mask = torch.from_numpy(np.ascontiguousarray(out["mask"])).to(dtype)
     return torch.from_numpy(np.ascontiguousarray(out["image"])), mask

@@ -46,8 +46,10 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 def build_unet(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """Our U-Net (`models/unet.py`): `width` base channels, `depth` down-steps, any input size."""
-    return UNet(cfg.in_channels, num_classes, width=cfg.width, depth=cfg.depth, bilinear=cfg.bilinear, norm=cfg.norm)
+    """Our U-Net (`models/unet.py`): `width` base channels, `depth` down-steps, any input size; in_channels 0
+    (not resolved from data: `data.resolve_inputs`) builds the classic 3-channel one."""
+    return UNet(cfg.in_channels or 3, num_classes, width=cfg.width, depth=cfg.depth, bilinear=cfg.bilinear,
+                norm=cfg.norm)
 
 
 class SmpSegmenter(nn.Module):
@@ -102,7 +104,7 @@ def build_smp_unet(cfg: ModelConfig, num_classes: int) -> nn.Module:
         close = difflib.get_close_matches(cfg.encoder, names, n=3)
         hint = f"did you mean {', '.join(close)}?" if close else f"{len(names)} known, e.g. resnet18"
         raise UserError(f"model.encoder={cfg.encoder!r} is not an smp encoder ({hint})")
-    model = smp.Unet(encoder_name=cfg.encoder, encoder_weights=None, in_channels=cfg.in_channels,
+    model = smp.Unet(encoder_name=cfg.encoder, encoder_weights=None, in_channels=cfg.in_channels or 3,
                      classes=num_classes)
     if encoder_weights is not None:
         load_encoder_weights(model.encoder, encoder_weights, f"{cfg.encoder} encoder")

@@ -59,11 +59,15 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--label-map", help="YAML source_id: class_id; unmapped ids -> ignore (e.g. Cityscapes)")
     ap.add_argument("--palette", help="YAML colour -> class for RGB-coded masks (e.g. CamVid)")
     ap.add_argument("--skip-bad", action="store_true", help="pack good pairs, record bad ones as manifest rejects")
+    ap.add_argument("--keep-alpha", action="store_true", help="keep the alpha channel of RGBA/LA/PA images "
+                    "(default: dropped)")
     ap.add_argument("--overwrite", action="store_true", help="replace split(s) already in --out")
     ap.add_argument("--seed", type=int, default=0, help="for --val-fraction and --synthetic (default 0)")
     ap.add_argument("--synthetic", action="store_true", help="generate and pack the seg_dist.synthetic dataset")
     ap.add_argument("--n", type=int, default=480, help="--synthetic: number of samples (default 480)")
     ap.add_argument("--size", type=int, default=64, help="--synthetic: image side (default 64)")
+    ap.add_argument("--kind", default="rgb", choices=synthetic.KINDS,
+                    help="--synthetic: rgb (default), grey16 (16-bit grey) or bands4 (4-band 16-bit TIFF)")
     return ap
 
 
@@ -93,7 +97,7 @@ def _options(args: argparse.Namespace) -> PackOptions:
     return PackOptions(
         **_same_names(args, "images", "masks", "out", "num_classes", "split", "val_fraction", "ignore_index",
                       "max_size", "workers", "image_suffix", "mask_suffix", "label_map", "palette", "skip_bad",
-                      "overwrite", "seed"),
+                      "overwrite", "seed", "keep_alpha"),
         samples_per_shard=args.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD,
         class_names=_class_names(args.class_names),
         list_file=args.list,
@@ -107,14 +111,14 @@ def _synthetic(args: argparse.Namespace) -> PackResult:
     given = _given(args, "--label-map", "--palette", "--image-suffix", "--mask-suffix")
     if given:
         raise PackError(f"--synthetic generates its own masks; drop {'/'.join(given)}")
-    n_classes = len(synthetic.CLASS_NAMES)
+    n_classes = len(synthetic.class_names(args.kind))
     if args.num_classes not in (None, n_classes):
         raise PackError(f"--synthetic has {n_classes} classes, not --num-classes {args.num_classes}")
     if args.ignore_index != synthetic.IGNORE_INDEX:
         raise PackError(f"--synthetic uses ignore index {synthetic.IGNORE_INDEX}, not {args.ignore_index}")
     return pack_synthetic(
         args.out or "shards/synth",
-        **_same_names(args, "n", "size", "seed", "workers", "overwrite", "split", "max_size"),
+        **_same_names(args, "n", "size", "seed", "workers", "overwrite", "split", "max_size", "kind"),
         samples_per_shard=args.samples_per_shard or SYNTH_SAMPLES_PER_SHARD,
         val_fraction=SYNTH_VAL_FRACTION if args.val_fraction is None else args.val_fraction,
         class_names=_class_names(args.class_names),

@@ -12,7 +12,7 @@ from seg_dist.pack.errors import PackError, Problem
 
 __all__ = ["IMAGE_SUFFIXES", "MASK_SUFFIXES", "Pair", "pair_files", "read_list", "sanitize_key"]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".npy")
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
 
 

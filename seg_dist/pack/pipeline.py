@@ -6,6 +6,7 @@ unless `skip_bad` packs the good pairs and records the rest in the manifest.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -23,8 +24,9 @@ from seg_dist.errors import UserError
 from seg_dist.pack.errors import PackError, Problem
 from seg_dist.pack.labels import LabelSpec, class_colours, load_label_map, load_palette
 from seg_dist.pack.pairing import Pair, pair_files, read_list
-from seg_dist.pack.samples import SamplePool, SampleStats, check_pair, encode_pair
+from seg_dist.pack.samples import PixelSums, SamplePool, SampleStats, check_pair, encode_pair
 from seg_dist.pack.writer import ShardWriter
+from seg_dist.shards import ImageSpec
 
 __all__ = [
     "DEFAULT_SAMPLES_PER_SHARD",
@@ -76,6 +78,7 @@ class PackOptions:
     skip_bad: bool = False  # pack the good pairs, record bad ones as manifest rejects
     overwrite: bool = False  # replace splits already in `out`
     seed: int = 0  # for the val_fraction shuffle
+    keep_alpha: bool = False  # keep the alpha channel of RGBA, LA and PA images (default: dropped)
 
     def __post_init__(self) -> None:
         # Accept str paths and any sequence of names from Python callers; store one canonical type.
@@ -219,8 +222,9 @@ def pack(options: PackOptions) -> PackResult:
     assigned = _assign_splits(pairs, o.split, o.val_fraction, o.seed)
     rejects: dict[str, list[Problem]] = {s: [] for s in o.split_names}
     rejects[o.split].extend(problems)
-    with SamplePool(min(o.workers, max(1, len(pairs))), spec) as pool:
+    with SamplePool(min(o.workers, max(1, len(pairs))), spec, o.keep_alpha) as pool:
         checked = _check_all(assigned, pool, rejects)
+        image = _dataset_image(checked, old, o, rejects)
         all_problems = sorted(p for split in o.split_names for p in rejects[split])
         if all_problems and not o.skip_bad:
             raise PackError(
@@ -230,7 +234,7 @@ def pack(options: PackOptions) -> PackResult:
         empty = [s for s in o.split_names if not checked.get(s, ([], []))[0]]
         if empty:
             raise PackError(f"no good pairs for split(s) {empty}; nothing written to {out}", all_problems)
-        manifest = _write(out, old, names, o, checked, rejects, pool)
+        manifest = _write(out, old, names, o, checked, rejects, pool, _image_entry(image, checked, old))
     return PackResult(out, manifest, o.split_names, all_problems)
 
 
@@ -242,7 +246,9 @@ def _write(
     checked: dict[str, _Checked],
     rejects: dict[str, list[Problem]],
     pool: SamplePool,
+    image: dict[str, Any],
 ) -> dict[str, Any]:
+    image_spec = shards.image_spec({"image": image})
     """Writing pass: shards of every split, then the manifest, then removal of replaced shards."""
     out.mkdir(parents=True, exist_ok=True)
     writers: list[ShardWriter] = []
@@ -254,10 +260,11 @@ def _write(
                 good, good_stats = checked[split]
                 writer = ShardWriter(out, split, o.samples_per_shard)
                 writers.append(writer)
-                for members in pool.imap(encode_pair, good):
+                for members in pool.imap(functools.partial(encode_pair, image=image_spec), good):
                     writer.add(members)
                     bar.update()
                 new_splits[split] = _split_entry(writer.close(), good_stats, rejects[split], o.num_classes)
+                new_splits[split]["index"] = writer.index  # the loader checks the index file against this
         # Everything is on disk: only now replace old shards, then publish the manifest.
         for writer in writers:
             writer.commit()
@@ -275,6 +282,8 @@ def _write(
         "class_names": names,
         # The packing scale (null: original sizes), so a model can be fed images at the scale it learnt.
         "max_size": o.max_size,
+        # What every image decodes to, and the train split's pixel statistics (the default normalisation).
+        "image": image,
         "splits": _ordered_splits(splits),
     }
     if o.palette:  # the dataset's own colours, so pictures show classes as its masks do
@@ -287,6 +296,77 @@ def _write(
             if path.name not in current:
                 path.unlink()
     return manifest
+
+
+_STATS_SPLIT = "train"
+
+
+def _dataset_image(checked: dict[str, _Checked], old: dict[str, Any], o: PackOptions,
+                   rejects: dict[str, list[Problem]]) -> ImageSpec:
+    """The channels and type every image of the dataset decodes to: the folder's own when it keeps splits
+    packed before, else the kind most of this pack's images are or become (8-bit grey among RGB images is
+    expanded, `shards.promotable`). Images of another kind become problems of their split and leave
+    `checked`, so they are reported (or with --skip-bad left out) like any bad pair."""
+    kept = [s for s in old.get("splits", {}) if s not in o.split_names]
+    kinds: dict[ImageSpec, int] = {}
+    for split in o.split_names:
+        for stats in checked[split][1]:
+            kinds[stats.image] = kinds.get(stats.image, 0) + 1
+    if kept:
+        target = shards.image_spec(old)
+        if target.alpha != o.keep_alpha:
+            how = "with" if target.alpha else "without"
+            raise PackError(f"{o.out / shards.MANIFEST}: splits {kept} were packed {how} --keep-alpha; pack this "
+                            f"split {how} it too, or use another --out")
+        why = f"splits {kept} in {o.out / shards.MANIFEST} hold {target.text()} images"
+    elif kinds:
+        def reach(candidate: ImageSpec) -> tuple[int, int]:
+            return sum(n for kind, n in kinds.items() if shards.promotable(kind, candidate)), candidate.channels
+
+        target = max(kinds, key=reach)
+        why = f"{reach(target)[0]} of this pack's images are (or become) {target.text()}"
+    else:
+        return ImageSpec(3, "uint8", o.keep_alpha)
+    for split in o.split_names:
+        good, good_stats = checked[split]
+        keep = [shards.promotable(stats.image, target) for stats in good_stats]
+        if all(keep):
+            continue
+        for pair, stats, ok in zip(good, good_stats, keep, strict=True):
+            if not ok:
+                rejects[split].append((pair.image, f"a {stats.image.text()} image; every image of a dataset has "
+                                                   f"the same channels and type, and {why}"))
+        checked[split] = ([p for p, ok in zip(good, keep, strict=True) if ok],
+                          [st for st, ok in zip(good_stats, keep, strict=True) if ok])
+    return target
+
+
+# The channels of a promoted image, by the kinds `shards.conform_image` turns into one another (None: the
+# opaque alpha it adds).
+_PROMOTED_CHANNELS: dict[tuple[int, int], list[int | None]] = {
+    (1, 3): [0, 0, 0], (1, 4): [0, 0, 0, None], (2, 4): [0, 0, 0, 1], (3, 4): [0, 1, 2, None],
+}
+
+
+def _image_entry(image: ImageSpec, checked: dict[str, _Checked], old: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's `image` entry: channels, dtype (alpha when kept) and, measured over every pixel of the
+    train split as stored (exact sums merged from the worker processes' per-image sums), mean and std per
+    channel in raw pixel values. A pack without a train split keeps the folder's earlier statistics."""
+    entry: dict[str, Any] = {"channels": image.channels, "dtype": image.dtype}
+    if image.alpha:
+        entry["alpha"] = True
+    if _STATS_SPLIT in checked and checked[_STATS_SPLIT][1]:
+        total: PixelSums | None = None
+        for stats in checked[_STATS_SPLIT][1]:
+            sums = stats.pixels
+            if stats.image.channels != image.channels:
+                sums = sums.channels(_PROMOTED_CHANNELS[(stats.image.channels, image.channels)])
+            total = sums if total is None else total.merge(sums)
+        assert total is not None
+        entry["mean"], entry["std"] = total.finish()
+    elif (measured := shards.image_statistics(old)) is not None:
+        entry["mean"], entry["std"] = measured
+    return entry
 
 
 def _ordered_splits(splits: dict[str, Any]) -> dict[str, Any]:
@@ -332,27 +412,28 @@ def pack_synthetic(
     val_fraction: float | None = SYNTH_VAL_FRACTION,
     class_names: tuple[str, ...] | None = None,
     max_size: int | None = None,
+    kind: str = "rgb",
 ) -> PackResult:
-    """Generate `n` samples of `seg_dist.synthetic` (seeded by `seed`) and pack them into `out`."""
+    """Generate `n` samples of `seg_dist.synthetic` of `kind` (seeded by `seed`) and pack them into `out`."""
     with tempfile.TemporaryDirectory(prefix="seg_dist_synth_") as tmp:
         options = PackOptions(
             images=Path(tmp, "images"),
             masks=Path(tmp, "masks"),
             out=Path(out),
-            num_classes=len(synthetic.CLASS_NAMES),
+            num_classes=len(synthetic.class_names(kind)),
             split=split,
             val_fraction=val_fraction,
             ignore_index=synthetic.IGNORE_INDEX,
             samples_per_shard=samples_per_shard,
             max_size=max_size,
-            class_names=class_names or synthetic.CLASS_NAMES,
+            class_names=class_names or synthetic.class_names(kind),
             workers=workers,
             overwrite=overwrite,
             seed=seed,
         )
         _check_options(options)  # before spending time on generating
         try:
-            synthetic.generate(tmp, n, size, seed)
+            synthetic.generate(tmp, n, size, seed, kind=kind)
         except UserError as e:  # pack's callers catch PackError
             raise PackError(str(e)) from e
         return pack(options)

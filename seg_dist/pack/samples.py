@@ -1,19 +1,22 @@
 """Per-sample work, run in worker processes: check a pair (validation pass), encode it (writing pass).
 
 The pool is spawn-based, so what it runs must be importable top-level functions of this module; the
-LabelSpec reaches each worker once, through the pool initializer, and lives in a module global there.
+LabelSpec (and whether to keep alpha channels) reaches each worker once, through the pool initializer, and
+lives in a module global there.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import multiprocessing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -21,22 +24,93 @@ from seg_dist import shards
 from seg_dist.pack.errors import PackError, Problem
 from seg_dist.pack.labels import LabelSpec, MaskError, decode_labels
 from seg_dist.pack.pairing import Pair
-from seg_dist.shards import DecodedImage
+from seg_dist.shards import DecodedImage, ImageSpec
 
-__all__ = ["SamplePool", "SampleStats", "check_pair", "encode_pair"]
+__all__ = ["PixelSums", "SamplePool", "SampleStats", "check_pair", "encode_pair"]
 
-# Field name by the format PIL detects (not the file name, which can lie).
-_FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "TIFF": "tif", "BMP": "bmp"}
+# Field name by the format the decoder detects (not the file name, which can lie).
+_FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "TIFF": "tif", "BMP": "bmp", "NPY": "npy"}
 _MAX_SHOWN_VALUES = 8
 
 
+class PixelSums(NamedTuple):
+    """Per-channel sums of one or more images' pixels, merged exactly: integer images as Python integers
+    (sum and sum of squares: no rounding at all until `finish`), float images as float64 (count, mean,
+    sum of squared deviations), merged with Chan et al.'s pairwise update so no large sums cancel."""
+
+    count: int  # pixels per channel
+    first: tuple[float, ...]  # integers: sum of values; floats: mean
+    second: tuple[float, ...]  # integers: sum of squared values; floats: sum of squared deviations from the mean
+    exact: bool  # integer sums
+
+    @classmethod
+    def of(cls, pixels: np.ndarray) -> PixelSums:
+        """The sums of one H x W x C image."""
+        flat = pixels.reshape(-1, pixels.shape[2])
+        n = int(flat.shape[0])
+        if pixels.dtype.kind == "u":
+            # Exact and fast: one histogram per channel, then integer dot products.
+            levels = np.arange(256 if pixels.dtype == np.uint8 else 65536, dtype=np.int64)
+            firsts, seconds = [], []
+            for c in range(flat.shape[1]):
+                hist = np.bincount(flat[:, c], minlength=levels.size).astype(np.int64)
+                firsts.append(int(hist @ levels))
+                if n * int(levels[-1]) ** 2 < 2**63:
+                    seconds.append(int(hist @ (levels * levels)))
+                else:  # an image so large the int64 dot product could overflow
+                    nz = np.flatnonzero(hist)
+                    seconds.append(sum(int(hist[v]) * int(v) * int(v) for v in nz))
+            return cls(n, tuple(firsts), tuple(seconds), True)
+        mean = flat.mean(axis=0, dtype=np.float64)
+        m2 = ((flat - mean) ** 2).sum(axis=0, dtype=np.float64)
+        return cls(n, tuple(float(v) for v in mean), tuple(float(v) for v in m2), False)
+
+    def merge(self, other: PixelSums) -> PixelSums:
+        if self.count == 0:
+            return other
+        if other.count == 0:
+            return self
+        n = self.count + other.count
+        if self.exact:
+            return PixelSums(n, tuple(a + b for a, b in zip(self.first, other.first, strict=True)),
+                             tuple(a + b for a, b in zip(self.second, other.second, strict=True)), True)
+        means, m2s = [], []
+        for ma, mb, sa, sb in zip(self.first, other.first, self.second, other.second, strict=True):
+            delta = mb - ma
+            means.append(ma + delta * other.count / n)
+            m2s.append(sa + sb + delta * delta * self.count * other.count / n)
+        return PixelSums(n, tuple(means), tuple(m2s), False)
+
+    def channels(self, picks: Sequence[int | None]) -> PixelSums:
+        """The sums of an image made of these channels of this one (None: an opaque 8-bit alpha, 255)."""
+        first = [255 * self.count if c is None else self.first[c] for c in picks]
+        second = [255 * 255 * self.count if c is None else self.second[c] for c in picks]
+        return PixelSums(self.count, tuple(first), tuple(second), self.exact)
+
+    def finish(self) -> tuple[list[float], list[float]]:
+        """(mean, population std) per channel, in raw pixel values."""
+        if self.count == 0:
+            raise ValueError("no pixels")
+        n = self.count
+        if self.exact:
+            # Integer arithmetic until the one correctly rounded division.
+            mean = [s / n for s in self.first]
+            var = [(n * q - s * s) / (n * n) for s, q in zip(self.first, self.second, strict=True)]
+        else:
+            mean = list(self.first)
+            var = [m2 / n for m2 in self.second]
+        return mean, [math.sqrt(max(v, 0.0)) for v in var]
+
+
 class SampleStats(NamedTuple):
-    """What the manifest records of one stored mask."""
+    """What the manifest records of one stored sample."""
 
     histogram: np.ndarray  # pixels per class id
     ignored: int  # pixels with the ignore index
     hw: tuple[int, int]  # stored (possibly downscaled) height, width
     original_hw: tuple[int, int]  # height, width of the original image as viewers show it
+    image: ImageSpec  # channels and type of the image as decoded
+    pixels: PixelSums  # of the image as stored
 
 
 @dataclass
@@ -71,7 +145,7 @@ def _load(pair: Pair, spec: LabelSpec) -> tuple[_Loaded | None, list[Problem]]:
     ext = ""
     try:
         image_bytes = Path(pair.image).read_bytes()
-        image = shards.read_image(image_bytes)
+        image = shards.read_image(image_bytes, _KEEP_ALPHA)
         ext = _FORMAT_EXT.get(image.format, "")
         if not ext:
             problems.append((pair.image, f"unsupported image format {image.format}"))
@@ -91,7 +165,7 @@ def _load(pair: Pair, spec: LabelSpec) -> tuple[_Loaded | None, list[Problem]]:
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
         problems.append((pair.mask, f"cannot decode mask ({_one_line(e)})"))
     if image is not None and labels is not None:
-        img_hw = image.rgb.shape[:2]
+        img_hw = image.pixels.shape[:2]
         if labels.shape != img_hw:
             problems.append((pair.mask, _size_mismatch(pair, labels.shape, img_hw, image.orientation, mask_bytes)))
         bad = (labels < 0) | (labels >= spec.num_classes)
@@ -133,16 +207,47 @@ def _size_mismatch(
 
 
 _SPEC: LabelSpec | None = None
+_KEEP_ALPHA = False
 
 
-def _init_worker(spec: LabelSpec) -> None:
+def _init_worker(spec: LabelSpec, keep_alpha: bool = False) -> None:
     # The spec (label-map tables can be large) is sent once per worker, not once per task.
-    global _SPEC
-    _SPEC = spec
+    global _SPEC, _KEEP_ALPHA
+    _SPEC, _KEEP_ALPHA = spec, keep_alpha
+
+
+def _stored_image(image: DecodedImage, ext: str, image_bytes: bytes, target: tuple[int, int]
+                  ) -> tuple[str, bytes, np.ndarray]:
+    """(field name, bytes, pixels) of the image as the shard stores it: the original file when it keeps
+    its size; else resized to `target` from the upright pixels (the new file carries no EXIF orientation,
+    so it reads the same). 8-bit grey, grey + alpha, RGB and RGBA are resized by PIL (bilinear) and stored
+    as JPEG q95 for JPEG sources, PNG otherwise; other images by OpenCV (area averaging, any band count and
+    type) and stored as .npy, losslessly."""
+    pixels = image.pixels
+    if target == pixels.shape[:2]:
+        return ext, image_bytes, pixels
+    modes = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+    buf = io.BytesIO()
+    if pixels.dtype == np.uint8 and pixels.shape[2] in modes:
+        mode = modes[pixels.shape[2]]
+        picture = Image.fromarray(pixels[:, :, 0] if mode == "L" else pixels, mode)
+        resized = picture.resize((target[1], target[0]), Image.Resampling.BILINEAR)
+        if ext == "jpg" and mode in ("L", "RGB"):
+            resized.save(buf, format="JPEG", quality=95)
+        else:
+            resized.save(buf, format="PNG")
+            ext = "png"
+        data = buf.getvalue()
+        # The statistics describe the pixels as stored, JPEG's losses included.
+        return ext, data, shards.decode_image(data, _KEEP_ALPHA)
+    resized = cv2.resize(pixels, (target[1], target[0]), interpolation=cv2.INTER_AREA).reshape(
+        target[0], target[1], pixels.shape[2])
+    np.save(buf, resized, allow_pickle=False)
+    return "npy", buf.getvalue(), resized
 
 
 def check_pair(pair: Pair) -> tuple[list[Problem], SampleStats | None]:
-    """Validation pass: (problems, None), or ([], stats of the mask as it will be stored)."""
+    """Validation pass: (problems, None), or ([], stats of the sample as it will be stored)."""
     assert _SPEC is not None, "run through SamplePool"
     loaded, problems = _load(pair, _SPEC)
     if loaded is None:
@@ -154,7 +259,9 @@ def check_pair(pair: Pair) -> tuple[list[Problem], SampleStats | None]:
         labels = _resize_nearest(labels, target)
     valid = labels != _SPEC.ignore_index
     hist = np.bincount(labels[valid].ravel(), minlength=_SPEC.num_classes)
-    return [], SampleStats(hist, int(labels.size - valid.sum()), target, original)
+    pixels = _stored_image(loaded.image, loaded.ext, loaded.image_bytes, target)[2]
+    found = ImageSpec(pixels.shape[2], pixels.dtype.name, _KEEP_ALPHA)
+    return [], SampleStats(hist, int(labels.size - valid.sum()), target, original, found, PixelSums.of(pixels))
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -163,29 +270,25 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def encode_pair(pair: Pair) -> list[tuple[str, bytes]]:
-    """Writing pass: the tar members (name, bytes) of one sample."""
+def encode_pair(pair: Pair, image: ImageSpec = shards.RGB8) -> list[tuple[str, bytes]]:
+    """Writing pass: the tar members (name, bytes) of one sample of a dataset of `image`s (the sample's JSON
+    names them, so a sample decodes alone as the manifest says: `data.decode_sample`)."""
     assert _SPEC is not None, "run through SamplePool"
     loaded, problems = _load(pair, _SPEC)
     if loaded is None:
         # Validation passed moments ago, so the file changed under us.
         raise PackError("; ".join(f"{p}: {msg}" for p, msg in problems) + " (file changed while packing?)")
-    image, labels, ext, image_bytes = loaded.image, loaded.labels, loaded.ext, loaded.image_bytes
-    h, w = image.rgb.shape[:2]
+    labels = loaded.labels
+    h, w = loaded.image.pixels.shape[:2]
     size_hw = [h, w]
     target = shards.packed_size(h, w, _SPEC.max_size)
+    ext, image_bytes, _ = _stored_image(loaded.image, loaded.ext, loaded.image_bytes, target)
     if target != (h, w):
-        # From the upright pixels: the re-encoded file carries no EXIF orientation, so it reads the same.
-        resized = Image.fromarray(image.rgb).resize((target[1], target[0]), Image.Resampling.BILINEAR)
-        buf = io.BytesIO()
-        if ext == "jpg":
-            resized.save(buf, format="JPEG", quality=95)
-        else:
-            resized.save(buf, format="PNG")
-            ext = "png"
-        image_bytes = buf.getvalue()
         labels = _resize_nearest(labels, target)
-    meta = {"source": pair.image_rel, "mask_source": pair.mask_rel, "size_hw": size_hw}
+    meta: dict[str, Any] = {"source": pair.image_rel, "mask_source": pair.mask_rel, "size_hw": size_hw,
+                            "image": {"channels": image.channels, "dtype": image.dtype}}
+    if image.alpha:
+        meta["image"]["alpha"] = True
     return [
         (f"{pair.key}.{ext}", image_bytes),
         (f"{pair.key}.{shards.MASK_FIELD}", _png(labels.astype(_SPEC.mask_dtype))),
@@ -196,13 +299,13 @@ def encode_pair(pair: Pair) -> list[tuple[str, bytes]]:
 class SamplePool:
     """Ordered map of check_pair / encode_pair over a spawn pool (in this process for one worker)."""
 
-    def __init__(self, workers: int, spec: LabelSpec) -> None:
-        _init_worker(spec)
+    def __init__(self, workers: int, spec: LabelSpec, keep_alpha: bool = False) -> None:
+        _init_worker(spec, keep_alpha)
         self.pool = None
         if workers > 1:
             # spawn: no fork of a possibly multi-threaded parent (torch, tqdm's monitor thread).
             ctx = multiprocessing.get_context("spawn")
-            self.pool = ctx.Pool(workers, initializer=_init_worker, initargs=(spec,))
+            self.pool = ctx.Pool(workers, initializer=_init_worker, initargs=(spec, keep_alpha))
 
     def imap(self, fn: Callable[[Pair], Any], items: Sequence[Pair]) -> Iterator[Any]:
         if self.pool is None:
