@@ -183,7 +183,8 @@ def test_unfaithful_images_are_refused_saying_what_they_are(tmp_path: Path, caps
                                                           "float32 images; convert it to uint16 or float32"),
         "f64.npy": (lambda p: np.save(p, ramp.astype(np.float64)), ".npy array of float64 pixels"),
         "nan.npy": (lambda p: np.save(p, nan), ".npy array holds NaN or infinite values"),
-        "stack.tif": (lambda p: tifffile.imwrite(p, np.zeros((2, 3, 6, 8), np.uint16), photometric="minisblack"), "seg_dist reads one image"),
+        "stack.tif": (lambda p: tifffile.imwrite(p, np.zeros((2, 3, 6, 8), np.uint16), photometric="minisblack"),
+                      "seg_dist reads one image"),
     }
     for name, (write, what) in refused.items():
         path = tmp_path / "images" / name
