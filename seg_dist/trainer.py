@@ -199,6 +199,7 @@ class RunData:
 
     manifest: dict[str, Any]
     manifest_digest: str  # stored in checkpoints, so a resume can tell that the shards changed
+    inputs: data.Normalization  # channels, pixel type and normalisation: what inference must feed the model
     classes: data.ClassInfo
     batches: data.BatchPlan
     steps_per_epoch: int
@@ -318,12 +319,13 @@ def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> t
     """Data, model, loss, optimiser, schedule and scaler, resumed from a checkpoint if there is one."""
     lock = claim_run_dir(cfg, denv)
     manifest = load_manifest(cfg)
+    inputs = data.resolve_normalization(cfg, manifest)  # what the images are, and where their constants came from
     cfg = data.resolve_inputs(cfg, manifest)  # normalisation and model.in_channels from the data, as saved
     resume = find_resume(cfg, manifest)
     batches = resolve_batch_plan(cfg, denv.world_size, resume.state if resume and resume.full else None)
     run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batches.per_rank,
                                                                  accum_steps=batches.accum_steps))
-    run_data = run_data_for(run_cfg, manifest, denv, batches)
+    run_data = run_data_for(run_cfg, manifest, denv, batches, inputs)
     horizon = Horizon.for_run(run_cfg.train, run_data.steps_per_epoch)
     model = build_train_model(run_cfg, run_data.classes.num_classes, device)
     opt = build_optimisation(run_cfg, model, run_data, horizon, device, distributed_loss=denv.distributed)
@@ -415,12 +417,13 @@ def find_resume(cfg: Config, manifest: dict[str, Any]) -> Resume | None:
     return Resume(path=path, state=state, full=False)
 
 
-def run_data_for(cfg: Config, manifest: dict[str, Any], denv: distributed.DistEnv,
-                 batches: data.BatchPlan) -> RunData:
+def run_data_for(cfg: Config, manifest: dict[str, Any], denv: distributed.DistEnv, batches: data.BatchPlan,
+                 inputs: data.Normalization) -> RunData:
     """What the run reads on this rank: classes, steps, the training crop, the validation loader."""
     return RunData(
         manifest=manifest,
         manifest_digest=shards.manifest_digest(manifest),
+        inputs=inputs,
         classes=data.resolve_classes(cfg.data, manifest),
         batches=batches,
         steps_per_epoch=data.steps_per_epoch(manifest, cfg, denv.world_size),
@@ -809,7 +812,8 @@ def save_checkpoint(run: Run, state: TrainState, is_best: bool = False, snapshot
         "train_crop": list(run.data.train_crop),  # what data.image_size=0 became
         # The packing scale (pack --max-size): inference brings inputs to it, as pack did to the training images.
         "max_size": run.data.manifest.get("max_size"),
-        "train_mean_hw": run.data.train_mean_hw,  # the frames it learnt from: inference warns far from them
+        "train_mean_hw": run.data.train_mean_hw,
+        "input": run.data.inputs.to_dict(),  # the frames it learnt from: inference warns far from them
         "palette": palette_for(run.data.manifest, classes.num_classes).tolist(),  # the pictures' class colours
         "manifest_digest": run.data.manifest_digest,
         "versions": checkpoint.versions(),
