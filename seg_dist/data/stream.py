@@ -45,7 +45,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from ..config import Config
 from ..errors import UserError
 from ..remote import is_remote, open_url
-from ..shards import MANIFEST, ShardError, shard_counts, shard_urls, split_count
+from ..shards import MANIFEST, ShardError, image_spec, shard_counts, shard_urls, split_count
 from .classes import resolve_classes
 from .epochs import BatchPlan, seeds, steps_per_epoch
 from .reader import decode_sample, read_shard
@@ -201,7 +201,7 @@ class _StreamSet(IterableDataset):
 
 
 class StreamBatches:
-    """A rank's micro-batches (uint8 images B x H x W x 3, compact masks B x H x W) streamed from remote
+    """A rank's micro-batches (images B x H x W x C in the data's type, compact masks B x H x W) streamed from remote
     shards: `len(self)` of them, or without end when made with `endless=True` (`train_loader`'s interface)."""
 
     def __init__(self, dataset: _StreamSet, batch_size: int, loader_kwargs: dict[str, Any]) -> None:
@@ -249,7 +249,8 @@ def stream_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, w
                     "smaller shards: --samples-per-shard)", readable, split, world_size, max(1, cfg.data.workers))
     dataset = _StreamSet(shard_urls(root, manifest, split), counts, cfg.train.seed, plan, rank, steps, epoch,
                          skip_steps, endless, cfg.data.shuffle_buffer, cfg.data.retries,
-                         build_transforms(crop, train=True, ignore_index=classes.ignore_index),
+                         build_transforms(crop, train=True, ignore_index=classes.ignore_index,
+                                          image=image_spec(manifest)),
                          mask_dtype(classes.num_classes, classes.ignore_index))
     kw = dict(loader_kwargs or {})
     kw.pop("persistent_workers", None)  # one iterator per pass: persistent workers would only outlive it
