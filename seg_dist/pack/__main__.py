@@ -61,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--skip-bad", action="store_true", help="pack good pairs, record bad ones as manifest rejects")
     ap.add_argument("--keep-alpha", action="store_true", help="keep the alpha channel of RGBA/LA/PA images "
                     "(default: dropped)")
+    ap.add_argument("--tile", type=int, metavar="SIZE", help="cut each image and mask into SIZE x SIZE tiles, each "
+                    "a sample recording its scene and position (for scenes too large to load whole)")
+    ap.add_argument("--tile-overlap", type=int, default=0, metavar="PX",
+                    help="--tile: pixels a tile shares with each neighbour (default 0)")
+    ap.add_argument("--drop-empty", action="store_true", help="--tile: leave out tiles whose mask is all ignore label")
     ap.add_argument("--overwrite", action="store_true", help="replace split(s) already in --out")
     ap.add_argument("--seed", type=int, default=0, help="for --val-fraction and --synthetic (default 0)")
     ap.add_argument("--synthetic", action="store_true", help="generate and pack the seg_dist.synthetic dataset")
@@ -97,7 +102,7 @@ def _options(args: argparse.Namespace) -> PackOptions:
     return PackOptions(
         **_same_names(args, "images", "masks", "out", "num_classes", "split", "val_fraction", "ignore_index",
                       "max_size", "workers", "image_suffix", "mask_suffix", "label_map", "palette", "skip_bad",
-                      "overwrite", "seed", "keep_alpha"),
+                      "overwrite", "seed", "keep_alpha", "tile", "tile_overlap", "drop_empty"),
         samples_per_shard=args.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD,
         class_names=_class_names(args.class_names),
         list_file=args.list,
@@ -108,7 +113,8 @@ def _synthetic(args: argparse.Namespace) -> PackResult:
     if _given(args, "--images", "--masks", "--list"):
         raise PackError("--synthetic generates its own images; drop --images/--masks/--list")
     # Flags that would be silently meaningless for the generated masks.
-    given = _given(args, "--label-map", "--palette", "--image-suffix", "--mask-suffix")
+    given = _given(args, "--label-map", "--palette", "--image-suffix", "--mask-suffix", "--tile", "--tile-overlap",
+                   "--drop-empty")
     if given:
         raise PackError(f"--synthetic generates its own masks; drop {'/'.join(given)}")
     n_classes = len(synthetic.class_names(args.kind))
@@ -161,7 +167,10 @@ def _pack_command(argv: Sequence[str] | None) -> int:
     for split in result.splits:
         entry = result.manifest["splits"][split]
         size = sum(s["bytes"] for s in entry["shards"]) / 1e6
-        print(f"{split}: {entry['num_samples']} samples in {len(entry['shards'])} shard(s), {size:.1f} MB")
+        tiled, tiling = entry.get("tiling"), result.manifest.get("tiling")
+        what = f"{tiled['tiles']} tiles of {tiled['scenes']} scenes" if tiled else f"{entry['num_samples']} samples"
+        dropped = f"; {tiled['dropped_empty']} all-ignore tiles dropped" if tiled and tiling["drop_empty"] else ""
+        print(f"{split}: {what} in {len(entry['shards'])} shard(s), {size:.1f} MB{dropped}")
     print(f"wrote {result.out / shards.MANIFEST}")
     return cli.EXIT_OK
 

@@ -24,7 +24,18 @@ from seg_dist.errors import UserError
 from seg_dist.pack.errors import PackError, Problem
 from seg_dist.pack.labels import LabelSpec, class_colours, load_label_map, load_palette
 from seg_dist.pack.pairing import Pair, pair_files, read_list
-from seg_dist.pack.samples import PixelSums, SamplePool, SampleStats, check_pair, encode_pair
+from seg_dist.pack.samples import (
+    PixelSums,
+    SamplePool,
+    SampleStats,
+    SceneStats,
+    Tiling,
+    check_pair,
+    check_scene,
+    encode_pair,
+    encode_scene,
+    sample_stats,
+)
 from seg_dist.pack.writer import ShardWriter
 from seg_dist.shards import ImageSpec
 
@@ -48,7 +59,8 @@ SYNTH_SAMPLES_PER_SHARD = 64
 SYNTH_VAL_FRACTION = 0.2
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
-_Checked = tuple[list[Pair], list[SampleStats]]  # the good pairs of a split and their mask statistics
+# The good pairs of a split and their statistics (a scene's tiles' with --tile).
+_Checked = tuple[list[Pair], list[SampleStats | SceneStats]]
 
 
 def _path(value: str | Path | None) -> Path | None:
@@ -79,6 +91,9 @@ class PackOptions:
     overwrite: bool = False  # replace splits already in `out`
     seed: int = 0  # for the val_fraction shuffle
     keep_alpha: bool = False  # keep the alpha channel of RGBA, LA and PA images (default: dropped)
+    tile: int | None = None  # cut each scene into tiles of this side (seg_dist/tiles.py)
+    tile_overlap: int = 0  # pixels a tile shares with each neighbour
+    drop_empty: bool = False  # leave out tiles whose mask is all ignore label
 
     def __post_init__(self) -> None:
         # Accept str paths and any sequence of names from Python callers; store one canonical type.
@@ -86,6 +101,11 @@ class PackOptions:
             object.__setattr__(self, name, _path(getattr(self, name)))
         if self.class_names is not None:
             object.__setattr__(self, "class_names", tuple(self.class_names))
+
+    @property
+    def tiling(self) -> Tiling | None:
+        """How scenes are cut into tiles; None: each pair is one sample."""
+        return None if self.tile is None else Tiling(self.tile, self.tile_overlap, self.drop_empty)
 
     @property
     def split_names(self) -> tuple[str, ...]:
@@ -124,6 +144,15 @@ def _check_options(o: PackOptions) -> list[str]:
         raise PackError("give --label-map or --palette, not both")
     if o.workers < 1:
         raise PackError(f"--workers must be >= 1, got {o.workers}")
+    if o.tile is None and (o.tile_overlap or o.drop_empty):
+        raise PackError("--tile-overlap and --drop-empty apply to tiles: give --tile SIZE too")
+    if o.tile is not None and o.tile < 1:
+        raise PackError(f"--tile must be >= 1, got {o.tile}")
+    if o.tile is not None and not 0 <= o.tile_overlap < o.tile:
+        raise PackError(f"--tile-overlap must be in [0, --tile={o.tile}), got {o.tile_overlap}")
+    if o.tile is not None and o.max_size is not None:
+        # Tiles exist to keep the scene's resolution; a scene shrunk to --max-size a side needs no tiles.
+        raise PackError("give --tile or --max-size, not both (tiles keep the scenes' own resolution)")
     if o.class_names is None:
         return [f"class_{i}" for i in range(n)]
     names = [s.strip() for s in o.class_names]
@@ -159,9 +188,9 @@ def _load_existing(out: Path, o: PackOptions, names: list[str]) -> tuple[dict[st
             )
         # One scale for every split: a model trained on one split is validated and used at that scale.
         mine = {"num_classes": o.num_classes, "ignore_index": o.ignore_index, "class_names": names,
-                "max_size": o.max_size}
+                "max_size": o.max_size, "tiling": o.tiling.manifest() if o.tiling else None}
         for key, value in mine.items():
-            if old[key] != value:
+            if old.get(key) != value:  # `tiling` is absent from folders packed before tiles existed: untiled
                 raise PackError(
                     f"{out / shards.MANIFEST}: {key} is {old[key]!r} for splits {kept}, "
                     f"this pack has {value!r}; use another --out"
@@ -188,15 +217,16 @@ def _assign_splits(pairs: list[Pair], split: str, val_fraction: float | None, se
 
 
 def _check_all(
-    assigned: dict[str, list[Pair]], pool: SamplePool, rejects: dict[str, list[Problem]]
+    assigned: dict[str, list[Pair]], pool: SamplePool, rejects: dict[str, list[Problem]], tiling: Tiling | None = None
 ) -> dict[str, _Checked]:
     """Validation pass over every pair; bad ones go to `rejects` of their split."""
+    check = check_pair if tiling is None else functools.partial(check_scene, tiling=tiling)
     checked: dict[str, _Checked] = {}
     with tqdm(total=sum(map(len, assigned.values())), desc="validate", unit="img", disable=None) as bar:
         for split, members in assigned.items():
             good: list[Pair] = []
-            good_stats: list[SampleStats] = []
-            for pair, (bad, stats) in zip(members, pool.imap(check_pair, members), strict=True):
+            good_stats: list[SampleStats | SceneStats] = []
+            for pair, (bad, stats) in zip(members, pool.imap(check, members, tiling is not None), strict=True):
                 bar.update()
                 if bad:
                     rejects[split].extend(bad)
@@ -223,7 +253,7 @@ def pack(options: PackOptions) -> PackResult:
     rejects: dict[str, list[Problem]] = {s: [] for s in o.split_names}
     rejects[o.split].extend(problems)
     with SamplePool(min(o.workers, max(1, len(pairs))), spec, o.keep_alpha) as pool:
-        checked = _check_all(assigned, pool, rejects)
+        checked = _check_all(assigned, pool, rejects, o.tiling)
         image = _dataset_image(checked, old, o, rejects)
         all_problems = sorted(p for split in o.split_names for p in rejects[split])
         if all_problems and not o.skip_bad:
@@ -234,6 +264,10 @@ def pack(options: PackOptions) -> PackResult:
         empty = [s for s in o.split_names if not checked.get(s, ([], []))[0]]
         if empty:
             raise PackError(f"no good pairs for split(s) {empty}; nothing written to {out}", all_problems)
+        no_tiles = [s for s in o.split_names if not any(sample_stats(st) for st in checked[s][1])]
+        if no_tiles:
+            raise PackError(f"every tile of split(s) {no_tiles} is all ignore label and --drop-empty left them out; "
+                            f"nothing written to {out}")
         manifest = _write(out, old, names, o, checked, rejects, pool, _image_entry(image, checked, old))
     return PackResult(out, manifest, o.split_names, all_problems)
 
@@ -255,14 +289,22 @@ def _write(
     new_splits: dict[str, Any] = {}
     try:
         total = sum(len(checked[s][0]) for s in o.split_names)
-        with tqdm(total=total, desc="write", unit="img", disable=None) as bar:
+        tiling = o.tiling
+        with tqdm(total=total, desc="write", unit="scene" if tiling else "img", disable=None) as bar:
             for split in o.split_names:
                 good, good_stats = checked[split]
                 writer = ShardWriter(out, split, o.samples_per_shard)
                 writers.append(writer)
-                for members in pool.imap(functools.partial(encode_pair, image=image_spec), good):
-                    writer.add(members)
-                    bar.update()
+                if tiling is None:
+                    for members in pool.imap(functools.partial(encode_pair, image=image_spec), good):
+                        writer.add(members)
+                        bar.update()
+                else:
+                    encode = functools.partial(encode_scene, tiling=tiling, image=image_spec)
+                    for scene in pool.imap(encode, good, True):
+                        for members in scene:
+                            writer.add(members)
+                        bar.update()
                 new_splits[split] = _split_entry(writer.close(), good_stats, rejects[split], o.num_classes)
                 new_splits[split]["index"] = writer.index  # the loader checks the index file against this
         # Everything is on disk: only now replace old shards, then publish the manifest.
@@ -284,6 +326,8 @@ def _write(
         "max_size": o.max_size,
         # What every image decodes to, and the train split's pixel statistics (the default normalisation).
         "image": image,
+        # How scenes were cut into tiles (null: one sample per image), so predict can tell a tiled set.
+        "tiling": o.tiling.manifest() if o.tiling else None,
         "splits": _ordered_splits(splits),
     }
     if o.palette:  # the dataset's own colours, so pictures show classes as its masks do
@@ -375,8 +419,10 @@ def _ordered_splits(splits: dict[str, Any]) -> dict[str, Any]:
 
 
 def _split_entry(
-    shard_entries: list[dict[str, Any]], good_stats: list[SampleStats], rejects: list[Problem], num_classes: int
+    shard_entries: list[dict[str, Any]], checked_stats: list[SampleStats | SceneStats], rejects: list[Problem],
+    num_classes: int
 ) -> dict[str, Any]:
+    good_stats = [t for s in checked_stats for t in sample_stats(s)]  # one per stored sample
     hist = np.zeros(num_classes, np.int64)
     ignored = 0
     hws = np.array([s.hw for s in good_stats], np.int64).reshape(-1, 2)
@@ -384,7 +430,7 @@ def _split_entry(
     for s in good_stats:
         hist += s.histogram
         ignored += s.ignored
-    return {
+    entry: dict[str, Any] = {
         "num_samples": len(good_stats),
         "shards": shard_entries,
         "class_histogram": [int(v) for v in hist],
@@ -397,6 +443,11 @@ def _split_entry(
         },
         "rejects": [{"path": p, "error": e} for p, e in sorted(rejects)],
     }
+    scenes = [s for s in checked_stats if isinstance(s, SceneStats)]
+    if scenes:
+        entry["tiling"] = {"scenes": len(scenes), "tiles": len(good_stats),
+                           "dropped_empty": sum(s.dropped for s in scenes)}
+    return entry
 
 
 def pack_synthetic(

@@ -11,6 +11,8 @@ import io
 import json
 import math
 import multiprocessing
+import re
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +22,14 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from seg_dist import shards
+from seg_dist import shards, tiles
 from seg_dist.pack.errors import PackError, Problem
 from seg_dist.pack.labels import LabelSpec, MaskError, decode_labels
 from seg_dist.pack.pairing import Pair
 from seg_dist.shards import DecodedImage, ImageSpec
 
-__all__ = ["PixelSums", "SamplePool", "SampleStats", "check_pair", "encode_pair"]
+__all__ = ["PixelSums", "SamplePool", "SampleStats", "SceneStats", "Tiling", "check_pair", "check_scene", "encode_pair",
+           "encode_scene", "sample_stats", "tile_key"]
 
 # Field name by the format the decoder detects (not the file name, which can lie).
 _FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "TIFF": "tif", "BMP": "bmp", "NPY": "npy"}
@@ -113,6 +116,36 @@ class SampleStats(NamedTuple):
     pixels: PixelSums  # of the image as stored
 
 
+class SceneStats(NamedTuple):
+    """What the manifest records of one scene packed as tiles (`check_scene`): its kept tiles' statistics, each
+    counting its own pixels (overlaps once per tile), and how many tiles `--drop-empty` left out. `image` and
+    `pixels` (merged over the kept tiles) stand for the scene where the dataset's kind and statistics are
+    settled, as a `SampleStats` does for an untiled sample."""
+
+    tiles: list[SampleStats]
+    dropped: int
+    image: ImageSpec
+    pixels: PixelSums
+
+
+def sample_stats(stats: SampleStats | SceneStats) -> list[SampleStats]:
+    """The stored samples a pair became: itself, or its scene's kept tiles."""
+    return stats.tiles if isinstance(stats, SceneStats) else [stats]
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """`pack --tile SIZE --tile-overlap PX --drop-empty`: cut each scene into tiles (seg_dist/tiles.py)."""
+
+    size: int
+    overlap: int = 0
+    drop_empty: bool = False  # leave out tiles whose mask is all ignore label
+
+    def manifest(self) -> dict[str, Any]:
+        """The manifest's `tiling` entry."""
+        return {"size": self.size, "overlap": self.overlap, "drop_empty": self.drop_empty}
+
+
 @dataclass
 class _Loaded:
     image_bytes: bytes
@@ -150,7 +183,8 @@ def _load(pair: Pair, spec: LabelSpec) -> tuple[_Loaded | None, list[Problem]]:
         if not ext:
             problems.append((pair.image, f"unsupported image format {image.format}"))
     except shards.ImageError as e:
-        problems.append((pair.image, str(e)))
+        bomb = e.__cause__ if isinstance(e.__cause__, Image.DecompressionBombError) else None
+        problems.append((pair.image, _too_large(bomb) if bomb else str(e)))
     except OSError as e:
         problems.append((pair.image, f"cannot read ({_one_line(e)})"))
     try:
@@ -160,6 +194,8 @@ def _load(pair: Pair, spec: LabelSpec) -> tuple[_Loaded | None, list[Problem]]:
         labels = decode_labels(mask_bytes, spec)
     except MaskError as e:
         problems.append((pair.mask, str(e)))
+    except Image.DecompressionBombError as e:
+        problems.append((pair.mask, _too_large(e)))
     except Image.UnidentifiedImageError:
         problems.append((pair.mask, "not a mask image seg_dist can read (PNG, TIFF or BMP), or damaged"))
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
@@ -187,6 +223,16 @@ def _load(pair: Pair, spec: LabelSpec) -> tuple[_Loaded | None, list[Problem]]:
     return _Loaded(image_bytes, image, ext, labels), []
 
 
+def _too_large(error: Image.DecompressionBombError) -> str:
+    """A file Pillow refuses to decode for its size, as one line with what to do."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    size = f"{int(found.group(1)) / 1e6:.4g} Mpx" if found else "too many pixels"
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6
+    return (f"{size}, more than the {limit:.4g} Mpx Pillow decodes (its guard against decompression bombs); cut the "
+            "scene into smaller files first (e.g. `magick IN -crop 8192x8192 OUT_%d.png`), or, packing from "
+            "Python, raise PIL.Image.MAX_IMAGE_PIXELS before calling pack")
+
+
 def _size_mismatch(
     pair: Pair, mask_hw: Sequence[int], img_hw: Sequence[int], img_orientation: int, mask_bytes: bytes
 ) -> str:
@@ -210,10 +256,12 @@ _SPEC: LabelSpec | None = None
 _KEEP_ALPHA = False
 
 
-def _init_worker(spec: LabelSpec, keep_alpha: bool = False) -> None:
+def _init_worker(spec: LabelSpec, keep_alpha: bool = False, max_pixels: int | None = None) -> None:
     # The spec (label-map tables can be large) is sent once per worker, not once per task.
     global _SPEC, _KEEP_ALPHA
     _SPEC, _KEEP_ALPHA = spec, keep_alpha
+    # Spawned workers start with Pillow's default; a caller who raised the limit meant it for them too.
+    Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def _stored_image(image: DecodedImage, ext: str, image_bytes: bytes, target: tuple[int, int]
@@ -296,21 +344,128 @@ def encode_pair(pair: Pair, image: ImageSpec = shards.RGB8) -> list[tuple[str, b
     ]
 
 
+def tile_key(scene: str, window: tiles.Window, scene_hw: tuple[int, int]) -> str:
+    """The key of a scene's tile: `<scene>__y<top>_x<left>`, zero-padded to one width per scene, so a scene's
+    tiles sort row by row and no two keys of distinct scenes or windows meet (the suffix parses back from
+    the right: digits hold no `_`)."""
+    digits = max(6, len(str(max(scene_hw))))
+    return f"{scene}__y{window.y:0{digits}d}_x{window.x:0{digits}d}"
+
+
+def _scene(pair: Pair, tiling: Tiling) -> tuple[_Loaded | None, list[Problem], np.ndarray, list[tiles.Window], int]:
+    """(loaded, problems, labels in the mask's stored type, kept windows, tiles dropped as all ignore)."""
+    assert _SPEC is not None, "run through SamplePool"
+    loaded, problems = _load(pair, _SPEC)
+    if loaded is None:
+        return None, problems, np.zeros((0, 0)), [], 0
+    # The stored type (8 or 16 bits) instead of int64: the scene's mask is the largest array held.
+    labels = loaded.labels.astype(_SPEC.mask_dtype)
+    loaded.labels = labels
+    windows = tiles.grid(labels.shape[0], labels.shape[1], tiling.size, tiling.overlap)
+    kept = windows
+    if tiling.drop_empty:
+        kept = [w for w in windows if not (tiles.cut(labels, w) == _SPEC.ignore_index).all()]
+    return loaded, [], labels, kept, len(windows) - len(kept)
+
+
+def check_scene(pair: Pair, tiling: Tiling) -> tuple[list[Problem], SceneStats | None]:
+    """Validation pass of a scene packed as tiles: (problems, None), or ([], its kept tiles' statistics).
+    Each tile counts its own pixels, so pixels in an overlap count once per tile that holds them."""
+    loaded, problems, labels, kept, dropped = _scene(pair, tiling)
+    if loaded is None:
+        return problems, None
+    assert _SPEC is not None
+    pixels = loaded.image.pixels
+    found = ImageSpec(pixels.shape[2], pixels.dtype.name, _KEEP_ALPHA)
+    stats: list[SampleStats] = []
+    total = PixelSums(0, (), (), pixels.dtype.kind == "u")
+    for window in kept:
+        tile = tiles.cut(labels, window)
+        valid = tile != _SPEC.ignore_index
+        hist = np.bincount(tile[valid].ravel(), minlength=_SPEC.num_classes)
+        sums = PixelSums.of(tiles.cut(pixels, window))
+        total = total.merge(sums)
+        hw = (window.h, window.w)
+        stats.append(SampleStats(hist, int(tile.size - valid.sum()), hw, hw, found, sums))
+    return [], SceneStats(stats, dropped, found, total)
+
+
+def _tile_image(pixels: np.ndarray) -> tuple[str, bytes]:
+    """A tile's field name and bytes, lossless: PNG for 8-bit grey, grey + alpha, RGB and RGBA, `.npy` for
+    other types and band counts."""
+    buf = io.BytesIO()
+    modes = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+    if pixels.dtype == np.uint8 and pixels.shape[2] in modes:
+        mode = modes[pixels.shape[2]]
+        Image.fromarray(pixels[:, :, 0] if mode == "L" else np.ascontiguousarray(pixels), mode).save(buf, format="PNG")
+        return "png", buf.getvalue()
+    np.save(buf, np.ascontiguousarray(pixels), allow_pickle=False)
+    return "npy", buf.getvalue()
+
+
+def encode_scene(pair: Pair, tiling: Tiling, image: ImageSpec = shards.RGB8) -> list[list[tuple[str, bytes]]]:
+    """Writing pass of a scene packed as tiles: the tar members of each kept tile, row by row. A scene that
+    is one tile keeps its original file; other tiles are cut from the upright pixels and stored losslessly
+    (`_tile_image`). Each tile's JSON holds what `encode_pair` writes, its own size as `size_hw`, and
+    `tile` (`seg_dist.tiles.tile_meta`: scene key, y, x, h, w, scene size)."""
+    loaded, problems, labels, kept, _ = _scene(pair, tiling)
+    if loaded is None:
+        raise PackError("; ".join(f"{p}: {msg}" for p, msg in problems) + " (file changed while packing?)")
+    assert _SPEC is not None
+    pixels = loaded.image.pixels
+    scene_hw = (int(labels.shape[0]), int(labels.shape[1]))
+    samples = []
+    for window in kept:
+        if (window.h, window.w) == scene_hw:
+            ext, image_bytes = loaded.ext, loaded.image_bytes
+        else:
+            ext, image_bytes = _tile_image(tiles.cut(pixels, window))
+        meta: dict[str, Any] = {"source": pair.image_rel, "mask_source": pair.mask_rel, "size_hw": [window.h, window.w],
+                                "image": {"channels": image.channels, "dtype": image.dtype},
+                                tiles.TILE_META: tiles.tile_meta(pair.key, window, scene_hw)}
+        if image.alpha:
+            meta["image"]["alpha"] = True
+        key = tile_key(pair.key, window, scene_hw)
+        samples.append([
+            (f"{key}.{ext}", image_bytes),
+            (f"{key}.{shards.MASK_FIELD}", _png(np.ascontiguousarray(tiles.cut(labels, window)))),
+            (f"{key}.{shards.META_FIELD}", json.dumps(meta, separators=(",", ":")).encode("utf-8")),
+        ])
+    return samples
+
+
 class SamplePool:
     """Ordered map of check_pair / encode_pair over a spawn pool (in this process for one worker)."""
 
     def __init__(self, workers: int, spec: LabelSpec, keep_alpha: bool = False) -> None:
-        _init_worker(spec, keep_alpha)
+        max_pixels = Image.MAX_IMAGE_PIXELS
+        _init_worker(spec, keep_alpha, max_pixels)
+        self.workers = workers
         self.pool = None
         if workers > 1:
             # spawn: no fork of a possibly multi-threaded parent (torch, tqdm's monitor thread).
             ctx = multiprocessing.get_context("spawn")
-            self.pool = ctx.Pool(workers, initializer=_init_worker, initargs=(spec, keep_alpha))
+            self.pool = ctx.Pool(workers, initializer=_init_worker, initargs=(spec, keep_alpha, max_pixels))
 
-    def imap(self, fn: Callable[[Pair], Any], items: Sequence[Pair]) -> Iterator[Any]:
+    def imap(self, fn: Callable[[Pair], Any], items: Sequence[Pair], one_at_a_time: bool = False) -> Iterator[Any]:
+        """`fn` over `items`, results in order. `one_at_a_time` (for scenes, each a whole image's worth of
+        memory): each worker takes one item at a time, and at most workers + 1 results are computed ahead of
+        the one the caller holds, so memory stays bounded by a few scenes whatever the consumer's pace."""
         if self.pool is None:
             return map(fn, items)
+        if one_at_a_time:
+            return self._bounded(fn, items)
         return self.pool.imap(fn, items, chunksize=max(1, min(16, len(items) // 64)))
+
+    def _bounded(self, fn: Callable[[Pair], Any], items: Sequence[Pair]) -> Iterator[Any]:
+        assert self.pool is not None
+        pending: deque[Any] = deque()
+        for item in items:
+            pending.append(self.pool.apply_async(fn, (item,)))
+            if len(pending) > self.workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
     def close(self) -> None:
         if self.pool is not None:
