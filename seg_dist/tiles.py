@@ -13,12 +13,12 @@ weights falling towards each tile's inner borders, so no seams).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["TILE_META", "Window", "assemble", "cut", "grid", "starts", "tile_meta", "window_of"]
+__all__ = ["TILE_META", "Assembler", "Window", "assemble", "cut", "grid", "starts", "tile_meta", "window_of"]
 
 # The key of a tiled sample's JSON that says where in which scene the tile lies.
 TILE_META = "tile"
@@ -78,9 +78,72 @@ def _depth(start: int, n: int, scene: int, inner_only: bool) -> np.ndarray:
     return np.minimum(lo, hi)
 
 
+class Assembler:
+    """Tiles put back into a `scene_hw` scene one at a time (`add`), so a caller that predicts tile by tile
+    never holds every tile at once; `result()` is the scene. See `assemble` for what `blend`, `fill` and
+    `out` mean; the result's type and channels come from `out` or else from the first tile."""
+
+    def __init__(self, scene_hw: tuple[int, int], *, blend: bool = False, fill: float = 0,
+                 out: np.ndarray | None = None) -> None:
+        self.height, self.width = int(scene_hw[0]), int(scene_hw[1])
+        self.blend, self.fill = blend, fill
+        self.out = out
+        if out is not None:
+            self._start(out.shape[2:], out.dtype)
+        # Per pixel: the summed weights (blend), or how deep it lies in the tile it was taken from; 0: no tile.
+        self._score = np.zeros((self.height, self.width), np.float32)
+
+    def _start(self, extra: tuple[int, ...], dtype: np.dtype) -> None:
+        shape = (self.height, self.width, *extra)
+        if self.out is None:
+            self.out = np.empty(shape, np.float32 if self.blend else dtype)
+        elif self.out.shape != shape:
+            raise ValueError(f"out has shape {self.out.shape}, the scene needs {shape}")
+        self.out[...] = 0 if self.blend else self.fill
+        self._extra = extra
+
+    def add(self, tile: np.ndarray, window: Window) -> None:
+        """Put one H x W (x C) tile at its window."""
+        if self.out is None:
+            self._start(tile.shape[2:], tile.dtype)
+        assert self.out is not None
+        if tile.shape[:2] != (window.h, window.w) or tile.shape[2:] != self._extra:
+            raise ValueError(f"a tile of shape {tile.shape} for window {tuple(window)} (the scene: H x W x "
+                             f"{self._extra})")
+        if window.y < 0 or window.x < 0 or window.y + window.h > self.height or window.x + window.w > self.width:
+            raise ValueError(f"window {tuple(window)} reaches beyond the {self.height} x {self.width} scene")
+        sl = window.slices
+        if self.blend:
+            ramp_y = _depth(window.y, window.h, self.height, False) / np.ceil(window.h / 2)
+            ramp_x = _depth(window.x, window.w, self.width, False) / np.ceil(window.w / 2)
+            weight = ramp_y[:, None] * ramp_x[None, :]
+            self.out[sl] += tile * weight.reshape(weight.shape + (1,) * len(self._extra))
+            self._score[sl] += weight
+            return
+        depth = np.minimum(_depth(window.y, window.h, self.height, True)[:, None],
+                           _depth(window.x, window.w, self.width, True)[None, :])
+        take = depth > self._score[sl]
+        self.out[sl][take] = tile[take]
+        self._score[sl][take] = depth[take]
+
+    def covered(self) -> np.ndarray:
+        """H x W booleans: the pixels some tile covers (False in the holes of dropped tiles)."""
+        return self._score > 0
+
+    def result(self) -> np.ndarray:
+        """The scene; pixels no tile covers are `fill`."""
+        if self.out is None:
+            raise ValueError("no tiles: give `out` to say the result's type and channels")
+        covered = self.covered()
+        if self.blend:
+            self.out[covered] /= self._score[covered].reshape(-1, *(1,) * len(self._extra))
+            self.out[~covered] = self.fill
+        return self.out
+
+
 def assemble(
-    tiles: Sequence[np.ndarray],
-    windows: Sequence[Window],
+    tiles: Iterable[np.ndarray],
+    windows: Iterable[Window],
     scene_hw: tuple[int, int],
     *,
     blend: bool = False,
@@ -99,52 +162,13 @@ def assemble(
 
     Pixels no tile covers (tiles dropped by `pack --drop-empty`) are `fill`. `out` (of the result's shape
     and type, for instance a `np.memmap` for a scene larger than memory) receives the scene instead of a new
-    array; blending needs one more float32 H x W array for the weights.
+    array. Besides the result, one float32 H x W array is held; `tiles` may be a generator (`Assembler` takes
+    them one at a time).
     """
-    if len(tiles) != len(windows):
-        raise ValueError(f"{len(tiles)} tiles for {len(windows)} windows")
-    height, width = scene_hw
-    if not tiles:
-        if out is None:
-            raise ValueError("no tiles: give `out` to say the result's type and channels")
-        out[...] = fill
-        return out
-    extra = tiles[0].shape[2:]
-    dtype = np.dtype(np.float32) if blend else tiles[0].dtype
-    shape = (height, width, *extra)
-    if out is None:
-        out = np.empty(shape, dtype)
-    elif out.shape != shape:
-        raise ValueError(f"out has shape {out.shape}, the scene needs {shape}")
+    assembler = Assembler(scene_hw, blend=blend, fill=fill, out=out)
     for tile, window in zip(tiles, windows, strict=True):
-        if tile.shape[:2] != (window.h, window.w) or tile.shape[2:] != extra:
-            raise ValueError(f"a tile of shape {tile.shape} for window {tuple(window)} (others: H x W x {extra})")
-        if window.y < 0 or window.x < 0 or window.y + window.h > height or window.x + window.w > width:
-            raise ValueError(f"window {tuple(window)} reaches beyond the {height} x {width} scene")
-    if blend:
-        out[...] = 0
-        total = np.zeros((height, width), np.float32)
-        for tile, window in zip(tiles, windows, strict=True):
-            ramp_y = _depth(window.y, window.h, height, False) / np.ceil(window.h / 2)
-            ramp_x = _depth(window.x, window.w, width, False) / np.ceil(window.w / 2)
-            weight = (ramp_y[:, None] * ramp_x[None, :]).astype(np.float32)
-            sl = window.slices
-            out[sl] += tile * weight.reshape(weight.shape + (1,) * len(extra))
-            total[sl] += weight
-        covered = total > 0
-        out[covered] /= total[covered].reshape(-1, *(1,) * len(extra))
-        out[~covered] = fill
-        return out
-    out[...] = fill
-    best = np.zeros((height, width), np.float32)  # how deep each pixel lies in the tile it was taken from
-    for tile, window in zip(tiles, windows, strict=True):
-        depth = np.minimum(_depth(window.y, window.h, height, True)[:, None],
-                           _depth(window.x, window.w, width, True)[None, :])
-        sl = window.slices
-        take = depth > best[sl]
-        out[sl][take] = tile[take]
-        best[sl][take] = depth[take]
-    return out
+        assembler.add(tile, window)
+    return assembler.result()
 
 
 def tile_meta(scene: str, window: Window, scene_hw: tuple[int, int]) -> dict[str, Any]:

@@ -56,12 +56,19 @@ def test_assemble_gives_back_the_array_the_tiles_were_cut_from(overlap: int) -> 
     assert out.dtype == np.uint16 and np.array_equal(out, scene)
 
 
-def test_assemble_cuts_disagreeing_overlaps_midway_and_fills_what_no_tile_covers() -> None:
+def test_assemble_cuts_disagreeing_overlaps_midway_and_fills_what_no_tile_covers(tmp_path: Path) -> None:
     windows = [Window(0, 0, 4, 10), Window(0, 6, 4, 10), Window(6, 0, 2, 2)]
     parts = [np.full((4, 10), 1, np.uint8), np.full((4, 10), 2, np.uint8), np.full((2, 2), 3, np.uint8)]
     out = tiles.assemble(parts, windows, (8, 16), fill=IGNORE)
     assert out[0].tolist() == [1] * 8 + [2] * 8  # the 4 shared columns split 2 / 2
     assert (out[4:6] == IGNORE).all() and (out[6:, :2] == 3).all() and (out[6:, 2:] == IGNORE).all()
+    # One tile at a time, into a file-backed array as a scene larger than memory would be.
+    assembler = tiles.Assembler((8, 16), fill=IGNORE, out=np.lib.format.open_memmap(
+        tmp_path / "scene.npy", "w+", np.uint8, (8, 16)))
+    for part, window in zip(parts, windows, strict=True):
+        assembler.add(part, window)
+    assert np.array_equal(assembler.result(), out) and np.array_equal(np.load(tmp_path / "scene.npy"), out)
+    assert np.array_equal(assembler.covered(), out != IGNORE)
 
 
 def test_assemble_blends_logits_without_seams() -> None:
