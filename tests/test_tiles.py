@@ -221,6 +221,13 @@ def test_tile_options_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[
     _pack(tmp_path, "--tile", "8")
     assert pack_main([*base, "--split", "val"]) == 2
     assert "tiling is {'size': 8" in capsys.readouterr().err
+    # A folder packed before tiles existed was not tiled: a tiled split does not join it.
+    _pack(tmp_path, "--overwrite")
+    manifest = json.loads((tmp_path / "out" / shards.MANIFEST).read_text())
+    del manifest["tiling"]
+    (tmp_path / "out" / shards.MANIFEST).write_text(json.dumps(manifest))
+    assert pack_main([*base, "--split", "val", "--tile", "8"]) == 2
+    assert "tiling is None for splits ['train'], this pack has {'size': 8" in capsys.readouterr().err
 
 
 def test_a_scene_beyond_the_decoders_pixel_limit_is_one_line_naming_it(tmp_path: Path,

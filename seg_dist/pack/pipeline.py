@@ -192,7 +192,7 @@ def _load_existing(out: Path, o: PackOptions, names: list[str]) -> tuple[dict[st
         for key, value in mine.items():
             if old.get(key) != value:  # `tiling` is absent from folders packed before tiles existed: untiled
                 raise PackError(
-                    f"{out / shards.MANIFEST}: {key} is {old[key]!r} for splits {kept}, "
+                    f"{out / shards.MANIFEST}: {key} is {old.get(key)!r} for splits {kept}, "
                     f"this pack has {value!r}; use another --out"
                 )
     return old, names
