@@ -12,6 +12,7 @@ import logging
 import pickle
 import platform
 import re
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,10 @@ from torch import nn
 
 from . import atomic
 from .config import Config, ConfigError, load_config_dict
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalization
 from .errors import UserError
 from .models import build_model
+from .shards import FULL_SCALE, ImageSpec
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
@@ -87,6 +90,8 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", require: Se
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:  # torch's message goes on to suggest unpickling it anyway: not here
+        if not zipfile.is_zipfile(path):  # torch.save writes zip archives: this is a torn or foreign file
+            raise CheckpointError(f"{path}: cannot load checkpoint (damaged, or not written by torch.save)") from e
         raise CheckpointError(f"{path}: holds Python objects besides tensors and plain data, which seg_dist does "
                               "not load (a file from another program, or altered); seg_dist's checkpoints hold "
                               "only tensors and plain data") from e
@@ -160,6 +165,10 @@ def prune_snapshots(folder: str | Path, keep_last: int) -> None:
         old.unlink(missing_ok=True)
 
 
+# What checkpoints from before the input was recorded take: 8-bit RGB, normalised with ImageNet's constants.
+_OLD_INPUT = Normalization(3, "uint8", IMAGENET_MEAN, IMAGENET_STD, "imagenet (old checkpoint)")
+
+
 @dataclass
 class TrainedModel:
     """A checkpoint's model with what is needed to use it: no training config file required."""
@@ -174,6 +183,44 @@ class TrainedModel:
     max_size: int | None = None  # the packing scale (pack --max-size); None: packed as given, or an older checkpoint
     palette: list[list[int]] | None = None  # [r, g, b] per class as the run drew them; None in older checkpoints
     train_mean_hw: tuple[float, float] | None = None  # the train split's mean frame as packed; None if not stored
+    # What the model takes: channels, pixel type and normalisation (`input_contract`); cfg.data.mean/std and
+    # cfg.model.in_channels agree with it.
+    input: Normalization = _OLD_INPUT
+    alpha: bool = False  # trained on images packed with --keep-alpha: decode inputs with their alpha channel
+
+    @property
+    def image(self) -> ImageSpec:
+        """The images the model takes, as `shards.conform_image` checks them."""
+        return ImageSpec(self.input.channels, self.input.dtype, self.alpha)
+
+
+def input_contract(state: dict[str, Any], cfg: Config, path: str | Path = "checkpoint") -> Normalization:
+    """What the checkpoint's model takes: its `input` entry (channels, dtype, mean, std, as training
+    resolved them); for checkpoints written before it, channels from `model.in_channels` (0 or missing: 3),
+    8-bit pixels, and `data.mean`/`data.std` (ImageNet's constants where unset, as those runs trained). A
+    `data.mean`/`data.std` given (the stored config's, or an override) wins over the entry's; a count
+    that does not fit the channels is a CheckpointError naming the file and the key."""
+    entry = state.get("input")
+    if isinstance(entry, dict) and isinstance(entry.get("channels"), int) and entry.get("dtype") in FULL_SCALE:
+        channels, dtype, source = int(entry["channels"]), str(entry["dtype"]), str(entry.get("source", "checkpoint"))
+        mean, std = entry.get("mean"), entry.get("std")
+    elif entry is not None:
+        raise CheckpointError(f"{path}: its 'input' entry is not what seg_dist writes (channels, dtype, mean, std): "
+                              f"{entry!r}")
+    else:
+        channels, dtype, source = cfg.model.in_channels or 3, "uint8", "config (old checkpoint)"
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else (None, None)
+    if cfg.data.mean is not None and cfg.data.std is not None:
+        if (list(cfg.data.mean), list(cfg.data.std)) != (list(mean or []), list(std or [])):
+            source = "data.mean/std"
+        mean, std = cfg.data.mean, cfg.data.std
+    if mean is None or std is None:
+        raise CheckpointError(f"{path}: no normalisation for its {channels}-channel input (no 'input' entry, "
+                              "data.mean/std unset); give data.mean=[...] data.std=[...] as trained")
+    if len(mean) != channels or len(std) != channels:
+        raise CheckpointError(f"{path}: data.mean has {len(mean)} and data.std {len(std)} values, but the model "
+                              f"takes {channels} channels; give one value per channel")
+    return Normalization(channels, dtype, tuple(float(m) for m in mean), tuple(float(s) for s in std), source)
 
 
 def load_model(path: str | Path, device: torch.device, overrides: Sequence[str] = ()) -> TrainedModel:
@@ -183,6 +230,12 @@ def load_model(path: str | Path, device: torch.device, overrides: Sequence[str] 
         cfg = load_config_dict(state["config"], list(overrides))
     except ConfigError as e:  # the stored config (or an override) names the key; say which checkpoint
         raise CheckpointError(f"{path}: {e}") from None
+    norm = input_contract(state, cfg, path)
+    if cfg.model.in_channels not in (0, norm.channels):
+        raise CheckpointError(f"{path}: model.in_channels={cfg.model.in_channels}, but the model was trained on "
+                              f"{norm.channels}-channel {norm.dtype} images")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, mean=list(norm.mean), std=list(norm.std)),
+                              model=dataclasses.replace(cfg.model, in_channels=norm.channels))
     # The weights are all in the checkpoint: an encoder_weights file used at training time need not exist here.
     model = build_model(dataclasses.replace(cfg.model, encoder_weights=None), state["num_classes"]).to(device)
     try:
@@ -192,6 +245,8 @@ def load_model(path: str | Path, device: torch.device, overrides: Sequence[str] 
         raise CheckpointError(f"{path}: its weights do not fit its model.* config ({first_line})") from None
     model.eval()
     crop, mean_hw = state.get("train_crop"), state.get("train_mean_hw")
+    entry = state.get("input")
     return TrainedModel(model, cfg, state["num_classes"], state["ignore_index"], list(state["class_names"]),
                         state["global_step"], tuple(crop) if crop else None, state.get("max_size"),
-                        state.get("palette"), tuple(mean_hw) if mean_hw else None)
+                        state.get("palette"), tuple(mean_hw) if mean_hw else None, norm,
+                        bool(entry.get("alpha", False)) if isinstance(entry, dict) else False)

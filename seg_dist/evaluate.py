@@ -81,6 +81,17 @@ def check_classes(trained: checkpoint.TrainedModel, checkpoint_path: str, manife
                     "of the checkpoint's classes")
 
 
+def check_images(trained: checkpoint.TrainedModel, checkpoint_path: str, manifest: dict[str, Any],
+                 root: str) -> None:
+    """The data's images (the manifest's `image` entry) must be of the kind the checkpoint's model takes, or
+    become it as `shards.conform_image` allows (8-bit grey into RGB): said before the first batch, not as
+    a failure mid-split."""
+    found = shards.image_spec(manifest)
+    if not shards.promotable(found._replace(alpha=trained.image.alpha), trained.image):
+        raise UserError(f"{Path(root) / shards.MANIFEST}: {found.text()} images, but {checkpoint_path} was trained "
+                        f"on {trained.image.text()} images: evaluate on data of the checkpoint's kind")
+
+
 def _evaluate(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     with distributed.setup() as (denv, device):
@@ -91,6 +102,7 @@ def _evaluate(argv: Sequence[str] | None) -> int:
         _check_paths(args, cfg.data.root)
         manifest = shards.load_manifest(cfg.data.root)
         check_classes(trained, args.checkpoint, manifest, cfg.data.root)
+        check_images(trained, args.checkpoint, manifest, cfg.data.root)
         predictor = Predictor.from_trained(trained, tile=args.tile, tta_flip=args.tta == "flip")
         split = args.split or cfg.data.val_split
         expected = shards.split_count(manifest, split)

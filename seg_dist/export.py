@@ -3,16 +3,18 @@
     python -m seg_dist.export --checkpoint runs/X/checkpoints/best.pt --format onnx --out model.onnx
     seg-dist export --checkpoint best.pt --format torchscript --out model.pt [--normalize json] [--overwrite]
 
-The file takes N x 3 x H x W images of any batch, height and width (at least 2**depth) and returns
-logits N x C x H x W. `--normalize inside` (the default): the input is RGB in 0-255 (uint8; the ONNX
-input dtype is `--input-dtype`, TorchScript takes either) and the checkpoint's mean/std are applied in
-the graph. `--normalize json`: the bare model, fed (x / 255 - mean) / std by the caller. Either way
-`<out>.json` beside it holds the class names, ignore index, mean, std, the input layout and `max_size`,
-the scale to bring images to first (pack --max-size; null: none).
+The file takes N x C x H x W images of the checkpoint's channels, of any batch, height and width (at least
+2**depth), and returns logits N x K x H x W. `--normalize inside` (the default): the input is the pixels
+as trained, in their own type (uint8 0-255, uint16 0-65535, float32 as stored; `--input-dtype float32`
+takes the same values as floats, which TorchScript always accepts) and the checkpoint's mean/std are applied
+in the graph. `--normalize json`: the bare model, fed (x * scale - mean) / std by the caller. Either way
+`<out>.json` beside it holds the class names, ignore index, the input (channels, dtype, mean, std in the
+type's full scale, raw_mean, raw_std in pixel values, and the graph's `tensor_dtype`), the layout and
+`max_size`, the scale to bring images to first (pack --max-size; null: none).
 
-Before the file is renamed into place, the exported and eager models run on random images of two odd
-sizes; a max abs diff above the tolerance fails (exit 1) and leaves nothing. ONNX needs
-`pip install 'seg_dist[export]'` (onnx, onnxscript; onnxruntime for the check).
+Before the file is renamed into place, the exported and eager models run on random images of the
+checkpoint's kind (channels and pixel type) at two odd sizes; a max abs diff above the tolerance fails
+(exit 1) and leaves nothing. ONNX needs `pip install 'seg_dist[export]'` (onnx, onnxscript; onnxruntime for the check).
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--format", required=True, choices=exporting.FORMATS)
     p.add_argument("--out", required=True, help="the model file; its metadata goes to <out>.json")
     p.add_argument("--normalize", default="inside", choices=exporting.NORMALIZE,
-                   help="inside: 0-255 input normalised in the graph (default); json: the bare model")
-    p.add_argument("--input-dtype", default="uint8", choices=exporting.INPUT_DTYPES,
-                   help="with --normalize inside: the ONNX input dtype (default uint8)")
+                   help="inside: raw pixels normalised in the graph (default); json: the bare model")
+    p.add_argument("--input-dtype", default="auto", choices=exporting.INPUT_DTYPES,
+                   help="with --normalize inside: the graph's input dtype; auto (default): the checkpoint's pixel "
+                        "type; float32: the same values as floats")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch's exporter's)")
     p.add_argument("--device", default="cpu", help="where the model is loaded and exported (the check runs on CPU)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out and <out>.json")

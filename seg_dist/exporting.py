@@ -3,9 +3,17 @@
 `export()` loads a checkpoint (`checkpoint.load_model`), wraps its model in `ExportUNet` (model.name=unet)
 or `ExportSmp` (model.name=smp_unet), optionally with the run's normalisation inside the graph, writes the
 file under a temporary name, runs the exported file and the eager model on random images of two odd sizes,
-and only then renames it to `out` and writes `<out>.json` beside it: class names, ignore index, mean/std,
-the input layout and the packing scale (`max_size`), what a deployer needs to feed the file and read its
-output.
+and only then renames it to `out` and writes `<out>.json` beside it: class names, ignore index, the input
+(channels, pixel type, mean/std in the type's full scale and in raw pixel values), the layout and the
+packing scale (`max_size`), what a deployer needs to feed the file and read its output.
+
+The graph takes the pixels of the checkpoint's input in their own type (`checkpoint.input_contract`):
+uint8, uint16 or float32 tensors of its channel count. torch's exporters both take uint16 inputs (checked
+with torch 2.13: TorchScript scripts `x.to(float32)` from any integer type, and the torch.export-based
+ONNX exporter declares a `tensor(uint16)` input that onnxruntime runs); where an ONNX export with a uint16
+input fails (older torch or onnxscript), the input falls back to float32 holding the same values 0-65535,
+with a warning, and the JSON's `input.tensor_dtype` says which the file takes (`--input-dtype float32`
+asks for that fallback).
 
 Why a wrapper instead of the model itself: `UNet.forward` cannot be scripted (an f-string over a
 shape tuple) and `Up.forward` pads only `if dh or dw`, a branch that `torch.jit.trace` bakes in for
@@ -37,9 +45,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import atomic, checkpoint, distributed, outputs
+from .data import Normalization
 from .errors import RunFailed, UserError
 from .models import SmpSegmenter
 from .models.unet import UNet, UNetPass
+from .shards import FULL_SCALE
 
 __all__ = [
     "ATOL", "FORMATS", "INPUT_DTYPES", "MODEL_FIELDS", "NORMALIZE", "RTOL", "CheckResult", "ExportResult",
@@ -48,7 +58,9 @@ __all__ = [
 
 FORMATS = ("torchscript", "onnx")
 NORMALIZE = ("inside", "json")  # normalisation in the graph, or described in the JSON for the caller
-INPUT_DTYPES = ("uint8", "float32")  # the graph input with normalisation inside (ONNX inputs have one dtype)
+# The graph input with normalisation inside (ONNX inputs have one dtype): auto is the checkpoint's pixel type;
+# float32 takes the same pixel values as floats (the fallback where an exporter lacks the integer type).
+INPUT_DTYPES = ("auto", "uint8", "uint16", "float32")
 # fp32 on the CPU: max |exported - eager| <= ATOL + RTOL * max |eager|. Measured: 0 for TorchScript (the
 # same kernels), ~2e-6 for onnxruntime on width 8..64 U-Nets; the relative part is for large trained logits.
 ATOL = 1e-4
@@ -63,12 +75,14 @@ log = logging.getLogger(__name__)
 class ExportUNet(UNetPass):
     """`UNet.forward` without shape branches, optionally preceded by the training normalisation.
 
-    With `normalize`, the input is an RGB image batch N x 3 x H x W in 0-255 (uint8 or float) and is
-    normalised as `data.preprocess` does (albumentations Normalize: (x - 255 mean) / (255 std));
-    without it, the input is the already normalised float batch the bare model takes.
+    With `normalize`, the input is an image batch N x C x H x W of raw pixel values (uint8, uint16 or float
+    tensors) and is normalised as `data.normalize` does: (x - F mean) / (F std), with `full_scale` F of the
+    pixel type (255, 65535 or 1); without it, the input is the already normalised float batch the bare
+    model takes.
     """
 
-    def __init__(self, unet: UNet, mean: tuple[float, ...], std: tuple[float, ...], normalize: bool) -> None:
+    def __init__(self, unet: UNet, mean: tuple[float, ...], std: tuple[float, ...], normalize: bool,
+                 full_scale: float = 255.0) -> None:
         super().__init__()
         self.normalize = normalize
         self.min_size = 2**unet.depth
@@ -77,9 +91,9 @@ class ExportUNet(UNetPass):
         self.downs = unet.downs
         self.ups = nn.ModuleList(_UpStep(up) for up in unet.ups)
         self.head = unet.head
-        shape = (1, len(mean), 1, 1)
-        self.register_buffer("offset", torch.tensor(mean, dtype=torch.float32).mul(255.0).reshape(shape))
-        self.register_buffer("inv_scale", torch.tensor(std, dtype=torch.float32).mul(255.0).reciprocal().reshape(shape))
+        offset, inv_scale = _normalisation_buffers(mean, std, full_scale)
+        self.register_buffer("offset", offset)
+        self.register_buffer("inv_scale", inv_scale)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if image.shape[-2] < self.min_size or image.shape[-1] < self.min_size:
@@ -112,15 +126,15 @@ class ExportSmp(nn.Module):
     input, so the output is the eager one; `min_size` is the stride, the smallest side the graph accepts."""
 
     def __init__(self, segmenter: SmpSegmenter, mean: tuple[float, ...], std: tuple[float, ...],
-                 normalize: bool) -> None:
+                 normalize: bool, full_scale: float = 255.0) -> None:
         super().__init__()
         self.normalize = normalize
         self.stride = int(segmenter.stride)
         self.min_size = self.stride
         self.smp = segmenter.smp  # the smp module itself (shared weights)
-        shape = (1, len(mean), 1, 1)
-        self.register_buffer("offset", torch.tensor(mean, dtype=torch.float32).mul(255.0).reshape(shape))
-        self.register_buffer("inv_scale", torch.tensor(std, dtype=torch.float32).mul(255.0).reciprocal().reshape(shape))
+        offset, inv_scale = _normalisation_buffers(mean, std, full_scale)
+        self.register_buffer("offset", offset)
+        self.register_buffer("inv_scale", inv_scale)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if image.shape[-2] < self.min_size or image.shape[-1] < self.min_size:
@@ -135,13 +149,24 @@ class ExportSmp(nn.Module):
         return self.smp(x)[:, :, :h, :w]
 
 
+def _normalisation_buffers(mean: tuple[float, ...], std: tuple[float, ...], full_scale: float
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 x C x 1 x 1 offset F mean and scale 1 / (F std), rounded to float32 from float64 as `data.normalize`
+    makes its constants, so the graph's arithmetic is the eager path's."""
+    shape = (1, len(mean), 1, 1)
+    offset = torch.tensor([full_scale * m for m in mean], dtype=torch.float32).reshape(shape)
+    inv_scale = torch.tensor([1.0 / (full_scale * s) for s in std], dtype=torch.float32).reshape(shape)
+    return offset, inv_scale
+
+
 def export_module(model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
-                  normalize: bool) -> ExportUNet | ExportSmp:
-    """The export wrapper for a trained model (our U-Net or an smp model), sharing its weights."""
+                  normalize: bool, full_scale: float = 255.0) -> ExportUNet | ExportSmp:
+    """The export wrapper for a trained model (our U-Net or an smp model), sharing its weights; with
+    `normalize`, the graph takes raw pixels of a type whose full scale is `full_scale` (255, 65535, 1)."""
     if isinstance(model, UNet):
-        return ExportUNet(model, mean, std, normalize)
+        return ExportUNet(model, mean, std, normalize, full_scale)
     if isinstance(model, SmpSegmenter):
-        return ExportSmp(model, mean, std, normalize)
+        return ExportSmp(model, mean, std, normalize, full_scale)
     raise TypeError(f"no export wrapper for {type(model).__name__}")
 
 
@@ -206,7 +231,7 @@ def export(
     normalize: str = "inside",
     *,
     opset: int | None = None,
-    input_dtype: str = "uint8",
+    input_dtype: str = "auto",
     device: str | torch.device = "cpu",
     overwrite: bool = False,
     seed: int = 0,
@@ -231,13 +256,20 @@ def export(
     if not isinstance(trained.model, (UNet, SmpSegmenter)):
         raise UserError(f"{checkpoint_path}: export supports model.name=unet and smp_unet, "
                         f"not {trained.cfg.model.name!r}")
-    mean, std = tuple(trained.cfg.data.mean), tuple(trained.cfg.data.std)
+    contract = trained.input
+    mean, std = contract.mean, contract.std
     in_channels = trained.model.in_channels if isinstance(trained.model, UNet) else trained.cfg.model.in_channels
-    if in_channels != len(mean) or len(mean) != len(std):
-        raise UserError(f"{checkpoint_path}: {in_channels} input channels but data.mean/std have "
-                        f"{len(mean)}/{len(std)} values")
-    module = export_module(trained.model, mean, std, normalize == "inside").to(device).eval()
-    dtype = getattr(torch, input_dtype) if normalize == "inside" else torch.float32
+    if in_channels != contract.channels:
+        raise UserError(f"{checkpoint_path}: the model takes {in_channels} channels, its input entry says "
+                        f"{contract.channels}")
+    if input_dtype not in ("auto", contract.dtype, "float32"):
+        raise UserError(f"--input-dtype {input_dtype}: the model was trained on {contract.dtype} pixels; give "
+                        f"{contract.dtype} (the default, auto) or float32 (the same values as floats)")
+    full_scale = FULL_SCALE[contract.dtype]
+    module = export_module(trained.model, mean, std, normalize == "inside", full_scale).to(device).eval()
+    wanted = contract.dtype if input_dtype == "auto" else input_dtype
+    dtype = getattr(torch, wanted) if normalize == "inside" else torch.float32
+    fallback = None
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with _staged(out) as tmp:
@@ -245,13 +277,23 @@ def export(
         if fmt == "torchscript":
             _export_torchscript(module, tmp)
         else:
-            opset_used = _export_onnx(module, tmp, dtype, device, opset)
-        check = _check(trained.model, module, tmp, fmt, dtype, mean, std, seed)
+            try:
+                opset_used = _export_onnx(module, tmp, dtype, device, opset)
+            except RunFailed as e:
+                if dtype != torch.uint16:
+                    raise
+                fallback = (f"uint16 pixels as float32 values (0-65535): this torch's ONNX exporter could not "
+                            f"take a uint16 input ({e})")
+                log.warning("ONNX export with a uint16 input failed (%s); the file takes float32 values 0-65535 "
+                            "instead (see input.tensor_dtype in the JSON)", e)
+                dtype = torch.float32
+                opset_used = _export_onnx(module, tmp, dtype, device, opset)
+        check = _check(trained.model, module, tmp, fmt, dtype, contract, seed)
         if not check.ok:
             raise RunFailed(f"{out}: the exported model does not match the eager one: {check.summary()}; "
                             "nothing written")
     info = _metadata(trained, checkpoint_path, out, fmt, normalize, str(dtype).removeprefix("torch."),
-                     module.min_size, opset_used, check)
+                     module.min_size, opset_used, check, fallback)
     atomic.write_text(meta, outputs.json_text(info, indent=2) + "\n")
     return ExportResult(out, meta, check, opset_used)
 
@@ -296,7 +338,7 @@ def _export_onnx(module: ExportUNet | ExportSmp, path: Path, dtype: torch.dtype,
     # Batch 2 in the example: torch.export specialises a dimension whose example size is 1.
     _, h, w = check_sizes(_depth(module))[0]
     s = module.min_size
-    example = torch.randint(0, 256, (2, 3, h, w), device=device).to(dtype)
+    example = torch.randint(0, 256, (2, module.offset.shape[1], h, w), device=device).to(dtype)
     dims = {0: Dim("batch", min=1), 2: Dim("height", min=s), 3: Dim("width", min=s)}
     with _quiet_exporter():
         try:
@@ -333,14 +375,32 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0]
 
 
+def check_images(n: int, h: int, w: int, contract: Normalization, gen: torch.Generator) -> torch.Tensor:
+    """N x H x W x C random images of the checkpoint's kind: uint8 uniform over 0-255; uint16 and float32
+    around the training pixels (raw mean +- 2 raw std, clipped to the type's range), where a trained model
+    gives the logits it was made for."""
+    c = contract.channels
+    if contract.dtype == "uint8":
+        return torch.randint(0, 256, (n, h, w, c), dtype=torch.uint8, generator=gen)
+    full = FULL_SCALE[contract.dtype]
+    mean = torch.tensor([m * full for m in contract.mean], dtype=torch.float64)
+    spread = torch.tensor([max(s * full, 1e-6) for s in contract.std], dtype=torch.float64)
+    x = mean + 2 * spread * torch.randn((n, h, w, c), dtype=torch.float64, generator=gen)
+    if contract.dtype == "uint16":
+        return x.round().clamp(0, 65535).to(torch.int32).to(torch.uint16)
+    return x.to(torch.float32)
+
+
 def _check(unet: nn.Module, module: ExportUNet | ExportSmp, path: Path, fmt: str, dtype: torch.dtype,
-           mean: tuple[float, ...], std: tuple[float, ...], seed: int) -> CheckResult:
-    """Eager reference: the bare model on images normalised by `data.preprocess` (the training path), so
-    normalisation inside the graph is checked too. Everything runs on the CPU in fp32."""
+           contract: Normalization, seed: int) -> CheckResult:
+    """Eager reference: the bare model on images of the recorded kind (`check_images`) normalised by
+    `data.preprocess` (the training path), so normalisation inside the graph is checked too; the graph
+    takes the same pixels as `dtype`. Everything runs on the CPU in fp32."""
     from .config import DataConfig
     from .data import preprocess
 
-    shapes = [[n, 3, h, w] for n, h, w in check_sizes(_depth(module))]
+    mean, std = contract.mean, contract.std
+    shapes = [[n, contract.channels, h, w] for n, h, w in check_sizes(_depth(module))]
     if fmt == "onnx":
         try:
             import onnxruntime as ort
@@ -358,12 +418,12 @@ def _check(unet: nn.Module, module: ExportUNet | ExportSmp, path: Path, fmt: str
             return scripted(x)
 
     reference = unet if next(unet.parameters()).device.type == "cpu" else copy.deepcopy(unet).cpu()
-    data_cfg = DataConfig(mean=mean, std=std)
+    data_cfg = DataConfig(mean=list(mean), std=list(std))
     gen = torch.Generator().manual_seed(seed)
     worst, bound, agree, total = 0.0, 0.0, 0, 0
     with torch.inference_mode():
         for n, _, h, w in shapes:
-            images = torch.randint(0, 256, (n, h, w, 3), dtype=torch.uint8, generator=gen)
+            images = check_images(n, h, w, contract, gen)
             normalised = torch.stack([preprocess(np.ascontiguousarray(im.numpy()), data_cfg) for im in images])
             eager = reference(normalised)  # UNet/SmpSegmenter.forward itself, branches and all
             raw = images.permute(0, 3, 1, 2).contiguous().to(dtype)
@@ -391,8 +451,13 @@ def model_fields(model_cfg: Any) -> dict[str, Any]:
 
 
 def _metadata(trained: checkpoint.TrainedModel, checkpoint_path: str | Path, out: Path, fmt: str,
-              normalize: str, input_dtype: str, min_size: int, opset: int | None, check: CheckResult) -> dict[str, Any]:
+              normalize: str, tensor_dtype: str, min_size: int, opset: int | None, check: CheckResult,
+              fallback: str | None = None) -> dict[str, Any]:
     inside = normalize == "inside"
+    contract = trained.input
+    full = FULL_SCALE[contract.dtype]
+    limits = {"uint8": "0-255", "uint16": "0-65535", "float32": "as stored"}[contract.dtype]
+    norm = contract.to_dict()
     info: dict[str, Any] = {
         "file": out.name,
         "format": fmt,
@@ -401,17 +466,28 @@ def _metadata(trained: checkpoint.TrainedModel, checkpoint_path: str | Path, out
         "input": {
             "name": INPUT_NAME,
             "layout": "NCHW",
-            "channels": "RGB",
-            "dtype": input_dtype,
-            "range": "0-255 (normalised inside the graph)" if inside else "normalised: (x * scale - mean) / std",
+            # The images the model trained on: channels in the training images' order, their pixel type, and
+            # the normalisation (x - raw_mean) / raw_std per channel (raw: pixel values; mean/std: in the
+            # type's full scale, raw / 255, / 65535, or as stored for float32).
+            "channels": contract.channels,
+            "dtype": contract.dtype,
+            "mean": norm["mean"],
+            "std": norm["std"],
+            "raw_mean": norm["raw_mean"],
+            "raw_std": norm["raw_std"],
+            # What the graph's input tensor holds.
+            "tensor_dtype": tensor_dtype,
+            **({"tensor_note": fallback} if fallback else {}),
+            "range": (f"{contract.dtype} pixel values {limits} (normalised inside the graph)" if inside
+                      else "normalised: (x * scale - mean) / std"),
             "dynamic": ["batch", "height", "width"],
             "min_size": min_size,  # height and width at least 2**depth / the smp stride (any size above)
         },
         "output": {"name": OUTPUT_NAME, "layout": "NCHW", "dtype": "float32", "what": "logits; argmax over C"},
-        # The training normalisation: x in 0-255 -> (x * scale - mean) / std, per channel (RGB).
-        "scale": 1 / 255,
-        "mean": list(trained.cfg.data.mean),
-        "std": list(trained.cfg.data.std),
+        # The training normalisation: pixels x -> (x * scale - mean) / std per channel, scale = 1 / full scale.
+        "scale": 1 / full,
+        "mean": list(contract.mean),
+        "std": list(contract.std),
         "num_classes": trained.num_classes,
         "class_names": trained.class_names,
         "ignore_index": trained.ignore_index,

@@ -2,13 +2,21 @@
 
     from seg_dist.predict import Predictor
     p = Predictor.from_checkpoint("runs/x/checkpoints/best.pt")
-    mask = p(image)                 # uint8 H x W x 3 RGB -> int64 H x W class ids, same size
+    image = p.read(Path("scene.tif").read_bytes())   # decoded and checked as the model's inputs
+    mask = p(image)                 # H x W x C image -> int64 H x W class ids, same size
     picture = p.overlay(image, mask)
 
+The model takes the images it trained on: the checkpoint's `input` (channels and pixel type, uint8, uint16
+or float32; `checkpoint.input_contract`). `read` decodes file bytes with `shards.decode_image` and checks
+them with `shards.conform_image` (8-bit grey becomes RGB for an RGB model; any other kind is an ImageError
+naming both kinds); arrays given directly are checked the same way. The pixels stay in their own type all
+the way to `data.normalize`, never squeezed to 8 bits.
+
 An image is first brought to the scale the model trained at: pack --max-size scaled every image whose
-longer side exceeded it down to that side (`shards.packed_size`, bilinear), so the Predictor does the same
-with the checkpoint's `max_size` (the same rule and filter; `native_scale=True` or predict --native-scale
-runs images as given). It is then normalised as in training (the checkpoint's mean/std), resized to
+longer side exceeded it down to that side (`shards.packed_size`), so the Predictor does the same with the
+checkpoint's `max_size`, with pack's filters (`resize_image`: PIL bilinear for 8-bit images of 1 to 4
+channels, OpenCV area averaging for the others; `native_scale=True` or predict --native-scale runs images
+as given). It is then normalised as in training (the checkpoint's mean/std), resized to
 `data.val_size` when the model was validated at a fixed size, and run. The logits are brought back to
 the input's size bilinearly before the argmax, so class borders fall between the low-resolution pixels
 as the model's scores cross, instead of in blocks of the scale factor that resizing the labels (nearest)
@@ -32,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -44,11 +53,11 @@ from .data import normalize
 from .data.transforms import AUTO_CROP_MAX
 from .models.unet import UNet
 from .runlog import progress
-from .shards import packed_size
-from .visualize import overlay_with_legend, palette
+from .shards import RGB8, ImageError, ImageSpec, conform_image, decode_image, packed_size, promotable
+from .visualize import display_bands, overlay_with_legend, palette
 
-__all__ = ["AUTO_TILE_PIXELS", "BAND_VALUES", "SCALE_TOLERANCE", "Predictor", "min_input_size", "tile_starts",
-           "training_side", "upsampled_argmax"]
+__all__ = ["AUTO_TILE_PIXELS", "BAND_VALUES", "SCALE_TOLERANCE", "Predictor", "min_input_size", "resize_image",
+           "tile_starts", "training_side", "upsampled_argmax"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +93,8 @@ class Predictor:
     train_side: float | None = None  # longer side of the training frames, for the scale warning; None: no warning
     colours: np.ndarray | None = None  # num_classes x 3 uint8 colours of masks and overlays; None: generated
     tile_progress_after: float | None = None  # seconds: show progress over the tiles of slower images; None: never
+    spec: ImageSpec = RGB8  # channels and pixel type the model takes (the checkpoint's input)
+    display_bands: list[int] | None = None  # the bands overlays show (data.display_bands); None: the default
     _scale_warned: bool = field(default=False, init=False, repr=False)
 
     @classmethod
@@ -104,6 +115,9 @@ class Predictor:
         options.setdefault("max_size", trained.max_size)
         options.setdefault("train_side", training_side(trained))
         options.setdefault("colours", _colours(trained.palette, trained.num_classes))
+        options.setdefault("spec", trained.image)
+        options.setdefault("display_bands", cfg.data.display_bands)
+        display_bands(options["spec"].channels, options["display_bands"])  # a bad data.display_bands: now
         tile, crop = options.get("tile", 0), trained.train_crop
         if tile and crop and tile < max(crop):
             # A tile narrower than the crops gives each pixel less surrounding scene than training did, and
@@ -116,8 +130,27 @@ class Predictor:
                    channels_last=cfg.train.channels_last, **options)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        """uint8 H x W x 3 (or H x W grey) -> int64 H x W class ids."""
+        """An H x W x C (or H x W) image of the model's kind (`image`) -> int64 H x W class ids."""
         return self.predict_batch([image])[0]
+
+    def read(self, data: bytes) -> np.ndarray:
+        """Image file bytes -> the H x W x C pixels the model takes, in their own type: `shards.decode_image`
+        (with the alpha channel where the model was trained with it), then `conform_image`. An ImageError
+        (one line, both kinds named) for an image of another kind."""
+        return self.conform(decode_image(data, keep_alpha=self.spec.alpha))
+
+    def conform(self, image: np.ndarray) -> np.ndarray:
+        """`image` (H x W or H x W x C) as the model's kind: the same pixels, 8-bit grey expanded to RGB (and
+        RGBA) where the model takes those; an ImageError naming both kinds for anything else."""
+        a = np.asarray(image)
+        if a.ndim == 2:
+            a = a[:, :, None]
+        if a.ndim != 3:
+            raise ImageError(f"an array of shape {a.shape}, the model takes H x W x {self.spec.channels} images")
+        found = ImageSpec(a.shape[2], a.dtype.name, self.spec.alpha)
+        if not promotable(found, self.spec):
+            raise ImageError(f"a {found.text()} image, but the model was trained on {self.spec.text()} images")
+        return conform_image(a, self.spec)
 
     def predict_batch(self, images: Sequence[np.ndarray], labels: Sequence[str] | None = None) -> list[np.ndarray]:
         """Masks for several images; images that run at one size run as one batch. `labels` (file names, say)
@@ -132,8 +165,10 @@ class Predictor:
                 for logits, (h, w) in self._run_batch(images, labels)]
 
     def overlay(self, image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-        """image | prediction | blend, with a legend of the classes present: an H x W' x 3 uint8 picture."""
-        return overlay_with_legend(_rgb(image), mask, self.class_names, alpha=alpha, colours=self.colours)
+        """image | prediction | blend, with a legend of the classes present: an H x W' x 3 uint8 picture; the
+        image shows `display_bands` (`visualize.display_image`: 16-bit and float bands stretched)."""
+        return overlay_with_legend(self.conform(image), mask, self.class_names, alpha=alpha, colours=self.colours,
+                                   display_bands=self.display_bands)
 
     def run_size(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) an image of this size runs at: the packing scale (`shards.packed_size` with
@@ -185,26 +220,26 @@ class Predictor:
         names = list(labels) if labels is not None else ["an input image"] * len(images)
         out: list[tuple[torch.Tensor, tuple[int, int]] | None] = [None] * len(images)
         groups: dict[tuple[int, int], list[int]] = {}
-        for i, image in enumerate(images):
-            h, w = _rgb(image).shape[:2]
+        pixels = [self.conform(image) for image in images]
+        for i, image in enumerate(pixels):
+            h, w = image.shape[:2]
             self.check_scale(h, w, names[i])
             groups.setdefault(self.run_size(h, w), []).append(i)
         for (h, w), idx in groups.items():
-            batch = torch.stack([self._to_tensor(images[i]) for i in idx])
+            batch = torch.stack([self._to_tensor(pixels[i]) for i in idx])
             label = names[idx[0]] + (f" and {len(idx) - 1} more" if len(idx) > 1 else "")
             logits = self._logits(batch, h, w, label)
             for j, i in enumerate(idx):
-                out[i] = (logits[j], _rgb(images[i]).shape[:2])
+                out[i] = (logits[j], pixels[i].shape[:2])
         return out  # type: ignore[return-value]
 
     def _to_tensor(self, image: np.ndarray) -> torch.Tensor:
-        """The image at the scale it runs at (`run_size`; scaled as pack scales: PIL's bilinear filter on
-        the 8-bit pixels), normalised, on the device: 3 x h x w float32."""
-        rgb = _rgb(image)
-        h, w = self.run_size(*rgb.shape[:2])
-        if (h, w) != rgb.shape[:2]:
-            rgb = np.array(Image.fromarray(np.ascontiguousarray(rgb)).resize((w, h), Image.Resampling.BILINEAR))
-        return normalize(torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device), self.data.mean,
+        """The image (of the model's kind) at the scale it runs at (`run_size`, scaled as pack scales:
+        `resize_image`), normalised in its own type, on the device: C x h x w float32."""
+        h, w = self.run_size(*image.shape[:2])
+        if (h, w) != image.shape[:2]:
+            image = resize_image(image, h, w)
+        return normalize(torch.from_numpy(np.ascontiguousarray(image)).to(self.device), self.data.mean,
                          self.data.std)
 
     def _logits(self, x: torch.Tensor, h: int, w: int, label: str = "") -> torch.Tensor:
@@ -335,10 +370,24 @@ def _colours(given: list[list[int]] | None, num_classes: int) -> np.ndarray:
         return palette(num_classes)
 
 
-def _rgb(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 H x W x 3 RGB image, got {image.dtype} {image.shape}")
-    return image[:, :, :3]
+# 8-bit images PIL resizes as pack --max-size does (its bilinear filter; premultiplied alpha for RGBA).
+_PIL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+
+
+def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """H x W x C `image` (uint8, uint16 or float32) at `height` x `width`, in its own type, by the filters
+    pack --max-size uses: PIL's bilinear for 8-bit images of 1 to 4 channels; OpenCV for every other kind
+    (any band count), area averaging to reduce and bilinear to enlarge."""
+    h, w, c = image.shape
+    if (h, w) == (height, width):
+        return image
+    if image.dtype == np.uint8 and c in _PIL_MODES:
+        mode = _PIL_MODES[c]
+        picture = Image.fromarray(np.ascontiguousarray(image[:, :, 0] if c == 1 else image), mode)
+        return np.asarray(picture.resize((width, height), Image.Resampling.BILINEAR)).reshape(height, width, c)
+    interpolation = cv2.INTER_AREA if height <= h and width <= w else cv2.INTER_LINEAR
+    # OpenCV's area filter refuses more than 4 channels at whole-number factors: 4 at a time (each channel
+    # is resized on its own anyway, so the values are the same).
+    parts = [cv2.resize(np.ascontiguousarray(image[:, :, i : i + 4]), (width, height), interpolation=interpolation)
+             .reshape(height, width, -1) for i in range(0, c, 4)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2)

@@ -3,11 +3,15 @@
     python -m seg_dist.predict --checkpoint runs/x/checkpoints/best.pt --input photos/ --out masks/ --overlay
     seg-dist predict --checkpoint ... --input 'photos/*.jpg' --out masks/ [--tile 1024] [--tta flip]
 
-For every image, OUT/<relative path>.png holds its class ids at the image's own size (a palette PNG in
-the checkpoint's class colours: `np.array(Image.open(f))` reads the ids back); with --overlay,
-OUT/<relative path>_overlay.png shows image | prediction | blend with a legend. A folder's structure is
-kept. Each image runs at the scale the model trained at (the checkpoint's pack --max-size; --native-scale
-runs it as it is) and its mask comes back at its own size; an image still far from the training scale is
+Images are what the model trained on (the checkpoint's channels and pixel type): JPEG, PNG (8 and 16 bits),
+BMP, TIFF (any band count, uint8, uint16 or float32) and `.npy` arrays, decoded as pack decodes them
+(`shards.decode_image`); 8-bit grey runs on an RGB model as RGB; an image of another kind is named, with
+both kinds, and skipped. For every image, OUT/<relative path>.png holds its class ids at the image's own
+size (a palette PNG in the checkpoint's class colours: `np.array(Image.open(f))` reads the ids back); with
+--overlay, OUT/<relative path>_overlay.png shows image | prediction | blend with a legend (the image's
+`data.display_bands`, 16-bit and float bands stretched). A folder's structure is kept.
+Each image runs at the scale the model trained at (the checkpoint's pack --max-size; --native-scale runs it
+as it is) and its mask comes back at its own size; an image still far from the training scale is
 warned about once, by name. Images smaller than the model's smallest input are padded, large ones run as
 tiles, with a progress bar where they take more than a few seconds (see seg_dist/inference.py). An
 unreadable image is named and skipped, the others are still written, and the exit code is then 1. No mask
@@ -24,7 +28,7 @@ import logging
 import re
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -79,11 +83,12 @@ def find_images(spec: str) -> list[tuple[Path, Path]]:
     return [(f, Path(f.stem)) for f in files]
 
 
-def read_image_file(src: Path) -> np.ndarray:
-    """The image at `src` as `shards.decode_image` reads it. An ImageError (a UserError) says what is wrong
-    with it: unreadable, undecodable, or larger than Pillow decodes (its guard against decompression bombs,
-    with the size and what to do). Pillow's warning for images between its two limits is replaced by
-    one line saying the file and its size."""
+def read_image_file(src: Path, decode: Callable[[bytes], np.ndarray] = decode_image) -> np.ndarray:
+    """The image at `src` as `decode` reads it (`shards.decode_image`, or a Predictor's `read`, which also
+    checks it is of the model's kind). An ImageError (a UserError) says what is wrong with it: unreadable,
+    undecodable, of another kind than the model's, or larger than Pillow decodes (its guard against
+    decompression bombs, with the size and what to do). Pillow's warning for images between its two limits
+    is replaced by one line saying the file and its size."""
     try:
         data = src.read_bytes()
     except OSError as e:
@@ -91,7 +96,7 @@ def read_image_file(src: Path) -> np.ndarray:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", Image.DecompressionBombWarning)
         try:
-            image = decode_image(data)
+            image = decode(data)
         except ImageError as e:
             if isinstance(e.__cause__, Image.DecompressionBombError):
                 raise ImageError(_too_large(e.__cause__)) from e
@@ -184,7 +189,7 @@ def _predict_all(args: argparse.Namespace, jobs: list[tuple[Path, Path]]) -> int
             batch = []
             for src, name in jobs[i : i + args.batch_size]:
                 try:
-                    image = read_image_file(src)
+                    image = read_image_file(src, predictor.read)
                 except ImageError as e:
                     failed.append(src)
                     print(f"error: {src}: {e}; skipped", file=sys.stderr)

@@ -1,7 +1,8 @@
 """Check the training augmentation by eye: a PNG grid of samples from the real train pipeline.
 
 Each sample is shown as "i image | i labels" (the mask over the image in the dataset's class colours,
-ignored pixels in the ignore colour), titled, with one legend of the classes shown below the grid, e.g.
+ignored pixels in the ignore colour; the image's `data.display_bands`, 16-bit and float bands stretched
+from their 2nd to 98th percentile), titled, with one legend of the classes shown below the grid, e.g.
 
     python -m seg_dist.preview --config configs/default.yaml --out preview.png --n 16 data.augment.rotate=30
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from . import cli, data, outputs, shards
 from .config import load_config
-from .visualize import palette_for, preview_grid, save_png
+from .visualize import display_bands, palette_for, preview_grid, save_png
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -45,12 +46,14 @@ def _preview(argv: Sequence[str] | None) -> int:
     outputs.check(ins, [outputs.Output(Path(args.out), "the preview picture", f"--out {args.out}")],
                   overwrite=args.overwrite)
     manifest = shards.load_manifest(cfg.data.root)
+    display_bands(shards.image_spec(manifest).channels, cfg.data.display_bands)  # a bad index: before any work
     classes = data.resolve_classes(cfg.data, manifest)
     split = args.split or cfg.data.train_split
     samples = list(data.augmented_samples(cfg, manifest, args.n, split, args.epoch))
     cols = args.cols or math.ceil(math.sqrt(args.n))
     save_png(args.out, preview_grid(samples, classes.names, cols, classes.ignore_index,
-                                    colours=palette_for(manifest, classes.num_classes)))
+                                    colours=palette_for(manifest, classes.num_classes),
+                                    display_bands=cfg.data.display_bands))
     print(f"wrote {args.out} ({args.n} samples of split {split!r})")
     return cli.EXIT_OK
 

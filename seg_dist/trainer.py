@@ -761,7 +761,8 @@ def end_of_epoch(run: Run, state: TrainState, meter: StepMeter,
             pictures = validation_pictures(result.examples, cfg.data.mean, cfg.data.std, classes.num_classes,
                                            classes.ignore_index, class_names=classes.names,
                                            colours=palette_for(run.data.manifest, classes.num_classes),
-                                           keys=result.example_keys)
+                                           keys=result.example_keys, display_bands=cfg.data.display_bands,
+                                           raw=True, dtype=run.data.inputs.dtype)
             run.runlog.validation(m, result.matrix, result.samples_seen, run.data.classes.names, pictures,
                                   number, state.global_step, train_loss)
             run.runlog.overlays(pictures)  # every validation: a run may end at any one of them
@@ -812,6 +813,7 @@ def save_checkpoint(run: Run, state: TrainState, is_best: bool = False, snapshot
         "train_crop": list(run.data.train_crop),  # what data.image_size=0 became
         # The packing scale (pack --max-size): inference brings inputs to it, as pack did to the training images.
         "max_size": run.data.manifest.get("max_size"),
+        "tiling": run.data.manifest.get("tiling"),  # pack --tile: the tiles a scene was cut into
         "train_mean_hw": run.data.train_mean_hw,
         "input": run.data.inputs.to_dict(),  # the frames it learnt from: inference warns far from them
         "palette": palette_for(run.data.manifest, classes.num_classes).tolist(),  # the pictures' class colours

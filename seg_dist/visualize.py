@@ -4,6 +4,11 @@ matrix, PNG writes.
 The one home of class colours: training overlays, previews, the synthetic dataset's palette PNGs and
 predictions all draw with `palette()` (or a dataset's own colours, `palette_for`), and paint ignored
 pixels `IGNORE_COLOUR`, a colour no generated class gets. No matplotlib: PIL draws the text.
+
+Images of any channel count and pixel type are shown through `display_image`: the bands `data.display_bands`
+names (one shown as grey, three as RGB; by default the first three of 3+ channels, else the first), 8-bit
+pixels as they are, 16-bit and float ones stretched per shown band and per image from their 2nd to their 98th
+percentile, so a 16-bit picture whose values sit in a narrow range is not all black.
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from . import atomic
+from .errors import UserError
+from .shards import FULL_SCALE
 
 __all__ = [
-    "DEFAULT_MAX_SIDE", "IGNORE_COLOUR", "bar_chart", "colorize", "confusion_matrix_figure", "delta_e",
-    "denormalize", "enlarge", "grid", "ignore_colour", "legend", "overlay", "overlay_triptych",
-    "overlay_with_legend", "palette", "palette_for", "preview_grid", "save_mask_png", "save_png", "srgb_to_lab",
-    "titled_panels", "validation_pictures",
+    "DEFAULT_MAX_SIDE", "IGNORE_COLOUR", "STRETCH_PERCENTILES", "bar_chart", "colorize", "confusion_matrix_figure",
+    "delta_e", "denormalize", "display_bands", "display_image", "enlarge", "grid", "ignore_colour", "legend",
+    "overlay", "overlay_triptych", "overlay_with_legend", "palette", "palette_for", "preview_grid", "save_mask_png",
+    "save_png", "srgb_to_lab", "titled_panels", "validation_pictures",
 ]
 
 log = logging.getLogger(__name__)
@@ -39,6 +46,9 @@ IGNORE_COLOUR = (0, 0, 0)
 _RESERVED = ((0, 0, 0), (128, 128, 128), (255, 255, 255))
 # Long side of any composite picture (validation overlays, predict overlays, previews), in px.
 DEFAULT_MAX_SIDE = 2048
+# 16-bit and float bands are shown stretched between these percentiles of the band in the image: a few
+# outliers (a specular glint, a saturated pixel) would otherwise leave the rest of the picture one grey.
+STRETCH_PERCENTILES = (2.0, 98.0)
 
 # The first 20 class colours: the greedy farthest-point sequence of `_generated` (CIEDE2000, away from
 # black, grey and white), written out so that they never move; more classes continue the same walk.
@@ -212,15 +222,67 @@ def overlay(image: np.ndarray, mask: np.ndarray | torch.Tensor, num_classes: int
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def denormalize(tensor: torch.Tensor | np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """A normalised 3xHxW image back to HxWx3 uint8 (inverse of albumentations' Normalize)."""
+def denormalize(tensor: torch.Tensor | np.ndarray, mean: Sequence[float], std: Sequence[float],
+                dtype: str = "uint8") -> np.ndarray:
+    """A normalised C x H x W image back to H x W x C pixels of `dtype` (the inverse of `data.normalize`):
+    (x std + mean) times the type's full scale (`shards.FULL_SCALE`: 255, 65535, or 1 for float32), rounded
+    and clipped to the type's range for integer types."""
     x = _as_numpy(tensor).astype(np.float32)
-    if x.ndim != 3 or x.shape[0] != 3:
-        raise ValueError(f"expected a 3xHxW tensor, got shape {x.shape}")
-    m = np.asarray(mean, np.float32).reshape(3, 1, 1)
-    s = np.asarray(std, np.float32).reshape(3, 1, 1)
-    x = (x * s + m) * 255.0
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8).transpose(1, 2, 0).copy()
+    c = len(mean)
+    if x.ndim != 3 or x.shape[0] != c or len(std) != c:
+        raise ValueError(f"expected a {c} x H x W tensor (one channel per mean), got shape {x.shape}")
+    if dtype not in FULL_SCALE:
+        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(FULL_SCALE)}")
+    m = np.asarray(mean, np.float32).reshape(c, 1, 1)
+    s = np.asarray(std, np.float32).reshape(c, 1, 1)
+    x = (x * s + m) * np.float32(FULL_SCALE[dtype])
+    if dtype != "float32":
+        x = np.clip(np.rint(x), 0, FULL_SCALE[dtype])
+    return x.astype(dtype).transpose(1, 2, 0).copy()
+
+
+def display_bands(channels: int, bands: Sequence[int] | None = None) -> list[int]:
+    """The channels a picture of a `channels`-channel image shows: `bands` (`data.display_bands`, one index
+    for grey or three for RGB) where given, else the first three of 3+ channels, else the first. A UserError
+    naming `data.display_bands` where an index is not one of the image's channels."""
+    if bands is None:
+        return [0, 1, 2] if channels >= 3 else [0]
+    chosen = [int(b) for b in bands]
+    if len(chosen) not in (1, 3) or any(not 0 <= b < channels for b in chosen):
+        raise UserError(f"data.display_bands={chosen}: the images have {channels} channel(s), so give 1 or 3 "
+                        f"indices in 0..{channels - 1} (or unset it: the first three, or the first)")
+    return chosen
+
+
+def display_image(image: np.ndarray | torch.Tensor, bands: Sequence[int] | None = None) -> np.ndarray:
+    """An H x W or H x W x C image of uint8, uint16 or float32 pixels as loaded -> the uint8 H x W x 3 picture
+    of it: the `display_bands` chosen (one band shown as grey), 8-bit values as they are, 16-bit and float
+    values stretched linearly per shown band from its 2nd to its 98th percentile in this image to 0-255
+    (a band that is flat there shows mid grey)."""
+    a = _as_numpy(image)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3 or a.dtype.name not in FULL_SCALE:
+        raise ValueError(f"expected an H x W x C image of {', '.join(FULL_SCALE)}, got {a.dtype} {a.shape}")
+    chosen = display_bands(a.shape[2], bands)
+    if a.dtype == np.uint8:
+        shown = a if chosen == [0, 1, 2] and a.shape[2] == 3 else a[:, :, chosen]
+    else:
+        shown = np.stack([_stretch(a[:, :, b]) for b in chosen], axis=2)
+    if shown.shape[2] == 1:
+        shown = np.repeat(shown, 3, axis=2)
+    return np.ascontiguousarray(shown)
+
+
+def _stretch(band: np.ndarray) -> np.ndarray:
+    """One H x W band of 16-bit or float values -> uint8, its 2-98 percentile range mapped to 0-255."""
+    values = band.astype(np.float64)
+    lo, hi = np.percentile(values, STRETCH_PERCENTILES)
+    if hi <= lo:  # most of the band one value: stretch whatever else there is
+        lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return np.full(band.shape, 128, np.uint8)
+    return np.clip(np.rint((values - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
 
 
 def _rgb(a: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -406,20 +468,25 @@ def validation_pictures(examples: Sequence[tuple[torch.Tensor, torch.Tensor, tor
                         std: Sequence[float], num_classes: int, ignore_index: int = 255,
                         class_names: Sequence[str] | None = None, colours: np.ndarray | None = None,
                         keys: Sequence[str] | None = None, max_side: int = DEFAULT_MAX_SIDE,
-                        alpha: float = 0.5, min_side: int = 160) -> list[np.ndarray]:
+                        alpha: float = 0.5, min_side: int = 160, display_bands: Sequence[int] | None = None,
+                        raw: bool | None = None, dtype: str = "uint8") -> list[np.ndarray]:
     """One picture per (image, target, prediction): panels "image | ground truth | prediction" titled, the
     sample's key on top (where `keys` are given), and a legend of the classes in the truth or the prediction.
 
-    An image is either uint8 H x W x 3 as loaded (what `validate` keeps) or a normalised 3 x H x W tensor
-    (undone with `mean`/`std`). Small images are enlarged (pixel repeats) to `min_side`, large ones reduced
-    so that no picture exceeds `max_side` px on either side.
+    An image is either as loaded, H x W x C in its own type (what `validate` keeps), or a normalised
+    C x H x W float tensor, undone with `mean`/`std` in `dtype`'s full scale (`denormalize`). `raw`: True
+    for images as loaded (a float32 dataset's too), False for normalised ones; None: uint8 and uint16
+    images are as loaded, float ones normalised. The image panel shows `display_bands` (`display_image`).
+    Small images are enlarged (pixel repeats) to `min_side`, large ones reduced so that no picture exceeds
+    `max_side` px on either side.
     """
     names = list(class_names) if class_names is not None else [f"class {i}" for i in range(num_classes)]
     colours = palette(num_classes) if colours is None else np.asarray(colours, np.uint8)
     pictures = []
     for i, (image, target, pred) in enumerate(examples):
         image = _as_numpy(image)
-        rgb = denormalize(image, mean, std) if image.dtype != np.uint8 else _rgb(image)
+        loaded = raw if raw is not None else image.dtype in (np.uint8, np.uint16)
+        rgb = display_image(image if loaded else denormalize(image, mean, std, dtype), display_bands)
         t, p = _as_numpy(target), _as_numpy(pred)
         scale = _panel_scale(*rgb.shape[:2], cols=3, rows=1, max_side=max_side, min_side=min_side)
         rgb, (t, p) = _resized(rgb, [t, p], scale)
@@ -434,12 +501,14 @@ def validation_pictures(examples: Sequence[tuple[torch.Tensor, torch.Tensor, tor
 
 def overlay_with_legend(image: np.ndarray, mask: np.ndarray | torch.Tensor, class_names: Sequence[str],
                         alpha: float = 0.5, min_side: int = 160, max_side: int = DEFAULT_MAX_SIDE,
-                        colours: np.ndarray | None = None, ignore_index: int = 255) -> np.ndarray:
+                        colours: np.ndarray | None = None, ignore_index: int = 255,
+                        display_bands: Sequence[int] | None = None) -> np.ndarray:
     """Predict's picture: "image | prediction | blend" titled, a legend of the classes present below, at
-    most `max_side` px on either side (a large image is reduced for viewing; the mask itself is not)."""
+    most `max_side` px on either side (a large image is reduced for viewing; the mask itself is not). The
+    image is H x W (x C) in its own type, shown through `display_image` with `display_bands`."""
     n = len(class_names)
     colours = palette(n) if colours is None else np.asarray(colours, np.uint8)
-    rgb, m = _rgb(image), _as_numpy(mask)
+    rgb, m = display_image(image, display_bands), _as_numpy(mask)
     scale = _panel_scale(*rgb.shape[:2], cols=3, rows=1, max_side=max_side, min_side=min_side)
     rgb, (m,) = _resized(rgb, [m], scale)
     panels = [rgb, colorize(m, n, ignore_index, colours), overlay(rgb, m, n, ignore_index, alpha, colours)]
@@ -449,9 +518,11 @@ def overlay_with_legend(image: np.ndarray, mask: np.ndarray | torch.Tensor, clas
 
 def preview_grid(samples: Sequence[tuple[np.ndarray, np.ndarray]], class_names: Sequence[str], cols: int,
                  ignore_index: int = 255, colours: np.ndarray | None = None, heading: str = "",
-                 max_side: int = DEFAULT_MAX_SIDE, alpha: float = 0.5, min_side: int = 96) -> np.ndarray:
+                 max_side: int = DEFAULT_MAX_SIDE, alpha: float = 0.5, min_side: int = 96,
+                 display_bands: Sequence[int] | None = None) -> np.ndarray:
     """The augmentation preview: `cols` samples per row, each as "i image | i labels" titled, one legend of
-    the classes in any sample below; at most `max_side` px on either side."""
+    the classes in any sample below; at most `max_side` px on either side. Images are H x W (x C) in their
+    own type, shown through `display_image` with `display_bands`."""
     if not samples:
         raise ValueError("preview_grid needs at least one sample")
     n = len(class_names)
@@ -462,7 +533,7 @@ def preview_grid(samples: Sequence[tuple[np.ndarray, np.ndarray]], class_names: 
     scale = _panel_scale(h, w, cols=2 * cols, rows=-(-len(samples) // cols), max_side=max_side, min_side=min_side)
     panels, titles, masks = [], [], []
     for i, (image, mask) in enumerate(samples):
-        rgb, (m,) = _resized(_rgb(image), [_as_numpy(mask)], scale)
+        rgb, (m,) = _resized(display_image(image, display_bands), [_as_numpy(mask)], scale)
         panels += [rgb, overlay(rgb, m, n, ignore_index, alpha, colours)]
         titles += [f"{i} image", f"{i} labels"]
         masks.append(m)

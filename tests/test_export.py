@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -76,7 +77,8 @@ def test_torchscript_uint8_inside(tiny_checkpoint: Path, tmp_path: Path) -> None
             _assert_close(scripted(_nchw(images)), want)  # uint8 in
             _assert_close(scripted(_nchw(images).float()), want)  # float 0-255 in
     meta = json.loads(exporting.metadata_path(out).read_text())
-    assert meta["normalize"] == "inside" and meta["input"]["dtype"] == "uint8"
+    assert meta["normalize"] == "inside" and meta["input"]["dtype"] == meta["input"]["tensor_dtype"] == "uint8"
+    assert meta["input"]["raw_mean"] == pytest.approx([255 * m for m in MEAN]) and meta["input"]["channels"] == 3
     assert meta["class_names"] == CLASS_NAMES and meta["num_classes"] == 4 and meta["ignore_index"] == 255
     assert meta["check"]["max_abs_diff"] <= meta["check"]["tolerance"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
@@ -91,7 +93,9 @@ def test_json_mode_cli_subprocess(tiny_checkpoint: Path, tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stderr
     assert "max abs diff" in proc.stdout
     meta = json.loads((tmp_path / "bare.pt.json").read_text())
-    assert meta["normalize"] == "json" and meta["input"]["dtype"] == "float32"
+    # The images are 8-bit; the bare graph takes them normalised, as float32.
+    assert meta["normalize"] == "json" and meta["input"]["dtype"] == "uint8"
+    assert meta["input"]["tensor_dtype"] == "float32" and meta["input"]["channels"] == 3
     assert meta["mean"] == pytest.approx(MEAN) and meta["std"] == pytest.approx(STD)
     assert meta["scale"] == pytest.approx(1 / 255)
     assert meta["class_names"] == CLASS_NAMES and meta["ignore_index"] == 255
@@ -125,9 +129,9 @@ def test_onnx_uint8_inside(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: p
 
     # Without onnxruntime the check is skipped with the install hint (the export itself still works).
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    unet = checkpoint.load_model(tiny_checkpoint, torch.device("cpu")).model
-    module = exporting.ExportUNet(unet, MEAN, STD, normalize=True)
-    check = exporting._check(unet, module, out, "onnx", torch.uint8, MEAN, STD, seed=0)
+    trained = checkpoint.load_model(tiny_checkpoint, torch.device("cpu"))
+    module = exporting.ExportUNet(trained.model, MEAN, STD, normalize=True)
+    check = exporting._check(trained.model, module, out, "onnx", torch.uint8, trained.input, seed=0)
     assert check.ok and check.skipped is not None
     assert "onnxruntime is not installed: pip install 'seg_dist[export]'" in check.summary()
 
@@ -216,7 +220,10 @@ def test_export_json_holds_only_the_fields_of_its_model(tiny_checkpoint: Path, t
                              "norm": "batch"}  # no encoder, encoder_weights or freeze_encoder_epochs
     assert "opset" not in meta  # an ONNX figure
     assert "skipped" not in meta["check"] and meta["check"]["argmax_agreement"] == 1.0
-    assert exporting.model_fields(ModelConfig(name="smp_unet", encoder="resnet18")) == {
+    # From a checkpoint's config, as export builds it: model.in_channels=0 (from the data) resolved to 3.
+    model_cfg = checkpoint.load_model(tiny_checkpoint, torch.device("cpu")).cfg.model
+    assert dataclasses.replace(ModelConfig(), in_channels=0).in_channels == 0 and model_cfg.in_channels == 3
+    assert exporting.model_fields(dataclasses.replace(model_cfg, name="smp_unet", encoder="resnet18")) == {
         "name": "smp_unet", "in_channels": 3, "encoder": "resnet18"}
 
 

@@ -49,10 +49,15 @@ def test_colorize_and_overlay():
 
 
 def test_denormalize_inverts_preprocess():
-    cfg = load_config(None, [])
+    cfg = load_config(None, ["data.mean=[0.485,0.456,0.406]", "data.std=[0.229,0.224,0.225]"])
     image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
     back = denormalize(preprocess(image, cfg.data), cfg.data.mean, cfg.data.std)
     assert back.dtype == np.uint8 and np.abs(back.astype(int) - image).max() <= 1
+    # 16-bit bands come back in 16 bits: the full scale is 65535, not 255.
+    cfg = load_config(None, ["data.mean=[0.06,0.5,0.3,0.9]", "data.std=[0.01,0.2,0.1,0.05]"])
+    deep = np.random.default_rng(1).integers(0, 65536, (5, 7, 4)).astype(np.uint16)
+    back = denormalize(preprocess(deep, cfg.data), cfg.data.mean, cfg.data.std, "uint16")
+    assert back.dtype == np.uint16 and back.shape == deep.shape and np.abs(back.astype(int) - deep).max() <= 1
 
 
 def test_grid_layout():
