@@ -194,6 +194,9 @@ def _batches(indices: list[int], keys: list[str], batch: int):
         yield images, masks, [keys[j] for j in idx], [(6, 8)] * len(idx)
 
 
+_DATA = DataConfig(mean=[0.5] * 3, std=[0.2] * 3)  # validate normalises by the run's resolved constants
+
+
 def _model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Conv2d(3, 3, 1)
@@ -202,7 +205,7 @@ def _model() -> nn.Module:
 def test_validate_keeps_the_first_samples_by_key_whatever_the_loader_order():
     keys = [f"k{i}" for i in range(7)]
     order = [4, 5, 0, 1, 6, 2, 3]  # loader workers interleave their batches
-    result = validate(_model(), _batches(order, keys, 2), 3, 255, torch.device("cpu"), DataConfig(mean=[0.5] * 3, std=[0.2] * 3), keep=3)
+    result = validate(_model(), _batches(order, keys, 2), 3, 255, torch.device("cpu"), _DATA, keep=3)
     assert result.example_keys == ["k0", "k1", "k2"]
     assert [int(image[0, 0, 0]) for image, _, _ in result.examples] == [0, 1, 2]
     image, target, pred = result.examples[0]
@@ -215,7 +218,7 @@ def _validate_on_rank(denv, device, out: str) -> None:
     lo, hi = denv.rank * 7 // denv.world_size, (denv.rank + 1) * 7 // denv.world_size  # as data.val_share
     found = {}
     for name, keep in (("everywhere", 4), ("rank0", 4 if denv.is_main else 0)):
-        result = validate(_model(), _batches(list(range(lo, hi)), keys, 2), 3, 255, device, DataConfig(mean=[0.5] * 3, std=[0.2] * 3), keep=keep)
+        result = validate(_model(), _batches(list(range(lo, hi)), keys, 2), 3, 255, device, _DATA, keep=keep)
         found[name] = {"keys": result.example_keys, "values": [int(image[0, 0, 0]) for image, _, _ in result.examples],
                        "samples": result.samples_seen}
     Path(f"{out}.{denv.rank}").write_text(json.dumps(found))
