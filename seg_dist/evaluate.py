@@ -3,12 +3,13 @@
     python -m seg_dist.evaluate --checkpoint runs/X/checkpoints/best.pt [--split val] [--json m.json] [--out DIR]
     torchrun --nproc_per_node=2 -m seg_dist.evaluate --checkpoint ... [--data shards/other] [key=value ...]
 
-Every image of the split runs through the predict path (seg_dist.inference: the same normalisation,
-resizing, tiling and TTA) and is scored at its mask's stored resolution; one int64 confusion matrix is
-summed over ranks, so 1 or N ranks give identical figures. Prints a per-class table; --json writes the
-figures and the confusion matrix (rows = ground truth) as strict JSON (null where a figure is undefined,
-e.g. the IoU of a class in neither prediction nor ground truth); --out DIR saves the confusion-matrix picture and a
-per-class IoU bar chart. The checkpoint carries its config; overrides change it.
+Every image of the split runs through the predict path (seg_dist.inference: the same normalisation, resizing,
+tiling and TTA; images of any channel count and pixel type, as the checkpoint's model takes them: data of
+another kind is refused before the first batch) and is scored at its mask's stored resolution; one int64
+confusion matrix is summed over ranks, so 1 or N ranks give identical figures. Prints a per-class table;
+--json writes the figures and the confusion matrix (rows = ground truth) as strict JSON (null where a figure
+is undefined, e.g. the IoU of a class in neither prediction nor ground truth); --out DIR saves the confusion-
+matrix picture and a per-class IoU bar chart. The checkpoint carries its config; overrides change it.
 """
 
 from __future__ import annotations

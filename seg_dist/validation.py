@@ -33,7 +33,7 @@ class Validation:
     samples_seen: int  # over all ranks
     matrix: torch.Tensor  # the reduced int64 confusion matrix, on CPU
     # The split's first `keep` samples (smallest keys, whichever rank validated them), on CPU, for overlays:
-    # (uint8 H x W x 3 image as the model saw it, target, prediction), unpadded.
+    # (H x W x C image as the model saw it, in its own type before normalisation, target, prediction), unpadded.
     examples: list[Example] = field(default_factory=list)
     example_keys: list[str] = field(default_factory=list)  # the sample key of each example
 

@@ -4,6 +4,7 @@ sets, trained briefly on the CPU. Real files (TIFF, .npy, 16-bit PNG), real comm
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -272,3 +273,43 @@ def test_the_packing_scale_is_brought_about_as_pack_brings_it(tmp_path: Path) ->
     small = resize_image(many, 10, 15)
     assert small.shape == (10, 15, 9) and small.dtype == np.uint16
     assert abs(int(small[0, 0, 8]) - many[:2, :2, 8].astype(np.float64).mean()) <= 0.5
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxscript", "onnxruntime")),
+                    reason="onnx, onnxscript and onnxruntime (pip install 'seg_dist[export]')")
+def test_onnx_export_takes_uint16_and_falls_back_to_float32(trained: dict, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    if trained["kind"] != "grey16":
+        pytest.skip("one ONNX export is enough: the 16-bit grey model")
+    import onnxruntime as ort
+
+    ckpt = trained["checkpoint"]
+    images = np.stack([_new_image("grey16", 20 + i, (21, 27)) for i in range(2)])
+    model = checkpoint.load_model(ckpt, torch.device("cpu"))
+    with torch.no_grad():
+        eager = model.model(data.normalize(torch.from_numpy(images), model.input.mean, model.input.std))
+    nchw = images.transpose(0, 3, 1, 2).copy()
+    out = tmp_path / "model.onnx"
+    result = exporting.export(ckpt, out, "onnx")
+    assert result.check.skipped is None and result.check.ok
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].type == "tensor(uint16)"
+    got = torch.from_numpy(session.run(None, {"image": nchw})[0])
+    assert (got - eager).abs().max().item() <= exporting.ATOL
+
+    # Where the exporter cannot take a uint16 input, the file takes the same values as float32, and says so.
+    export_onnx = exporting._export_onnx
+
+    def no_uint16(module, path, dtype, device, opset):
+        if dtype == torch.uint16:
+            raise exporting.RunFailed("ONNX export failed: no uint16 here")
+        return export_onnx(module, path, dtype, device, opset)
+
+    monkeypatch.setattr(exporting, "_export_onnx", no_uint16)
+    fallback = tmp_path / "fallback.onnx"
+    exporting.export(ckpt, fallback, "onnx")
+    meta = json.loads(exporting.metadata_path(fallback).read_text())["input"]
+    assert meta["dtype"] == "uint16" and meta["tensor_dtype"] == "float32" and "no uint16 here" in meta["tensor_note"]
+    session = ort.InferenceSession(str(fallback), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"image": nchw.astype(np.float32)})[0])
+    assert (got - eager).abs().max().item() <= exporting.ATOL
