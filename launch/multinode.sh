@@ -27,9 +27,11 @@
 #   TORCHRUN_ARGS   more torchrun options, split on spaces (e.g. "--monitor-interval=1")
 #
 # Any host may be started first; the job starts once all NNODES have joined. Exit status: torchrun's (0 when
-# every worker finished). A stop: SIGTERM to torchrun on a host (what a VM shutdown sends) terminates its
-# workers with SIGTERM, which the trainer takes as a stop request (checkpoint at an agreed step); start the
-# same commands again to resume from that checkpoint.
+# every worker finished). A stop (README, "Stopping a run"): SIGUSR1 to the training processes of any one host
+# (`pkill -USR1 -P <pid of this script>`: torchrun runs in its place) stops every rank at one step with a
+# checkpoint, and every torchrun exits 0. SIGTERM or Ctrl-C to torchrun (what a VM shutdown sends) does the
+# same to its workers, but that torchrun then exits 1 with a SignalException traceback. Start the same
+# commands again to resume from the checkpoint.
 set -euo pipefail
 
 usage() {

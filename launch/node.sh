@@ -9,9 +9,10 @@
 #
 # Signals. SLURM signals every process of a job step (`scancel --signal=USR1 JOB`, `srun --signal`, and the
 # SIGTERM before a job is killed), so torchrun gets them as well as this script and the workers:
-#   - torchrun has no handler for SIGUSR1: it would die of it and leave its workers orphaned. So torchrun
-#     starts with SIGUSR1 ignored (an ignored signal stays ignored across exec; the trainer installs its own
-#     handler, which replaces the inherited "ignore"). This script catches USR1 itself and forwards it to
+#   - torchrun has no handler for SIGUSR1: it would die of it, failing the step (its workers would still
+#     stop with a checkpoint, as workers do whose launcher died). So torchrun starts with SIGUSR1 ignored
+#     (an ignored signal stays ignored across exec; the trainer installs its own handler, which replaces
+#     the inherited "ignore"). This script catches USR1 itself and forwards it to
 #     torchrun's workers (its direct children), which stop at an agreed step with a checkpoint and exit 0.
 #   - torchrun turns SIGTERM into terminating its workers (SIGTERM, then SIGKILL after its shutdown
 #     timeout). The trainer treats SIGTERM as a stop request too, so they still checkpoint; on TERM this

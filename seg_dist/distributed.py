@@ -8,6 +8,7 @@ host of SLURM_NODELIST), and neither (a single process).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import gc
 import logging
@@ -17,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -59,44 +61,146 @@ class DistEnv:
         return self.world_size > 1
 
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # what a scheduler sends before it preempts or ends a job
+# What ends a run early with a checkpoint: a scheduler's warning before preemption (SIGUSR1, SIGTERM), torchrun
+# passing on its own SIGTERM, SIGINT (Ctrl-C) or SIGHUP to its workers, Ctrl-C or a closed terminal.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# What the kernel sends when this process's launcher exits (prctl PR_SET_PDEATHSIG): a signal nobody else
+# sends, so that its handler can check that the parent really is gone. The kernel sends it when the *thread*
+# that started this process exits, which for a launcher that starts processes from short-lived threads is
+# not the launcher's end. None where there is no prctl.
+PARENT_DEATH_SIGNAL: int | None = (int(signal.SIGRTMIN) + 3 if sys.platform.startswith("linux")
+                                   and hasattr(signal, "SIGRTMIN") else None)
+# Signals that the process group's threads must leave to the main thread (see setup).
+_HANDLED = (*STOP_SIGNALS, *((PARENT_DEATH_SIGNAL,) if PARENT_DEATH_SIGNAL is not None else ()))
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PARENT_EXITED = "parent exited"  # the stop's name in logs and RUN_DIR/STOPPED when the launcher died
+# Longest time between two stop checks, whatever the logging cadence: torchrun kills its workers 30 s (its
+# --shutdown-timeout) after it passed on a SIGTERM or Ctrl-C, and a stop needs a step and a checkpoint too.
+STOP_CHECK_SECONDS = 2.0
 
 
 class StopRequest:
-    """Set by SIGUSR1/SIGTERM (a scheduler's warning before preemption); read only at step boundaries.
+    """Set by a stop signal or the launcher's death; read only at steps that every rank picks alike.
 
-    A signal may reach one rank only; `any_rank(stop.requested)` at a fixed cadence makes every rank
-    stop at the same step.
+    A signal may reach one rank only: `agreed`, a collective at the steps `due` names, makes every rank
+    stop at the same step. Ctrl-C asks for a stop; Ctrl-C after that raises KeyboardInterrupt at once.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, check_seconds: float = STOP_CHECK_SECONDS) -> None:
         self.signal: int | None = None
         self.signals_seen: list[str] = []  # over all ranks, once `agreed` said yes
+        self.check_seconds = check_seconds
+        self.parent: int | None = None  # the launcher's pid, when its death is watched
+        self._every = 1  # steps between checks when log steps are further apart than check_seconds
+        self._last_check: tuple[int, float] | None = None  # (step, time.monotonic()) of the last check
 
-    def install(self, signals: tuple[int, ...] = STOP_SIGNALS) -> None:
+    def install(self, signals: tuple[int, ...] = STOP_SIGNALS, parent: int | None = None) -> None:
+        """Handle `signals`; with `parent` (this process's parent pid when it started), also its death."""
         for sig in signals:
+            if sig in (signal.SIGINT, signal.SIGHUP) and signal.getsignal(sig) == signal.SIG_IGN:
+                continue  # started under nohup or as a background job: whoever started it wants these ignored
             signal.signal(sig, self._handle)
             # Restart system calls the signal interrupts (SA_RESTART), in whatever thread it lands on:
             # native code (gloo, NCCL, the loader) need not expect EINTR from a mere stop request.
             signal.siginterrupt(sig, False)
+        if parent is not None:
+            self.watch_parent(parent)
+
+    def watch_parent(self, parent: int) -> bool:
+        """Request a stop when process `parent` (this one's parent at start) exits; False where not possible.
+
+        torchrun starts its workers in sessions of their own: a launcher killed without cleaning up (SIGKILL,
+        the OOM killer, SIGUSR1, which torchrun does not handle) would leave them training on, orphaned.
+        """
+        if PARENT_DEATH_SIGNAL is None:
+            return False
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            signal.signal(PARENT_DEATH_SIGNAL, self._parent_signal)
+            signal.siginterrupt(PARENT_DEATH_SIGNAL, False)
+            if libc.prctl(_PR_SET_PDEATHSIG, PARENT_DEATH_SIGNAL, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+        except (OSError, AttributeError) as e:
+            log.warning("cannot watch the launcher (pid %d): %s; a worker whose launcher dies keeps running", parent, e)
+            return False
+        self.parent = parent
+        # The kernel sends nothing for a parent that died before prctl: this process was re-parented already.
+        self._parent_signal(PARENT_DEATH_SIGNAL, None)
+        return True
 
     def _handle(self, signum: int, _frame: Any) -> None:
-        self.signal = signum
+        if self.signal is None:
+            self.signal = signum
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C after a stop request: do not wait for the next check step
+
+    def _parent_signal(self, signum: int, _frame: Any) -> None:
+        if self.parent is not None and os.getppid() != self.parent and self.signal is None:
+            self.signal = signum
 
     @property
     def requested(self) -> bool:
         return self.signal is not None
 
-    def describe(self) -> str:
-        return signal.Signals(self.signal).name if self.signal is not None else "signalled on another rank"
+    @property
+    def parent_exited(self) -> bool:
+        return self.signal is not None and self.signal == PARENT_DEATH_SIGNAL
 
-    def agreed(self, device: torch.device | str = "cpu") -> bool:
-        """A collective: True on every rank when any rank was signalled (and then which signals)."""
-        if not any_rank(self.requested, device):
+    def _name(self) -> str | None:
+        if self.signal is None:
+            return None
+        return PARENT_EXITED if self.parent_exited else signal.Signals(self.signal).name
+
+    def describe(self) -> str:
+        if self.parent_exited:
+            return f"{PARENT_EXITED}: launcher pid {self.parent}"
+        return self._name() or "signalled on another rank"
+
+    def due(self, step: int, log_every: int) -> bool:
+        """Whether the ranks check for a stop after optimiser step `step`: the same answer on every rank.
+
+        At every log step (which reads the device anyway), and where log steps are more than `check_seconds`
+        apart, also at every multiple of a step count that takes about `check_seconds`, measured by `agreed`.
+        """
+        return step % log_every == 0 or (self._every < log_every and step % self._every == 0)
+
+    def agreed(self, device: torch.device | str = "cpu", step: int | None = None) -> bool:
+        """A collective: True on every rank when any rank was asked to stop (and then by what).
+
+        With `step`, it also times the steps since the last check (the slowest rank's clock, so every rank
+        gets the same cadence for `due`).
+        """
+        now = time.monotonic()
+        last = self._last_check if step is not None else None
+        flag = torch.tensor([1.0 if self.requested else 0.0, now - last[1] if last else 0.0], dtype=torch.float64,
+                            device=device)
+        requested, seconds = all_reduce_(flag, "max").tolist()
+        if step is not None:
+            if last is not None and step > last[0] and seconds > 0:
+                self._every = max(1, int(self.check_seconds / (seconds / (step - last[0]))))
+            self._last_check = (step, now)
+        if not requested:
             return False
-        names = all_gather_objects(signal.Signals(self.signal).name if self.signal is not None else None)
-        self.signals_seen = sorted({n for n in names if n})
+        self.signals_seen = sorted({n for n in all_gather_objects(self._name()) if n})
         return True
+
+
+def loader_worker_init(_worker_id: int = 0) -> None:
+    """A DataLoader `worker_init_fn`: a loader process leaves stopping to its rank, which closes it.
+
+    torchrun signals each worker's whole process group, and torch's loader processes die of SIGTERM (it
+    installs a handler that re-raises it); the rank then fails with "DataLoader worker ... is killed by
+    signal" before it can save the checkpoint the signal asked for. In a session of its own, a loader process
+    gets none of the signals sent to its rank's process group or terminal (Ctrl-C, SIGHUP), while SIGTERM
+    to its pid, how the loader ends a worker that does not finish, still ends it. SIGUSR1, SIGINT and
+    SIGHUP sent to every process (SLURM signals every process of a job step) are ignored. A loader process
+    still ends with its rank: when the rank closes the loader, or within seconds of the rank's death.
+    """
+    with contextlib.suppress(OSError):  # already a session leader: nothing to leave
+        os.setsid()
+    for sig in STOP_SIGNALS:
+        if sig != signal.SIGTERM:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def first_host(nodelist: str) -> str:
@@ -365,7 +469,7 @@ def setup(device: str = "auto", timeout_minutes: float = 30.0) -> Iterator[tuple
         # group and its stores start, they interrupt a blocking call there (EINTR), which can abort the
         # process (seen once: "terminate called without an active exception" after a SIGUSR1). Threads
         # inherit the signal mask of the thread that starts them, so they start with the signals blocked.
-        with _signals_blocked(STOP_SIGNALS):
+        with _signals_blocked(_HANDLED):
             kwargs: dict[str, Any] = {}
             if _torchrun_shares_its_store():
                 kwargs["store"] = _generation_store(denv, timeout)  # not env://: see _generation_store
@@ -501,7 +605,7 @@ def single_process_group(device: torch.device) -> Iterator[DistEnv]:
     if is_initialized():
         raise RuntimeError("single_process_group: this process is already in a process group")
     kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
-    with _signals_blocked(STOP_SIGNALS):  # as in setup(): the group's threads must not take the stop signals
+    with _signals_blocked(_HANDLED):  # as in setup(): the group's threads must not take the stop signals
         dist.init_process_group(backend_for(device), store=dist.HashStore(), rank=0, world_size=1, **kwargs)
     try:
         yield DistEnv(launcher="local")
@@ -542,7 +646,7 @@ def _local_rank(rank: int, world_size: int, port: int, fn: Callable[..., None], 
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         kwargs["device_id"] = dev
-    with _signals_blocked(STOP_SIGNALS):
+    with _signals_blocked(_HANDLED):
         dist.init_process_group(backend_for(dev), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size, timeout=datetime.timedelta(minutes=timeout_minutes),
                                 **kwargs)

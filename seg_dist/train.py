@@ -6,21 +6,29 @@
 
 The command: arguments, config, signals and the process group. The loop is `seg_dist.trainer`.
 Exit 0 when the run finished or stopped on request with a checkpoint, 1 when it failed (e.g. diverged),
-2 for bad input. A run stopped on request (SIGUSR1/SIGTERM) leaves RUN_DIR/STOPPED (JSON: global_step,
-signal, requeued) so a job script can tell it from a finished one; under SLURM it requeues its job.
+2 for bad input. A stop is requested by SIGUSR1, SIGTERM, SIGINT (Ctrl-C; a second one interrupts at
+once, exit 130) or SIGHUP, or by the death of the launcher (torchrun, srun) that started this process; the
+run then leaves RUN_DIR/STOPPED (JSON: global_step, signal, requeued) so a job script can tell it from a
+finished one; under SLURM it requeues its job.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-import sys
-from collections.abc import Sequence
+import os
 
-from . import cli, distributed
-from .config import Config, load_config
-from .runlog import setup_logging, write_stop_marker
-from .trainer import TrainResult, train
+# Read before the imports below, which take seconds (torch): a launcher that dies meanwhile is noticed too.
+STARTED_BY = os.getppid()
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+
+from . import cli, distributed  # noqa: E402
+from .config import Config, load_config  # noqa: E402
+from .errors import RunFailed  # noqa: E402
+from .runlog import setup_logging, write_stop_marker  # noqa: E402
+from .trainer import TrainResult, train  # noqa: E402
 
 log = logging.getLogger("seg_dist.train")
 
@@ -36,13 +44,20 @@ def _train(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     stop = distributed.StopRequest()
-    stop.install()
+    # A launcher (torchrun, srun) outlives its workers, so its death ends the run. A shell does not: a run
+    # started with nohup or disowned goes on after its shell has exited (and a terminal's SIGHUP is a stop).
+    stop.install(parent=STARTED_BY if distributed.read_env().launcher != "none" else None)
+    if stop.parent_exited:  # the launcher died while this process started: nothing to save, no one to train with
+        raise RunFailed(f"not started: {stop.describe()} before training began")
     with distributed.setup(cfg.train.device, timeout_minutes=cfg.train.dist_timeout_minutes) as (denv, device):
         setup_logging(denv.rank)
         distributed.share_cpu_threads(denv, device, pin=cfg.train.pin_cpu_ranks)
         result = train(cfg, denv, device, stop)
     if result.stopped and denv.is_main:
         after_stop(cfg, denv, result)
+    elif result.stopped:  # a warning: what other ranks log; each node's log then shows its ranks stopped in order
+        log.warning("stopped at global step %d (%s) with rank 0, which saved the checkpoint", result.global_step,
+                    result.stop_signal)
     return cli.EXIT_OK
 
 
