@@ -50,8 +50,12 @@ def run(command: Callable[[Sequence[str] | None], int], argv: Sequence[str] | No
 
     Only `UserError` (exit 2) and `RunFailed`/`DiskFull` (exit 1) are known: any other exception, a
     ValueError or a missing file included, is a bug in seg_dist and propagates with its traceback.
-    SEG_DIST_TRACEBACK=1 re-raises the known ones too, for debugging.
+    SEG_DIST_TRACEBACK=1 re-raises the known ones too, for debugging. The logging a command sets up ends
+    with it, so one process can run several commands (notebooks, tests) without one writing through
+    another's handlers.
     """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     try:
         return command(argv)
     except UserError as e:
@@ -67,6 +71,14 @@ def run(command: Callable[[Sequence[str] | None], int], argv: Sequence[str] | No
     except KeyboardInterrupt:
         report("interrupted")
         return 130
+    finally:
+        for h in root.handlers:
+            if h not in handlers:
+                root.removeHandler(h)
+        for h in handlers:
+            if h not in root.handlers:
+                root.addHandler(h)
+        root.setLevel(level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

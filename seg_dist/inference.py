@@ -40,11 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from . import checkpoint, distributed, precision
@@ -53,10 +51,10 @@ from .data import normalize
 from .data.transforms import AUTO_CROP_MAX
 from .models.unet import UNet
 from .runlog import progress
-from .shards import RGB8, ImageError, ImageSpec, conform_image, decode_image, packed_size, promotable
+from .shards import RGB8, ImageError, ImageSpec, conform_image, decode_image, packed_size, promotable, resize_image
 from .visualize import display_bands, overlay_with_legend, palette
 
-__all__ = ["AUTO_TILE_PIXELS", "BAND_VALUES", "SCALE_TOLERANCE", "Predictor", "min_input_size", "resize_image",
+__all__ = ["AUTO_TILE_PIXELS", "BAND_VALUES", "SCALE_TOLERANCE", "Predictor", "min_input_size",
            "tile_starts", "training_side", "upsampled_argmax"]
 
 log = logging.getLogger(__name__)
@@ -369,25 +367,3 @@ def _colours(given: list[list[int]] | None, num_classes: int) -> np.ndarray:
         log.warning("the checkpoint's palette is ignored (expected [r, g, b] in 0..255 per class): %s", e)
         return palette(num_classes)
 
-
-# 8-bit images PIL resizes as pack --max-size does (its bilinear filter; premultiplied alpha for RGBA).
-_PIL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
-
-
-def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """H x W x C `image` (uint8, uint16 or float32) at `height` x `width`, in its own type, by the filters
-    pack --max-size uses: PIL's bilinear for 8-bit images of 1 to 4 channels; OpenCV for every other kind
-    (any band count), area averaging to reduce and bilinear to enlarge."""
-    h, w, c = image.shape
-    if (h, w) == (height, width):
-        return image
-    if image.dtype == np.uint8 and c in _PIL_MODES:
-        mode = _PIL_MODES[c]
-        picture = Image.fromarray(np.ascontiguousarray(image[:, :, 0] if c == 1 else image), mode)
-        return np.asarray(picture.resize((width, height), Image.Resampling.BILINEAR)).reshape(height, width, c)
-    interpolation = cv2.INTER_AREA if height <= h and width <= w else cv2.INTER_LINEAR
-    # OpenCV's area filter refuses more than 4 channels at whole-number factors: 4 at a time (each channel
-    # is resized on its own anyway, so the values are the same).
-    parts = [cv2.resize(np.ascontiguousarray(image[:, :, i : i + 4]), (width, height), interpolation=interpolation)
-             .reshape(height, width, -1) for i in range(0, c, 4)]
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2)

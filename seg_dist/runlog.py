@@ -21,12 +21,28 @@ STOP_MARKER = "STOPPED"  # in the run directory while a run is stopped on reques
 HANDLER_NAME = "seg_dist"  # how `cli.report` knows that errors should go through this handler
 
 
+class _Stdout(logging.StreamHandler):
+    """Writes to `sys.stdout` as it is when a record is written, not as it was when the handler was made, so
+    a redirected or replaced stdout (a notebook cell, a test's capture) never gets a closed stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
 def setup_logging(rank: int, level: int = logging.INFO) -> logging.Logger:
     """Every record carries `[rank N]`, so interleaved output from many ranks stays readable."""
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _Stdout()
     handler.set_name(HANDLER_NAME)
     handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(message)s", "%H:%M:%S"))
     root.addHandler(handler)

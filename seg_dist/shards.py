@@ -107,6 +107,28 @@ def packed_size(height: int, width: int, max_size: int | None) -> tuple[int, int
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
+_RESIZE_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+
+
+def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """H x W x C `image` (uint8, uint16 or float32) at `height` x `width`, in its own type, by the filters
+    pack --max-size uses: PIL's bilinear for 8-bit images of 1 to 4 channels; OpenCV for every other kind
+    (any band count), area averaging to reduce and bilinear to enlarge."""
+    h, w, c = image.shape
+    if (h, w) == (height, width):
+        return image
+    if image.dtype == np.uint8 and c in _RESIZE_MODES:
+        mode = _RESIZE_MODES[c]
+        picture = Image.fromarray(np.ascontiguousarray(image[:, :, 0] if c == 1 else image), mode)
+        return np.asarray(picture.resize((width, height), Image.Resampling.BILINEAR)).reshape(height, width, c)
+    interpolation = cv2.INTER_AREA if height <= h and width <= w else cv2.INTER_LINEAR
+    # OpenCV's area filter refuses more than 4 channels at whole-number factors: 4 at a time (each channel
+    # is resized on its own anyway, so the values are the same).
+    parts = [cv2.resize(np.ascontiguousarray(image[:, :, i : i + 4]), (width, height), interpolation=interpolation)
+             .reshape(height, width, -1) for i in range(0, c, 4)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2)
+
+
 def existing_shards(root: str | Path, split: str) -> list[Path]:
     """Shard files of `split` in `root`, sorted, whether or not a manifest lists them."""
     root = Path(root)

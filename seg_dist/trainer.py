@@ -42,7 +42,7 @@ from .rundir import RunDirLock
 from .runlog import RunLog, clear_stop_marker, progress
 from .schedule import build_scheduler, is_per_iteration, param_groups
 from .validation import Validation, validate
-from .visualize import palette_for, validation_pictures
+from .visualize import display_bands, palette_for, validation_pictures
 
 log = logging.getLogger("seg_dist.train")
 
@@ -321,6 +321,7 @@ def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> t
     manifest = load_manifest(cfg)
     inputs = data.resolve_normalization(cfg, manifest)  # what the images are, and where their constants came from
     cfg = data.resolve_inputs(cfg, manifest)  # normalisation and model.in_channels from the data, as saved
+    display_bands(inputs.channels, cfg.data.display_bands)  # a bad index stops the run now, on every rank
     resume = find_resume(cfg, manifest)
     batches = resolve_batch_plan(cfg, denv.world_size, resume.state if resume and resume.full else None)
     run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batches.per_rank,
@@ -659,8 +660,9 @@ def train_one_epoch(run: Run, state: TrainState, meter: StepMeter, stop: distrib
                 fit_budget(run, state)
             if state.global_step >= run.horizon.steps:
                 break
-            # Ranks agree on a stop at the same step: the check is a collective at a fixed cadence.
-            if at_log and stop.agreed(run.device):
+            # Ranks agree on a stop at the same step: the check is a collective at steps every rank picks alike
+            # (log steps, and often enough to stop within a launcher's grace period: StopRequest.due).
+            if stop.due(state.global_step, cfg.logging.log_every) and stop.agreed(run.device, state.global_step):
                 log.info("stop requested (%s): checkpointing at global step %d", stop.describe(), state.global_step)
                 return True
             if cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0:
@@ -814,8 +816,9 @@ def save_checkpoint(run: Run, state: TrainState, is_best: bool = False, snapshot
         # The packing scale (pack --max-size): inference brings inputs to it, as pack did to the training images.
         "max_size": run.data.manifest.get("max_size"),
         "tiling": run.data.manifest.get("tiling"),  # pack --tile: the tiles a scene was cut into
-        "train_mean_hw": run.data.train_mean_hw,
-        "input": run.data.inputs.to_dict(),  # the frames it learnt from: inference warns far from them
+        "train_mean_hw": run.data.train_mean_hw,  # the frames it learnt from: inference warns far from them
+        # What inference must feed the model: channels, pixel type, normalisation, and whether alpha is a band.
+        "input": {**run.data.inputs.to_dict(), "alpha": shards.image_spec(run.data.manifest).alpha},
         "palette": palette_for(run.data.manifest, classes.num_classes).tolist(),  # the pictures' class colours
         "manifest_digest": run.data.manifest_digest,
         "versions": checkpoint.versions(),

@@ -56,9 +56,11 @@ def test_a_config_value_out_of_range_is_one_line_from_the_real_command(tmp_path)
         (["optim.betas=[0.9,1.5]"], "optim.betas=[0.9, 1.5]: each beta must be in [0, 1)"),
         (["data.augment.vflip=2"], "data.augment.vflip=2.0: a probability, must be in [0, 1]"),
         (["data.augment.scale=[1.5,0.5]"], "data.augment.scale=[1.5, 0.5]: [low, high] with 0 < low <= high"),
-        (["data.std=[0.2,-0.1,0.2]"], "data.std=[0.2, -0.1, 0.2]: each channel's std must be greater than 0"),
+        (["data.std=[0.2,-0.1,0.2]"], "data.std=[0.2, -0.1, 0.2]: unset (from the manifest) or one number greater "
+                                     "than 0 per channel"),
         (["train.dist_timeout_minutes=0"], "train.dist_timeout_minutes=0.0: must be greater than 0"),
-        (["data.shuffle_buffer=1000"], "unknown config key 'data.shuffle_buffer'"),
+        (["data.shuffle_buffer=0"], "data.shuffle_buffer=0: at least 1"),
+        (["data.shufle_buffer=1000"], "unknown config key 'data.shufle_buffer' (did you mean data.shuffle_buffer?)"),
     ],
 )
 def test_config_values_are_checked_at_load(overrides, message, capsys):

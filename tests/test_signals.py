@@ -205,3 +205,17 @@ def test_stop_checks_come_every_few_seconds_and_at_the_same_steps_on_every_rank(
     gaps = [b - a for a, b in itertools.pairwise(checks[3:])]
     assert gaps and all(3 <= g <= 8 for g in gaps), checks
     assert 40 <= stopped <= 48, checks
+
+
+def test_a_stop_comes_within_torchruns_grace_period_however_far_apart_log_steps_are(tiny_shards, tmp_path):
+    # Log steps 1000 steps apart in one long epoch: only the ranks' own cadence (StopRequest.due, a check
+    # every ~2 s) stops them before torchrun's SIGKILL, here 15 s after its SIGTERM.
+    run = tmp_path / "run"
+    args = ["--config", "configs/default.yaml",
+            *tiny_overrides(tiny_shards, run, "train.epochs=1", "train.steps_per_epoch=2000", "logging.log_every=1000",
+                            "checkpoint.every_steps=2")]
+    env = {**child_env(), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "15"}
+    code, out = _signal_torchrun(torchrun_cmd(2, "seg_dist.train", *args), run, signal.SIGTERM, env=env)
+    assert "Unable to shutdown process" not in out, out[-3000:]
+    step = _assert_stopped_at_one_step(out, run, 2, "SIGTERM", steps_per_epoch=2000)
+    assert step % 1000 != 0 and code == 1

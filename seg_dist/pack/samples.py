@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import cv2
 import numpy as np
 from PIL import Image
 
@@ -278,8 +277,8 @@ def _stored_image(image: DecodedImage, ext: str, image_bytes: bytes, target: tup
     buf = io.BytesIO()
     if pixels.dtype == np.uint8 and pixels.shape[2] in modes:
         mode = modes[pixels.shape[2]]
-        picture = Image.fromarray(pixels[:, :, 0] if mode == "L" else pixels, mode)
-        resized = picture.resize((target[1], target[0]), Image.Resampling.BILINEAR)
+        small = shards.resize_image(pixels, *target)
+        resized = Image.fromarray(small[:, :, 0] if mode == "L" else small, mode)
         if ext == "jpg" and mode in ("L", "RGB"):
             resized.save(buf, format="JPEG", quality=95)
         else:
@@ -288,8 +287,7 @@ def _stored_image(image: DecodedImage, ext: str, image_bytes: bytes, target: tup
         data = buf.getvalue()
         # The statistics describe the pixels as stored, JPEG's losses included.
         return ext, data, shards.decode_image(data, _KEEP_ALPHA)
-    resized = cv2.resize(pixels, (target[1], target[0]), interpolation=cv2.INTER_AREA).reshape(
-        target[0], target[1], pixels.shape[2])
+    resized = shards.resize_image(pixels, *target)
     np.save(buf, resized, allow_pickle=False)
     return "npy", buf.getvalue(), resized
 
