@@ -18,10 +18,12 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from ..config import Config
 from ..errors import UserError
+from ..remote import is_remote
 from ..shards import MANIFEST, ShardError, shard_counts, shard_urls, split_count
 from .classes import resolve_classes
 from .epochs import BatchPlan, RankPositions, StreamOrder, share, steps_per_epoch
-from .reader import Entry, SampleReader, decode_sample, index_split, read_shard
+from .reader import SampleIndex, SampleReader, decode_sample, index_entry, split_index
+from .stream import StreamBatches, shard_samples, stream_loader
 from .transforms import build_transforms, mask_dtype, training_crop, transform_sample
 
 if TYPE_CHECKING:
@@ -52,19 +54,20 @@ def _loader_kwargs(cfg: Config) -> dict[str, Any]:
 
 
 class _TrainSet(Dataset):
-    """Sample `position` of the run's training stream (see `StreamOrder`), read by its index entry, decoded
-    and augmented with the position's own seed."""
+    """Sample `position` of the run's training stream (see `StreamOrder`), read where the split's index says
+    it lies, decoded and augmented with the position's own seed. The index is flat numpy arrays (memory-mapped
+    when packed with the shards): forked workers share it, and a pickled one maps the same file."""
 
-    def __init__(self, reader: SampleReader, entries: list[Entry], order: StreamOrder, transform: A.Compose,
+    def __init__(self, reader: SampleReader, index: SampleIndex, order: StreamOrder, transform: A.Compose,
                  mask_type: torch.dtype) -> None:
-        self.reader, self.entries, self.order = reader, entries, order
+        self.reader, self.index, self.order = reader, index, order
         self.transform, self.mask_type = transform, mask_type
 
     def sample_of(self, position: int) -> int:
         return self.order.sample_of(position)
 
     def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        s = decode_sample(self.reader.read(self.entries[self.sample_of(position)]))
+        s = decode_sample(self.reader.read(index_entry(self.index, self.sample_of(position))))
         aug = self.order.augmentation_seed(position)
         # One shared generator pair: Compose(seed=...) would give every transform an identical
         # stream, so e.g. hflip and vflip would always fire together.
@@ -95,17 +98,22 @@ class TrainBatches:
         it = iter(loader)
         if loader.num_workers:
             log.info("train loader: %d worker process(es) started", loader.num_workers)
+        failed = None
         try:
             yield from it
         except ShardError as e:  # from a worker, its message followed by the worker's traceback
-            raise ShardError.one_line(e) from None
+            # Raised below, outside this block: the caught error's traceback holds the DataLoader iterator,
+            # which would keep its workers alive (waiting for work) until the process exits and joins them.
+            failed = ShardError.one_line(e)
         finally:  # now, not at garbage collection: stops the workers and their prefetching
             del it, loader
             self.dataset.close()
+        if failed is not None:
+            raise failed
 
 
 def train_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, world_size: int, epoch: int,
-                 skip_steps: int = 0, endless: bool = False) -> TrainBatches:
+                 skip_steps: int = 0, endless: bool = False) -> TrainBatches | StreamBatches:
     """This rank's micro-batches of `epoch` from optimiser step `skip_steps` on: `train.accum_steps` per step,
     `steps_per_epoch` steps, the same number on every rank.
 
@@ -115,6 +123,8 @@ def train_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, wo
     stopped, without reading what it skips. `endless=True`: those micro-batches, then epoch + 1's,
     epoch + 2's, ..., from one loader whose workers start once.
     """
+    if is_remote(root):  # no offsets to read at: whole shards streamed (data/stream.py says what that gives up)
+        return stream_loader(cfg, manifest, root, rank, world_size, epoch, skip_steps, endless, _loader_kwargs(cfg))
     if skip_steps < 0:
         raise ValueError(f"skip_steps={skip_steps} must be >= 0")
     split = cfg.data.train_split
@@ -125,9 +135,9 @@ def train_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, wo
     classes = resolve_classes(cfg.data, manifest)
     crop = dataclasses.replace(cfg.data, image_size=training_crop(cfg.data, manifest))
     urls = shard_urls(root, manifest, split)
-    entries = index_split(urls, shard_counts(manifest, split))
-    order = StreamOrder(cfg.train.seed, steps * plan.global_batch, len(entries))
-    dataset = _TrainSet(SampleReader(urls), entries, order,
+    index = split_index(root, manifest, split)
+    order = StreamOrder(cfg.train.seed, steps * plan.global_batch, len(index))
+    dataset = _TrainSet(SampleReader(urls), index, order,
                         build_transforms(crop, train=True, ignore_index=classes.ignore_index),
                         mask_dtype(classes.num_classes, classes.ignore_index))
     sampler = RankPositions(plan, rank, order.span, steps, epoch, skip_steps, endless)
@@ -166,9 +176,9 @@ class _ValStream(IterableDataset):
     worker opens only the shards overlapping its range and decodes only its own samples."""
 
     def __init__(self, urls: list[str], counts: list[int], transform: A.Compose | None, start: int,
-                 stop: int, mask_type: torch.dtype = torch.int64) -> None:
+                 stop: int, mask_type: torch.dtype = torch.int64, retries: int = 0) -> None:
         self.urls, self.counts, self.transform = urls, counts, transform  # None: decoded numpy, untransformed
-        self.mask_type = mask_type
+        self.mask_type, self.retries = mask_type, retries  # retries: of a remote shard's read
         self.start, self.stop = start, stop
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, str]]:
@@ -185,7 +195,7 @@ class _ValStream(IterableDataset):
 
     def _shard(self, url: str, count: int, first: int, start: int, stop: int) -> Iterator[Any]:
         read = 0
-        for i, raw in enumerate(read_shard(url)):
+        for i, raw in enumerate(shard_samples(url, count, self.retries)):
             # A shard that disagrees with the manifest would shift every later index: fail loudly.
             if i >= count:
                 raise ShardError(f"{url}: more samples than the manifest's {count}; {ShardError.HINT}")
@@ -206,12 +216,13 @@ class _ValStream(IterableDataset):
 
 def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor, str]], ignore_index: int
                 ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[tuple[int, int]]]:
-    """Stack samples of different sizes: pad uint8 H x W x 3 images to the largest H and W (bottom/right)
+    """Stack samples of different sizes: pad H x W x C images to the largest H and W (bottom/right)
     with 0 and masks with `ignore_index`, so padded pixels never count; the sizes come along, so the
     padding can be zeroed again after normalisation (`normalize_padded`)."""
     h = max(img.shape[0] for img, _, _ in batch)
     w = max(img.shape[1] for img, _, _ in batch)
-    images = torch.zeros((len(batch), h, w, 3), dtype=torch.uint8)
+    first = batch[0][0]
+    images = torch.zeros((len(batch), h, w, first.shape[2]), dtype=first.dtype)
     masks = torch.full((len(batch), h, w), ignore_index, dtype=batch[0][1].dtype)
     for i, (img, mask, _) in enumerate(batch):
         images[i, : img.shape[0], : img.shape[1]] = img
@@ -247,7 +258,7 @@ def val_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, worl
     ignore = classes.ignore_index
     dataset = _ValStream(shard_urls(root, manifest, split), counts,
                          build_transforms(cfg.data, train=False, ignore_index=ignore), start, stop,
-                         mask_dtype(classes.num_classes, ignore))
+                         mask_dtype(classes.num_classes, ignore), cfg.data.retries)
     batch_size = cfg.data.val_batch_size or cfg.train.batch_size
     # Each worker batches its own samples, so each worker's last batch may be partial.
     workers = max(1, cfg.data.workers)
@@ -268,7 +279,7 @@ def split_samples(cfg: Config, manifest: dict[str, Any], root: str, rank: int, w
     decoded in `data.workers` loader processes, neither resized nor normalised."""
     counts = shard_counts(manifest, split)
     start, stop = share(sum(counts), rank, world_size)
-    dataset = _ValStream(shard_urls(root, manifest, split), counts, None, start, stop)
+    dataset = _ValStream(shard_urls(root, manifest, split), counts, None, start, stop, retries=cfg.data.retries)
     kw = _loader_kwargs(cfg)
     kw.pop("pin_memory", None)
     try:
