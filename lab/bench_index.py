@@ -106,15 +106,29 @@ def write_split(root: str | Path, n: int, per_shard: int, progress: Progress = q
 # --- one process's memory ------------------------------------------------------------------------------
 
 
-def smaps(pid: int | str = "self") -> dict[str, float]:
-    """RSS, PSS and USS (private clean + dirty) of a process in MiB, from /proc/PID/smaps_rollup."""
-    kb: dict[str, int] = {}
+def _mib(kb: dict[str, int]) -> dict[str, float]:
+    return {"rss_mib": kb.get("Rss", 0) / 1024, "pss_mib": kb.get("Pss", 0) / 1024,
+            "uss_mib": (kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0)) / 1024}
+
+
+def smaps(pid: int | str = "self") -> dict[str, Any]:
+    """RSS, PSS and USS (private clean + dirty) of a process in MiB, from /proc/PID/smaps_rollup, and the same
+    for its mappings of index files alone (`index`: what of the index this process holds, from /proc/PID/smaps)."""
+    whole: dict[str, int] = {}
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
         name, _, rest = line.partition(":")
         if rest.strip().endswith("kB"):
-            kb[name] = int(rest.split()[0])
-    return {"rss_mib": kb["Rss"] / 1024, "pss_mib": kb["Pss"] / 1024,
-            "uss_mib": (kb["Private_Clean"] + kb["Private_Dirty"]) / 1024}
+            whole[name] = int(rest.split()[0])
+    index: dict[str, int] = {}
+    inside = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and ":" not in head[0]:  # a mapping's first line: range perms offset ... path
+            inside = head[-1].endswith(".index.npy")
+        elif inside and line.rstrip().endswith("kB"):
+            name = line.split(":")[0]
+            index[name] = index.get(name, 0) + int(line.split()[1])
+    return {**_mib(whole), "index": _mib(index)}
 
 
 def children() -> list[int]:
@@ -235,11 +249,13 @@ def render(r: dict[str, Any]) -> str:
         + _target("index_load_s", r["index_load_s"]),
         f"  index arrays                    {r['index_mib']:8.1f} MiB ({r['bytes_per_sample']:.1f} bytes/sample)   "
         + _target("index_mib", r["index_mib"]),
-        "  process memory (MiB)             RSS      PSS      USS",
+        "  memory (MiB)                   process: RSS      PSS      USS   index file: RSS      PSS      USS",
     ]
 
-    def row(name: str, m: dict[str, float]) -> str:
-        return f"    {name:<28}{m['rss_mib']:9.1f}{m['pss_mib']:9.1f}{m['uss_mib']:9.1f}"
+    def row(name: str, m: dict[str, Any]) -> str:
+        i = m["index"]
+        return (f"    {name:<28}{m['rss_mib']:9.1f}{m['pss_mib']:9.1f}{m['uss_mib']:9.1f}"
+                f"{i['rss_mib']:13.1f}{i['pss_mib']:9.1f}{i['uss_mib']:9.1f}")
 
     lines += [row("before the index", mem["before"]), row("index mapped", mem["loaded"]),
               row("every index page touched", mem["touched"])]

@@ -3,6 +3,7 @@ flat arrays, checked against the manifest and the shards, and read from the head
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pickle
@@ -151,3 +152,28 @@ def test_shards_without_an_index_train_on_the_same_batches_with_a_note(tiny_shar
     note = [r.getMessage() for r in caplog.records if "no sample index" in r.getMessage()]
     assert len(note) == 1 and "packing the split again writes the index" in note[0]
     assert "64 samples from the tar headers of 6 shards" in note[0]
+
+
+def test_reading_by_offset_checks_the_tar_header_before_the_bytes(tiny_shards, tmp_path):
+    root, manifest = _copy(tiny_shards, tmp_path)
+    index = split_index(str(root), manifest, "train")
+    reader = SampleReader(shards.shard_urls(root, manifest, "train"))
+    entry = index_entry(index, 13)
+    try:
+        # Bytes at the right offsets under another sample's name: a shard that is not the one indexed.
+        with pytest.raises(ShardError, match=r"train-000001\.tar: at offset \d+ lies 'synth_\d+\.jpg' of \d+ bytes, "
+                                             r"the index says jpg of 'other', \d+ bytes \(the shard was re-packed"):
+            reader.read(dataclasses.replace(entry, key="other"))
+        field, offset, _ = entry.fields[1]
+        with pytest.raises(ShardError, match=r"the index says mask\.png of 'synth_\d+', 7 bytes"):
+            reader.read(dataclasses.replace(entry, fields=((field, offset, 7),)))
+        reader.close()
+        shard = root / "train-000001.tar"
+        data = bytearray(shard.read_bytes())
+        data[offset - 512] ^= 0xFF  # the mask's header, its bytes intact
+        shard.write_bytes(bytes(data))
+        with pytest.raises(ShardError, match=r"train-000001\.tar: unreadable shard \(InvalidHeaderError: bad checksum"):
+            reader.read(entry)
+        assert reader.read(index_entry(index, 12))["__key__"] == index.key(12)  # its neighbour reads as before
+    finally:
+        reader.close()
