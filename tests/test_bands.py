@@ -216,6 +216,20 @@ def test_geometric_augmentation_keeps_bands_and_bits_photometric_only_where_mean
     assert any("Brightness" in type(t).__name__ for t in data.build_transforms(cfg, True, 255).transforms)  # 8-bit RGB
 
 
+def test_padding_and_rotation_fill_with_the_mean_so_new_pixels_normalise_to_zero() -> None:
+    # 16-bit microscopy sits near 33,000 with a std of 250: a raw 0 border is -134 std after normalisation.
+    mean, std = 33000 / 65535, 250 / 65535
+    for channels in (1, 4, 6):
+        cfg = load_config(None, ["data.image_size=24", "data.augment.affine=1", "data.augment.scale=[1.0,1.0]",
+                                 f"data.mean={[mean] * channels}", f"data.std={[std] * channels}"]).data
+        image = np.full((10, 12, channels), 33000, np.uint16)  # smaller than the crop: padded on every side
+        out = data.build_transforms(cfg, True, 255, shards.ImageSpec(channels, "uint16"))(
+            image=image, mask=np.zeros((10, 12), np.int64))
+        x = data.normalize(torch.from_numpy(out["image"]), cfg.mean, cfg.std)
+        assert (out["mask"] == 255).sum() >= 24 * 24 - 10 * 12  # padding (and rotation) made new pixels ...
+        assert x.abs().max() < 0.01, channels  # ... and they normalise to 0, as validation's padding does
+
+
 def test_pack_settles_one_kind_per_dataset(tmp_path: Path) -> None:
     images, masks = tmp_path / "images", tmp_path / "masks"
     images.mkdir()

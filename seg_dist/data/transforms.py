@@ -73,13 +73,14 @@ def build_transforms(data_cfg: DataConfig, train: bool, ignore_index: int, image
     if data_cfg.image_size == 0:
         raise ValueError("data.image_size=0 (auto) is resolved from the manifest: pass the crop training_crop() gives")
     height, width = crop_hw(data_cfg)
+    fill = _mean_fill(data_cfg, image)
     ops = []
     lo, hi = aug.scale
     if (lo, hi) != (1.0, 1.0):
         # RandomScale samples from (1 + low, 1 + high).
         ops.append(A.RandomScale(scale_limit=(lo - 1.0, hi - 1.0), mask_interpolation=cv2.INTER_NEAREST, p=1.0))
     ops += [
-        A.PadIfNeeded(height, width, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=ignore_index),
+        A.PadIfNeeded(height, width, border_mode=cv2.BORDER_CONSTANT, fill=fill, fill_mask=ignore_index),
         A.RandomCrop(height, width),
     ]
     if aug.hflip > 0:
@@ -91,10 +92,23 @@ def build_transforms(data_cfg: DataConfig, train: bool, ignore_index: int, image
     if aug.affine > 0:
         ops.append(A.Affine(
             translate_percent=(-aug.translate, aug.translate), rotate=(-aug.rotate, aug.rotate),
-            border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=ignore_index,
+            border_mode=cv2.BORDER_CONSTANT, fill=fill, fill_mask=ignore_index,
             mask_interpolation=cv2.INTER_NEAREST, p=aug.affine,
         ))
     return A.Compose(ops)
+
+
+def _mean_fill(data_cfg: DataConfig, image: ImageSpec) -> float | tuple[float, ...]:
+    """What padding and rotation put into new image pixels: the normalisation mean, which normalises to 0
+    as validation's padding does. Raw 0 is far outside offset data (16-bit microscopy sits near 33,000: 0 is
+    -134 std) and teaches BatchNorm statistics that never occur. OpenCV fills at most 4 channels with their
+    own values; more share the mean of the means."""
+    if data_cfg.mean is None:  # not resolved from the data (a bare config): 0, as albumentations does
+        return 0.0
+    raw = [m * FULL_SCALE[image.dtype] for m in data_cfg.mean]
+    if image.dtype != "float32":
+        raw = [float(round(v)) for v in raw]
+    return tuple(raw) if len(raw) <= 4 else float(sum(raw) / len(raw))
 
 
 AUTO_CROP_MAX = 512  # the longest auto crop side: larger frames are cropped, not trained whole
