@@ -10,19 +10,27 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["DiskFull", "copy", "fsync_dir", "temp_path", "write_bytes", "write_text", "writer"]
+__all__ = ["DiskFull", "copy", "fsync_dir", "temp_path", "temporaries", "write_bytes", "write_text", "writer"]
+
+_TEMP = re.compile(r"\..+\.\d+\.[0-9a-f]{8}\.tmp$")
 
 
 def temp_path(path: str | Path) -> Path:
     """A unique hidden sibling of `path` (same directory, so os.replace is atomic)."""
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def temporaries(folder: str | Path) -> list[Path]:
+    """The temporary files `temp_path` names in `folder`: what writers killed mid-write left behind."""
+    return sorted(p for p in Path(folder).glob(".*.tmp") if _TEMP.match(p.name))
 
 
 def fsync_dir(path: str | Path) -> None:

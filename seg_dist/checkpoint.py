@@ -6,14 +6,20 @@ in a fresh process without unpickling arbitrary objects.
 
 from __future__ import annotations
 
+import contextlib
+import copy as _copy
 import dataclasses
 import io
 import logging
 import pickle
 import platform
 import re
+import threading
+import time
+import traceback
 import zipfile
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,15 +76,106 @@ def versions() -> dict[str, str]:
 
 def save(path: str | Path, state: dict[str, Any]) -> None:
     """Atomic: a crash leaves the previous file or the new one, never a torn checkpoint."""
-    # Serialised in memory first, so a full disk is found before the old file is touched, with the size.
+    atomic.write_bytes(path, _serialised(state).getbuffer())
+
+
+def _serialised(state: dict[str, Any]) -> io.BytesIO:
+    # In memory first, so a full disk is found before a byte is written, with the size needed.
     buf = io.BytesIO()
     torch.save(state, buf)
-    atomic.write_bytes(path, buf.getbuffer())
+    return buf
 
 
 def copy(src: str | Path, dst: str | Path) -> None:
     """`dst` is whole or absent (a hard link where the file system allows)."""
     atomic.copy(src, dst)
+
+
+def to_host(state: Any) -> Any:
+    """A copy of `state` that training may go on mutating: every tensor copied to the CPU (off the device and
+    off the live parameters and optimiser moments), containers rebuilt, other values deep-copied. A tensor
+    that appears twice is copied once, so torch.save still stores it once."""
+    copies: dict[int, torch.Tensor] = {}
+
+    def snap(obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            if id(obj) not in copies:
+                copies[id(obj)] = obj.detach().to("cpu", copy=True)
+            return copies[id(obj)]
+        if isinstance(obj, dict):
+            items = [(k, snap(v)) for k, v in obj.items()]
+            out = OrderedDict(items) if isinstance(obj, OrderedDict) else dict(items)
+            if hasattr(obj, "_metadata"):  # a module state dict's per-module versions, which load_state_dict reads
+                out._metadata = _copy.deepcopy(obj._metadata)  # type: ignore[attr-defined]
+            return out
+        if isinstance(obj, (list, tuple)):
+            items = [snap(v) for v in obj]
+            return items if isinstance(obj, list) else tuple(items)
+        return _copy.deepcopy(obj)
+
+    return snap(state)
+
+
+class AsyncWriter:
+    """Checkpoints written by a background thread, one at a time, in the order they were handed over.
+
+    `submit` takes a state the caller no longer mutates (see `to_host`), waits for the previous write, and
+    returns at once; the thread serialises it, writes it atomically (`save`) and then runs `after` (copies
+    of the new file, pruning). So at most one state is held: its host copy, and while it is serialised its
+    bytes too, about twice the checkpoint's size at the peak. An error in the thread (a full disk:
+    `atomic.DiskFull`) is raised by the next `submit` or `wait`, in the caller's thread; the file it was
+    writing is left as it was.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.submitted = 0
+        self.writes = 0  # completed
+        self.write_seconds = 0.0  # in the thread, all writes: serialisation, write, fsync, rename, `after`
+        self.last_write_seconds = 0.0
+        self.wait_seconds = 0.0  # the caller blocked on a previous write (in `submit` and `wait`)
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, path: str | Path, state: dict[str, Any], after: Callable[[], None] | None = None) -> None:
+        """Write `state` to `path` in the background, then call `after` there."""
+        self.wait()
+        self.submitted += 1
+        job = [state]  # the thread drops its reference once serialised, freeing the host copy
+        # Not a daemon: an interpreter that exits without `wait` (an interrupt) still finishes the write.
+        self._thread = threading.Thread(target=self._write, args=(Path(path), job, after), name="checkpoint-writer")
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Block until the write in flight is on disk; raise its error, if it failed."""
+        if self._thread is not None:
+            started = time.perf_counter()
+            self._thread.join()
+            self.wait_seconds += time.perf_counter() - started
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _write(self, path: Path, job: list[dict[str, Any]], after: Callable[[], None] | None) -> None:
+        started = time.perf_counter()
+        try:
+            atomic.write_bytes(path, _serialised(job.pop()).getbuffer())
+            if after is not None:
+                after()
+        except BaseException as e:  # handed to the caller's thread, which raises it
+            cause: BaseException | None = e
+            while cause is not None:  # keep the traceback's lines, not its frames' locals (the state's bytes)
+                traceback.clear_frames(cause.__traceback__)
+                cause = cause.__cause__ or cause.__context__
+            self._error = e
+            return
+        self.last_write_seconds = time.perf_counter() - started
+        self.write_seconds += self.last_write_seconds
+        self.writes += 1
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu", require: Sequence[str] = ()) -> dict[str, Any]:
@@ -158,6 +255,20 @@ def snapshot_name(epoch: int, step: int) -> str:
     return f"epoch{epoch:04d}-step{step:08d}.pt"
 
 
+def remove_temporaries(folder: str | Path) -> None:
+    """Delete the partial files of writes that were killed (up to a checkpoint's size each). Only for the
+    holder of the run directory's lock: no other writer can be alive in `folder`."""
+    stale = atomic.temporaries(folder)
+    size = 0
+    for p in stale:
+        with contextlib.suppress(OSError):
+            size += p.stat().st_size
+            p.unlink()
+    if stale:
+        log.info("removed %d partial checkpoint file(s) (%.1f MB) that a killed run left in %s", len(stale),
+                 size / 1e6, folder)
+
+
 def prune_snapshots(folder: str | Path, keep_last: int) -> None:
     """Keep the newest `keep_last` step snapshots; last.pt and best.pt are never touched."""
     snaps = _snapshots(Path(folder))
@@ -187,6 +298,9 @@ class TrainedModel:
     # cfg.model.in_channels agree with it.
     input: Normalization = _OLD_INPUT
     alpha: bool = False  # trained on images packed with --keep-alpha: decode inputs with their alpha channel
+    # pack --tile of the training data ({"size", "overlap", "drop_empty"}, the manifest's `tiling`); None: the
+    # model saw whole images (or an older checkpoint)
+    tiling: dict[str, Any] | None = None
 
     @property
     def image(self) -> ImageSpec:
@@ -249,4 +363,16 @@ def load_model(path: str | Path, device: torch.device, overrides: Sequence[str] 
     return TrainedModel(model, cfg, state["num_classes"], state["ignore_index"], list(state["class_names"]),
                         state["global_step"], tuple(crop) if crop else None, state.get("max_size"),
                         state.get("palette"), tuple(mean_hw) if mean_hw else None, norm,
-                        bool(entry.get("alpha", False)) if isinstance(entry, dict) else False)
+                        bool(entry.get("alpha", False)) if isinstance(entry, dict) else False,
+                        _tiling(state.get("tiling"), path))
+
+
+def _tiling(entry: Any, path: str | Path) -> dict[str, Any] | None:
+    """The checkpoint's `tiling` (the training data's pack --tile) as a checked dict; None where it has none."""
+    if entry is None:
+        return None
+    if (not isinstance(entry, dict) or not all(isinstance(entry.get(k), int) for k in ("size", "overlap"))
+            or not 0 <= entry["overlap"] < entry["size"]):
+        raise CheckpointError(f"{path}: its 'tiling' entry is not what seg_dist writes (size, overlap with "
+                              f"0 <= overlap < size): {entry!r}")
+    return {"size": entry["size"], "overlap": entry["overlap"], "drop_empty": bool(entry.get("drop_empty", False))}

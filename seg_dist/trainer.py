@@ -19,6 +19,7 @@ import logging
 import math
 import random
 import resource
+import sys
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from .losses import SegLoss, class_weights
 from .models import build_model, count_parameters, encoder_of, freeze_encoder_batchnorm
 from .models.norms import GlobalBatchNorm2d, convert_to_global_batchnorm
 from .rundir import RunDirLock
-from .runlog import RunLog, clear_stop_marker, progress
+from .runlog import RunLog, StartClock, TimeLedger, clear_stop_marker, goodput, goodput_line, progress
 from .schedule import build_scheduler, is_per_iteration, param_groups
 from .validation import Validation, validate
 from .visualize import display_bands, palette_for, validation_pictures
@@ -118,32 +119,77 @@ class StepStats:
 
 
 class StepMeter:
-    """Training figures summed on the device, so a step never waits for the host; `flush()` syncs once."""
+    """Training figures summed on the device, so a step never waits for the host; `flush()` syncs once.
+
+    It also keeps this process's time ledger for the end-of-run goodput: seconds inside steps (data waits
+    excluded), waiting for data, and in the parts `pause` names (validation, checkpoints). The first step is
+    start-up (compile, the loader's start, the first batch). On a GPU the host runs ahead of the device, so
+    the waits for it (`flush`, `settle`) count as steps too.
+    """
 
     NAMES = ("loss", "ce", "dice", "grad_norm")
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, clock: StartClock | None = None) -> None:
+        self.device = device
         self.sums = torch.zeros(len(self.NAMES), device=device)
         self.counts = torch.zeros(2, device=device)  # steps taken, steps skipped
         self.in_a_row = torch.zeros((), device=device)  # consecutive skipped steps
         self.epoch_sums = torch.zeros(2, device=device)  # loss sum and steps taken this epoch
+        self.clock = clock or StartClock.now()
+        self.ledger = TimeLedger()
+        self.steps_run = 0  # optimiser steps this process took
+        self.first_step_ended: float | None = None  # seconds after clock.origin
+        self.before_first_step = 0.0  # seconds the ledger booked before the first step (a resume's validation)
+        self._pausing = 0
         self._restart()
 
     def _restart(self) -> None:
         self.steps, self.data_wait, self.started, self.paused = 0, 0.0, time.perf_counter(), 0.0
 
     @contextlib.contextmanager
-    def pause(self) -> Iterator[None]:
-        """Time that is not training (validation, checkpoints) does not count against images/s."""
+    def pause(self, part: str | None = None) -> Iterator[None]:
+        """Time that is not training (validation, checkpoints) does not count against images/s; a named
+        `part` is booked in the ledger (an inner part's time is its own, not the outer one's)."""
         t0 = time.perf_counter()
-        yield
-        self.paused += time.perf_counter() - t0
+        self._pausing += 1
+        try:
+            with self.ledger.part(part) if part else contextlib.nullcontext():
+                yield
+        finally:
+            self._pausing -= 1
+            if not self._pausing:
+                self.paused += time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def stepping(self) -> Iterator[None]:
+        """One optimiser step. The first ends with the device's work done, so none of it lands in later steps."""
+        first = self.steps_run == 0
+        if first:
+            self.before_first_step = self.ledger.total()
+        with self.ledger.part("first_step" if first else "steps"):
+            yield
+            if first:
+                self._sync_device()
+        self.steps_run += 1
+        if first:
+            self.first_step_ended = time.perf_counter() - self.clock.origin
 
     @contextlib.contextmanager
     def waiting_for_data(self) -> Iterator[None]:
         t0 = time.perf_counter()
-        yield
+        with self.ledger.part("first_step" if self.steps_run == 0 else "data_wait"):
+            yield
         self.data_wait += time.perf_counter() - t0
+
+    def settle(self) -> None:
+        """Wait for the steps the device still runs (before validation or a checkpoint), booked as steps."""
+        if self.device.type == "cuda":
+            with self.ledger.part("steps"):
+                self._sync_device()
+
+    def _sync_device(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def update(self, loss: torch.Tensor, parts: dict[str, torch.Tensor], grad_norm: torch.Tensor,
                skipped: torch.Tensor) -> None:
@@ -158,7 +204,8 @@ class StepMeter:
         self.steps += 1
 
     def flush(self) -> StepStats:
-        *totals, taken, skipped, in_a_row = torch.cat([self.sums, self.counts, self.in_a_row.view(1)]).tolist()
+        with self.ledger.part("steps"):  # waits for the device to finish the steps it was given
+            *totals, taken, skipped, in_a_row = torch.cat([self.sums, self.counts, self.in_a_row.view(1)]).tolist()
         stats = StepStats({k: t / max(1.0, taken) for k, t in zip(self.NAMES, totals, strict=True)}, self.steps,
                           int(skipped), int(in_a_row), time.perf_counter() - self.started - self.paused,
                           self.data_wait)
@@ -250,6 +297,8 @@ class Run:
     # its workers start once, not at every epoch (see data.train_loader's endless=True).
     train_stream: Generator[tuple[torch.Tensor, torch.Tensor], None, None] | None = field(default=None, repr=False)
     lock: RunDirLock | None = field(default=None, repr=False)  # rank 0's hold on run.dir
+    # Rank 0's checkpoint writes, off the critical path; `train` waits for it before the run ends.
+    writer: checkpoint.AsyncWriter = field(default_factory=checkpoint.AsyncWriter, repr=False)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -280,39 +329,77 @@ class TrainResult:
 
 
 def train(
-    cfg: Config, denv: distributed.DistEnv, device: torch.device, stop: distributed.StopRequest | None = None
+    cfg: Config, denv: distributed.DistEnv, device: torch.device, stop: distributed.StopRequest | None = None,
+    clock: StartClock | None = None,
 ) -> TrainResult:
-    """The whole run on this rank."""
+    """The whole run on this rank. `clock`: where its wall time starts (the command's process start, with the
+    start-up's stages marked); by default this call. The run ends with its goodput (`report_goodput`)."""
     stop = stop or distributed.StopRequest()
+    clock = clock or StartClock.now()
     run, state = setup_run(cfg, denv, device)
-    meter = StepMeter(device)
+    clock.mark("setup (manifest, model, optimiser, resume)")
+    meter = StepMeter(device, clock)
     history: list[dict[str, Any]] = []
     metrics: dict[str, Any] = {}
     stopped = False
-    try:
-        with run.runlog:
-            while not (stopped or run.finished(state)):
-                stopped = train_one_epoch(run, state, meter, stop)
-                if stopped:
-                    distributed.sync_buffers(run.nets.bare)
-                    save_checkpoint(run, state)
-                else:
-                    with meter.pause():
-                        metrics = end_of_epoch(run, state, meter, history) or metrics
-                    stopped = not run.finished(state) and stop.agreed(device)
+    resumed_at = state.global_step
+    with run.runlog:
+        try:
+            try:
+                while not (stopped or run.finished(state)):
+                    stopped = train_one_epoch(run, state, meter, stop)
+                    meter.settle()
                     if stopped:
-                        log.info("stop requested (%s) at the end of an epoch, global step %d", stop.describe(),
-                                 state.global_step)
-            if history and not stopped:
-                log.info("done: best val mIoU %.4f; checkpoints in %s, TensorBoard in %s", state.best_miou,
-                         run.ckpt_dir, Path(cfg.run.dir) / "tb")
-    finally:
-        if run.train_stream is not None:
-            run.train_stream.close()  # stops the loader's workers now, also when the run failed
-        if run.lock is not None:
-            run.lock.release()
+                        distributed.sync_buffers(run.nets.bare)
+                        with meter.pause("checkpoints"):
+                            save_checkpoint(run, state)
+                    else:
+                        with meter.pause():
+                            metrics = end_of_epoch(run, state, meter, history) or metrics
+                        stopped = not run.finished(state) and stop.agreed(device)
+                        if stopped:
+                            log.info("stop requested (%s) at the end of an epoch, global step %d", stop.describe(),
+                                     state.global_step)
+                if history and not stopped:
+                    log.info("done: best val mIoU %.4f; checkpoints in %s, TensorBoard in %s", state.best_miou,
+                             run.ckpt_dir, Path(cfg.run.dir) / "tb")
+            finally:
+                if run.train_stream is not None:
+                    run.train_stream.close()  # stops the loader's workers now, also when the run failed
+                with meter.pause("checkpoints"):
+                    finish_checkpoints(run)  # before the lock goes, and before a stop marker names the step
+            report_goodput(run, state, meter, resumed_at)
+        finally:
+            if run.lock is not None:
+                run.lock.release()
     run.nets.step = run.nets.bare  # let go of the DDP wrapper (and its hold on the process group) now
     return TrainResult(run.nets.bare, state.global_step, stopped, ",".join(stop.signals_seen), metrics, history)
+
+
+def report_goodput(run: Run, state: TrainState, meter: StepMeter, resumed_at: int) -> dict[str, Any]:
+    """This process's goodput, from its start to now: one line on rank 0, TensorBoard's `goodput/` scalars
+    and RUN_DIR/goodput.json. A resumed run's figures cover this process's steps only."""
+    seconds = meter.ledger.seconds
+    g = goodput(time.perf_counter() - meter.clock.origin, meter.steps_run, run.data.batches.global_batch,
+                seconds["steps"], seconds["first_step"], meter.first_step_ended or 0.0, meter.before_first_step,
+                dict(seconds))
+    covers = (f"this process only: steps {resumed_at + 1}-{state.global_step} of a run resumed at step {resumed_at}"
+              if resumed_at else f"steps 1-{state.global_step}")
+    g.update(covers=covers, wall_from=meter.clock.source, first_step=resumed_at + 1, last_step=state.global_step,
+             resumed_at=resumed_at, ranks=run.denv.world_size, startup_stages=dict(startup_stages(meter)))
+    if run.denv.is_main:
+        log.info("%s; wall time from %s", goodput_line(g, covers), meter.clock.source)
+        run.runlog.goodput(g, state.global_step)
+    return g
+
+
+def startup_stages(meter: StepMeter) -> list[tuple[str, float]]:
+    """The start-up's marked stages and the first step, in seconds (the first step's end is start-up's)."""
+    stages = meter.clock.stages()
+    if meter.first_step_ended is not None:
+        marked = sum(t for _, t in stages)
+        stages.append(("first step (compile, loader start, first batch)", meter.first_step_ended - marked))
+    return stages
 
 
 def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> tuple[Run, TrainState]:
@@ -645,12 +732,18 @@ def train_one_epoch(run: Run, state: TrainState, meter: StepMeter, stop: distrib
         run.train_stream = iter(data.train_loader(cfg, run.data.manifest, cfg.data.root, run.denv.rank,
                                                   run.denv.world_size, state.epoch,
                                                   skip_steps=state.epoch_step, endless=True))
+        meter.clock.mark("train loader (index)")
     batches = run.train_stream
     label = f"epoch {state.epoch + 1}/{cfg.train.epochs}"
     with progress(run.data.steps_per_epoch, label, run.denv.is_main and cfg.logging.progress,
                   initial=state.epoch_step) as bar:
         while state.epoch_step < run.data.steps_per_epoch:
-            train_step(run, batches, meter)
+            with meter.stepping():
+                train_step(run, batches, meter)
+            if meter.steps_run == 1 and run.denv.is_main:
+                stages = startup_stages(meter)
+                log.info("first step after %.1f s: %s", sum(t for _, t in stages),
+                         ", ".join(f"{name} {t:.1f} s" for name, t in stages))
             state.epoch_step += 1
             state.global_step += 1
             bar.update(1)
@@ -666,7 +759,9 @@ def train_one_epoch(run: Run, state: TrainState, meter: StepMeter, stop: distrib
                 log.info("stop requested (%s): checkpointing at global step %d", stop.describe(), state.global_step)
                 return True
             if cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0:
-                save_checkpoint(run, state, snapshot=True)
+                meter.settle()
+                with meter.pause("checkpoints"):
+                    save_checkpoint(run, state, snapshot=True)
     return False
 
 
@@ -746,31 +841,33 @@ def end_of_epoch(run: Run, state: TrainState, meter: StepMeter,
     is_last = run.finished(state)
     is_best, m = False, None
     if is_last or state.epoch % cfg.train.val_every == 0:
-        result = run_validation(run)
-        m = result.metrics
-        if not is_per_iteration(run.opt.scheduler):
-            run.opt.scheduler.step(m["loss"])  # all-reduced: every rank decides the same
-        history.append({"epoch": number, "step": state.global_step,
-                        "lr": run.opt.optimizer.param_groups[0]["lr"], "val_loss": m["loss"], "miou": m["miou"],
-                        "train_loss": train_loss})
-        is_best = m["miou"] > state.best_miou
-        state.best_miou = max(state.best_miou, m["miou"])
-        log.info("Epoch %d/%d: train loss=%.4f, val loss=%.4f, val mIoU=%.4f, pixel acc=%.4f (%d val samples)%s",
-                 number, run.cfg.train.epochs, train_loss, m["loss"], m["miou"], m["pixel_accuracy"],
-                 result.samples_seen, eta_text(run, state))
-        if run.denv.is_main:
-            classes = run.data.classes
-            pictures = validation_pictures(result.examples, cfg.data.mean, cfg.data.std, classes.num_classes,
-                                           classes.ignore_index, class_names=classes.names,
-                                           colours=palette_for(run.data.manifest, classes.num_classes),
-                                           keys=result.example_keys, display_bands=cfg.data.display_bands,
-                                           raw=True, dtype=run.data.inputs.dtype)
-            run.runlog.validation(m, result.matrix, result.samples_seen, run.data.classes.names, pictures,
-                                  number, state.global_step, train_loss)
-            run.runlog.overlays(pictures)  # every validation: a run may end at any one of them
+        with meter.pause("validation"):  # the metrics, pictures and logs it leaves too
+            result = run_validation(run)
+            m = result.metrics
+            if not is_per_iteration(run.opt.scheduler):
+                run.opt.scheduler.step(m["loss"])  # all-reduced: every rank decides the same
+            history.append({"epoch": number, "step": state.global_step,
+                            "lr": run.opt.optimizer.param_groups[0]["lr"], "val_loss": m["loss"], "miou": m["miou"],
+                            "train_loss": train_loss})
+            is_best = m["miou"] > state.best_miou
+            state.best_miou = max(state.best_miou, m["miou"])
+            log.info("Epoch %d/%d: train loss=%.4f, val loss=%.4f, val mIoU=%.4f, pixel acc=%.4f (%d val samples)%s",
+                     number, run.cfg.train.epochs, train_loss, m["loss"], m["miou"], m["pixel_accuracy"],
+                     result.samples_seen, eta_text(run, state))
+            if run.denv.is_main:
+                classes = run.data.classes
+                pictures = validation_pictures(result.examples, cfg.data.mean, cfg.data.std, classes.num_classes,
+                                               classes.ignore_index, class_names=classes.names,
+                                               colours=palette_for(run.data.manifest, classes.num_classes),
+                                               keys=result.example_keys, display_bands=cfg.data.display_bands,
+                                               raw=True, dtype=run.data.inputs.dtype)
+                run.runlog.validation(m, result.matrix, result.samples_seen, run.data.classes.names, pictures,
+                                      number, state.global_step, train_loss)
+                run.runlog.overlays(pictures)  # every validation: a run may end at any one of them
     else:
         log.info("Epoch %d/%d: train loss=%.4f%s", number, run.cfg.train.epochs, train_loss, eta_text(run, state))
-    save_checkpoint(run, state, is_best=is_best, snapshot=True)
+    with meter.pause("checkpoints"):
+        save_checkpoint(run, state, is_best=is_best, snapshot=True)
     return m
 
 
@@ -791,15 +888,20 @@ def run_validation(run: Run) -> Validation:
 
 
 def save_checkpoint(run: Run, state: TrainState, is_best: bool = False, snapshot: bool = False) -> None:
-    """Every rank contributes its RNG state (a collective); rank 0 writes last.pt, best.pt and snapshots."""
+    """Every rank contributes its RNG state (a collective); rank 0 copies the state to host memory and hands
+    it to its background writer, which writes last.pt, then best.pt and snapshots. Returns once the copy is
+    taken (and the previous write is done: one in flight); a previous write's error is raised here."""
     state.train_seconds = run.elapsed()
     counters = state.state_dict()
     if not run.denv.is_main:
         return
+    run.writer.wait()  # before the copy: one state in host memory at a time
+    if run.writer.submitted == 0:  # rank 0 holds run.dir's lock: a temporary file there is a dead writer's
+        checkpoint.remove_temporaries(run.ckpt_dir)
     classes = run.data.classes
     nets = run.nets
     averaged = {} if nets.ema is None else {"trained_model": nets.bare.state_dict(), "ema": nets.ema.state_dict()}
-    checkpoint.save(run.ckpt_dir / checkpoint.LAST, {
+    host = checkpoint.to_host({
         "model": run.nets.evaluated.state_dict(),  # the bare module: no `module.`/`_orig_mod.` prefixes
         **averaged,
         "optimizer": run.opt.optimizer.state_dict(),
@@ -823,12 +925,29 @@ def save_checkpoint(run: Run, state: TrainState, is_best: bool = False, snapshot
         "manifest_digest": run.data.manifest_digest,
         "versions": checkpoint.versions(),
     })
-    if is_best:
-        checkpoint.copy(run.ckpt_dir / checkpoint.LAST, run.ckpt_dir / checkpoint.BEST)
-    if snapshot and run.cfg.checkpoint.keep_last > 0:
-        name = checkpoint.snapshot_name(state.epoch, state.global_step)
-        checkpoint.copy(run.ckpt_dir / checkpoint.LAST, run.ckpt_dir / name)
-        checkpoint.prune_snapshots(run.ckpt_dir, run.cfg.checkpoint.keep_last)
+    folder, keep_last = run.ckpt_dir, run.cfg.checkpoint.keep_last
+    name = checkpoint.snapshot_name(state.epoch, state.global_step) if snapshot and keep_last > 0 else None
+
+    def copies() -> None:  # in the writer thread, once last.pt is in place
+        if is_best:
+            checkpoint.copy(folder / checkpoint.LAST, folder / checkpoint.BEST)
+        if name is not None:
+            checkpoint.copy(folder / checkpoint.LAST, folder / name)
+            checkpoint.prune_snapshots(folder, keep_last)
+
+    run.writer.submit(folder / checkpoint.LAST, host, copies)
+
+
+def finish_checkpoints(run: Run) -> None:
+    """Wait for the checkpoint write in flight. Its error is raised unless another exception is already
+    leaving `train`, which it must not hide: then it is logged."""
+    leaving = sys.exc_info()[1]  # called from a `finally`: the exception on its way out, if any
+    try:
+        run.writer.wait()
+    except Exception as e:
+        if leaving is None:
+            raise
+        log.error("the last checkpoint write failed too: %s", e)
 
 
 def fit_budget(run: Run, state: TrainState) -> None:
