@@ -25,7 +25,7 @@ def _run(overrides: list[str], world: int, rank: int = 0, port: int = 0, stop_at
     torch.set_num_threads(1)
     stop = distributed.StopRequest()
     if stop_at_once:
-        stop.signal = signal.SIGUSR1  # as if preempted: all ranks stop at the first logging step
+        stop.signal = signal.SIGUSR1  # as if preempted: all ranks stop at the first step they check, mid-epoch
     with distributed.setup() as (denv, device):
         train(load_config(REPO / "configs" / "default.yaml", overrides), denv, device, stop)
 
@@ -49,7 +49,8 @@ def test_resume_on_another_world_size_keeps_global_batch_and_schedule(tiny_shard
                                "schedule.warmup_iters=3", "train.resume=auto")
     _train(overrides, first, stop_at_once=True)
     stopped = checkpoint.load(run / "checkpoints" / "last.pt")
-    assert stopped["global_step"] == 2 and stopped["global_batch"] == 8 and stopped["world_size"] == first
+    at = stopped["global_step"]
+    assert 0 < at < STEPS_PER_EPOCH and stopped["global_batch"] == 8 and stopped["world_size"] == first
     lr_at_stop = stopped["optimizer"]["param_groups"][0]["lr"]
 
     # The other world size, resumed in this process (rank 0's log is captured).
@@ -65,7 +66,7 @@ def test_resume_on_another_world_size_keeps_global_batch_and_schedule(tiny_shard
     if then == 1:
         log = caplog.text
         assert "batch per rank 4 x accumulation 2 (configured 4 x 1)" in log
-        assert f"(global step 2), lr {lr_at_stop:.6g}" in log  # same schedule position
+        assert f"(global step {at}), lr {lr_at_stop:.6g}" in log  # same schedule position
         assert "RNG states saved by 2 rank(s), resuming on 1" in log
 
 
@@ -89,7 +90,7 @@ def test_run_stopped_mid_epoch_goes_on_with_the_batches_it_would_have_had(tiny_s
     extra = ("train.epochs=1", "train.amp=off", "train.ema_decay=0.9", "train.resume=auto")
     _train(tiny_overrides(tiny_shards, straight, *extra), 1)
     _train(tiny_overrides(tiny_shards, split, *extra), 1, stop_at_once=True)
-    assert checkpoint.load(split / "checkpoints" / "last.pt")["global_step"] == 2  # of 16 in the epoch
+    assert 0 < checkpoint.load(split / "checkpoints" / "last.pt")["global_step"] < 16  # mid-epoch
     _train(tiny_overrides(tiny_shards, split, *extra), 1)
     a, b = (checkpoint.load(run / "checkpoints" / "last.pt") for run in (straight, split))
     assert a["global_step"] == b["global_step"] == 64 // 4

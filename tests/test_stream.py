@@ -199,7 +199,7 @@ def _train_here(overrides: list[str], stop_at_once: bool = False) -> None:
     torch.set_num_threads(1)
     stop = distributed.StopRequest()
     if stop_at_once:
-        stop.signal = signal.SIGUSR1  # as if preempted: the run stops at its first logging step
+        stop.signal = signal.SIGUSR1  # as if preempted: the run stops at the first step it checks, mid-epoch
     with distributed.setup() as (denv, device):
         train(load_config(DEFAULT, overrides), denv, device, stop)
 
@@ -211,10 +211,11 @@ def test_a_run_over_http_stopped_mid_epoch_resumes_at_its_step_and_ends_with_the
     extra = ("train.epochs=2", "schedule.warmup_iters=3", "train.resume=auto", f"data.root={root}")
     _train_here(tiny_overrides(tiny_shards, straight, *extra))
     _train_here(tiny_overrides(tiny_shards, split, *extra), stop_at_once=True)
-    assert checkpoint.load(split / "checkpoints" / "last.pt")["global_step"] == 2  # of 16 in the epoch
+    at = checkpoint.load(split / "checkpoints" / "last.pt")["global_step"]
+    assert 0 < at < 16  # mid-epoch
     with caplog.at_level("INFO"):
         _train_here(tiny_overrides(tiny_shards, split, *extra))
-    assert "epoch 1 resumes at step 2: its other 14 steps stream a reseeded draw" in caplog.text
+    assert f"epoch 1 resumes at step {at}: its other {16 - at} steps stream a reseeded draw" in caplog.text
     a, b = (checkpoint.load(run / "checkpoints" / "last.pt") for run in (straight, split))
     assert a["global_step"] == b["global_step"] == 2 * 64 // 4
     assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
