@@ -1,12 +1,18 @@
-"""Run logs: console lines with the rank prefixed; TensorBoard, metrics.jsonl and overlays on rank 0."""
+"""Run logs: console lines with the rank prefixed; TensorBoard, metrics.jsonl and overlays on rank 0; where a
+run's wall time went (`StartClock`, `TimeLedger`, `goodput`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import sys
 import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +24,7 @@ from . import atomic
 from .visualize import confusion_matrix_figure, save_png
 
 STOP_MARKER = "STOPPED"  # in the run directory while a run is stopped on request (not finished)
+GOODPUT_FILE = "goodput.json"  # in the run directory: where the last process's wall time went
 HANDLER_NAME = "seg_dist"  # how `cli.report` knows that errors should go through this handler
 
 
@@ -105,6 +112,18 @@ class RunLog:
         })
         self.flush()
 
+    def goodput(self, record: dict[str, Any], step: int) -> None:
+        """The end-of-run split of the wall time: TensorBoard scalars under `goodput/` and RUN_DIR/goodput.json."""
+        if not self.enabled:
+            return
+        self.scalars({"goodput/goodput": record["goodput"], "goodput/wall_s": record["wall_s"],
+                      "goodput/images_per_s": record["images_per_s"],
+                      "goodput/step_images_per_s": record["step_images_per_s"],
+                      **{f"goodput/{k}_fraction": v for k, v in record["fractions"].items()},
+                      **{f"goodput/{k}_s": v for k, v in record["seconds"].items()}}, step)
+        atomic.write_text(self.run_dir / GOODPUT_FILE, json.dumps(record, indent=2) + "\n")
+        self.flush()
+
     def overlays(self, pictures: list[np.ndarray]) -> None:
         """`overlays/val_NNN.png` in the run directory: the last validation's examples, and only those (a
         resumed run with fewer `logging.overlays` leaves no stale pictures from the earlier one)."""
@@ -131,6 +150,136 @@ class RunLog:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+
+
+# --- where the wall time went ---------------------------------------------------------------------
+
+# The parts of the wall time that are not steps, in the order the end-of-run line gives them.
+GOODPUT_PARTS = ("startup", "validation", "checkpoints", "data_wait", "rest")
+
+
+def process_age() -> float | None:
+    """Seconds since this process started, from /proc/self/stat's start time against /proc/uptime (both
+    count from boot); None where there is no /proc (not Linux)."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        start_ticks = int(stat[stat.rindex(")") + 2:].split()[19])  # field 22, counted after the command name
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+# Interpreter start-up and `import seg_dist` before seg_dist.train's first line take well under this.
+PROCESS_START_SLACK_S = 60.0
+
+
+@dataclass
+class StartClock:
+    """Where a run's wall time starts, and the start-up's stages as they end (`mark`), on time.perf_counter()."""
+
+    origin: float  # time.perf_counter() at the start
+    source: str  # what the start is, for the log and goodput.json
+    marks: list[tuple[str, float]] = field(default_factory=list)  # (stage, perf_counter() at its end)
+
+    @classmethod
+    def now(cls, source: str = "the call of train()") -> StartClock:
+        return cls(time.perf_counter(), source)
+
+    @classmethod
+    def for_command(cls, imported_at: float | None) -> StartClock:
+        """The start of the command's process: its start time in /proc where the command's module was imported
+        (`imported_at`, perf_counter()) as part of starting the process; else the import, else now.
+
+        A process that imported the module long after it started (a notebook, a test session) or runs the
+        command again (`imported_at` None) counts from the call instead: its start is not the command's.
+        """
+        now = time.perf_counter()
+        if imported_at is None:
+            return cls(now, "the call of seg_dist.train.main")
+        age = process_age()
+        if age is not None and 0 <= age - (now - imported_at) < PROCESS_START_SLACK_S:
+            return cls(now - age, "process start (/proc/self/stat)")
+        if now - imported_at < PROCESS_START_SLACK_S:
+            return cls(imported_at, "import of seg_dist.train")
+        return cls(now, "the call of seg_dist.train.main")
+
+    def mark(self, stage: str) -> None:
+        self.marks.append((stage, time.perf_counter()))
+
+    def stages(self) -> list[tuple[str, float]]:
+        """Each marked stage's seconds, from the origin on."""
+        out, last = [], self.origin
+        for stage, at in self.marks:
+            out.append((stage, at - last))
+            last = at
+        return out
+
+
+class TimeLedger:
+    """Seconds per named part of a run. Parts nest: time spent in an inner part is the inner part's only."""
+
+    def __init__(self) -> None:
+        self.seconds: defaultdict[str, float] = defaultdict(float)
+        self._open: list[list[Any]] = []  # [part, started, seconds taken by parts inside it]
+
+    @contextlib.contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        frame: list[Any] = [name, time.perf_counter(), 0.0]
+        self._open.append(frame)
+        try:
+            yield
+        finally:
+            self._open.pop()
+            spent = time.perf_counter() - frame[1]
+            self.seconds[name] += spent - frame[2]
+            if self._open:
+                self._open[-1][2] += spent
+
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+
+def goodput(wall: float, steps: int, images_per_step: int, step_seconds: float, first_step: float,
+            first_step_ended: float, before_first_step: float, parts: dict[str, float]) -> dict[str, Any]:
+    """Goodput and where the rest of the wall time went, on one process's figures.
+
+    `steps` were taken. The steps after the first took `step_seconds` inside the steps, data waits excluded.
+    The first took `first_step` seconds, ending `first_step_ended` seconds after the origin with
+    `before_first_step` seconds of `parts` before it; it counts as one step at the others' mean pace (or its
+    own, if faster), and what it took beyond that (compile, the loader's start, the first batch) is start-up.
+    The steps' rate is the images over those seconds, and goodput = (images / wall) / rate: the steps' share
+    of the wall time. Start-up runs to the first step's end (without steps: all that `parts` do not hold);
+    `parts` give validation, checkpoints and data waits; the rest is what no part measured (logging, stop
+    checks, the loop).
+    """
+    images = steps * images_per_step
+    first_counted = first_step
+    if steps > 1 and step_seconds > 0:
+        first_counted = min(first_step, step_seconds / (steps - 1))
+    productive = step_seconds + first_counted if steps else 0.0
+    rate = images / productive if productive > 0 else 0.0
+    seconds = {"startup": 0.0, "validation": parts.get("validation", 0.0),
+               "checkpoints": parts.get("checkpoints", 0.0), "data_wait": parts.get("data_wait", 0.0)}
+    if steps:
+        seconds["startup"] = first_step_ended - before_first_step - first_counted
+        seconds["rest"] = wall - productive - sum(seconds.values())
+    else:  # no step: all but the measured parts went into getting there
+        seconds["startup"] = wall - sum(seconds.values())
+        seconds["rest"] = 0.0
+    wall = max(wall, 1e-9)
+    return {"images": images, "steps": steps, "wall_s": wall, "images_per_s": images / wall,
+            "step_images_per_s": rate, "goodput": productive / wall, "steps_s": productive,
+            "seconds": seconds, "fractions": {k: v / wall for k, v in seconds.items()}}
+
+
+def goodput_line(g: dict[str, Any], covers: str) -> str:
+    """The end-of-run line."""
+    parts = ", ".join(f"{name.replace('_', ' ')} {g['seconds'][name]:.1f} s ({g['fractions'][name]:.1%})"
+                      for name in GOODPUT_PARTS)
+    return (f"goodput {g['goodput']:.3f} ({covers}): {g['images']:,} images in {g['wall_s']:.1f} s, "
+            f"{g['images_per_s']:.1f} images/s against the steps' own {g['step_images_per_s']:.1f}; "
+            f"the rest of the wall time: {parts}")
 
 
 def write_stop_marker(run_dir: str | Path, info: dict[str, Any]) -> None:

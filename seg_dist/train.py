@@ -15,9 +15,12 @@ finished one; under SLURM it requeues its job.
 from __future__ import annotations
 
 import os
+import time
 
 # Read before the imports below, which take seconds (torch): a launcher that dies meanwhile is noticed too.
 STARTED_BY = os.getppid()
+# Where the run's wall time starts where /proc cannot tell when this process started (see StartClock.for_command).
+IMPORTED_AT: float | None = time.perf_counter()
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
@@ -27,7 +30,7 @@ from collections.abc import Sequence  # noqa: E402
 from . import cli, distributed  # noqa: E402
 from .config import Config, load_config  # noqa: E402
 from .errors import RunFailed  # noqa: E402
-from .runlog import setup_logging, write_stop_marker  # noqa: E402
+from .runlog import StartClock, setup_logging, write_stop_marker  # noqa: E402
 from .trainer import TrainResult, train  # noqa: E402
 
 log = logging.getLogger("seg_dist.train")
@@ -41,8 +44,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _train(argv: Sequence[str] | None) -> int:
+    global IMPORTED_AT
+    # The wall time the run's goodput counts starts at this process's start (torchrun's workers: each its
+    # own, after the launcher's start-up); a second run in one process counts from its call.
+    clock = StartClock.for_command(IMPORTED_AT)
+    IMPORTED_AT = None
+    clock.mark("interpreter and imports")
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    clock.mark("config")
     stop = distributed.StopRequest()
     # A launcher (torchrun, srun) outlives its workers, so its death ends the run. A shell does not: a run
     # started with nohup or disowned goes on after its shell has exited (and a terminal's SIGHUP is a stop).
@@ -50,9 +60,10 @@ def _train(argv: Sequence[str] | None) -> int:
     if stop.parent_exited:  # the launcher died while this process started: nothing to save, no one to train with
         raise RunFailed(f"not started: {stop.describe()} before training began")
     with distributed.setup(cfg.train.device, timeout_minutes=cfg.train.dist_timeout_minutes) as (denv, device):
+        clock.mark("rendezvous")
         setup_logging(denv.rank)
         distributed.share_cpu_threads(denv, device, pin=cfg.train.pin_cpu_ranks)
-        result = train(cfg, denv, device, stop)
+        result = train(cfg, denv, device, stop, clock)
     if result.stopped and denv.is_main:
         after_stop(cfg, denv, result)
     elif result.stopped:  # a warning: what other ranks log; each node's log then shows its ranks stopped in order
