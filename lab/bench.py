@@ -8,6 +8,7 @@ side, and the recipe comparison with the seed tutorial. From the repository root
     python -m lab.bench all [--device cuda] [--json OUT]          # the three, defaults (< 10 min on 2 cores)
     python -m lab.bench recipe --data SHARDS --minutes 12 [--ranks 2] [--seeds 0,1] [key=value ...]
     python -m lab.bench index [--samples 1000000] [--workers 1,2] [--json OUT]   # the sample index at scale
+    python -m lab.bench goodput [--data SHARDS] [--procs 2] [--device cpu|cuda] [--json OUT] [key=value ...]
 
 Each measurement prints a progress line on stderr; the tables go to stdout, with min/median/max over
 the timed repeats and a warning where max/min > 1.3. `--json OUT` writes every figure beside the
@@ -16,6 +17,9 @@ data.worker_scaling, train.overhead_ratio, train.mfu, scaling.efficiency, ...). 
 procedural dataset is packed into a temporary folder at the size measured. `--device cuda` measures
 16 x 256^2 and 8 x 512^2 (width 64, bf16, channels_last) and the loader at 512^2. The measurements
 are `lab.bench_data`, `lab.bench_train` and `lab.bench_scaling`.
+
+`goodput` runs the demo (configs/default.yaml on the synthetic set, 2 CPU processes through torchrun) end
+to end and shows its goodput and where the rest of its wall time went (`lab.bench_goodput`).
 
 `recipe` is about results, not speed: the seed tutorial's recipe and seg_dist's default, each trained for
 the same wall-clock minutes on this machine, scored on the test split (`lab.bench_recipe`).
@@ -35,7 +39,7 @@ from typing import Any
 from seg_dist import atomic, cli
 from seg_dist.config import COMPILE_MODES
 
-from . import bench_data, bench_index, bench_recipe, bench_scaling, bench_train, measure
+from . import bench_data, bench_goodput, bench_index, bench_recipe, bench_scaling, bench_train, measure
 
 SECTIONS = ("data", "train", "scaling")
 
@@ -59,7 +63,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     common.add_argument("--synthetic", type=int, default=96, metavar="N", help="samples in the synthetic set")
 
     p = argparse.ArgumentParser(prog="python -m lab.bench", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="section", required=True, metavar="{data,train,scaling,all,recipe,index}")
+    sub = p.add_subparsers(dest="section", required=True, metavar="{data,train,scaling,all,recipe,index,goodput}")
 
     d = sub.add_parser("data", parents=[common], help="decode, augment, shard pipeline, folder Dataset")
     d.add_argument("--size", type=int, default=None, help="training crop (default 256; 512 on cuda)")
@@ -112,6 +116,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "tar headers (as for shards without an index file)")
     x.add_argument("--data", default=None, help="a folder an earlier `bench index` wrote (default: write one)")
     x.add_argument("--json", default=None, metavar="OUT", help="write every figure and its settings here")
+
+    g = sub.add_parser("goodput", help="the demo run end to end: goodput and where the rest of the wall time went")
+    g.add_argument("--data", default=None, help="shard folder (default: the demo's synthetic set, packed into a "
+                   "temporary folder)")
+    g.add_argument("--procs", type=int, default=2, help="processes under torchrun (default 2)")
+    g.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="train.device (default cpu)")
+    g.add_argument("--config", default="configs/default.yaml", help="default: configs/default.yaml (the demo)")
+    g.add_argument("--json", default=None, metavar="OUT", help="write the run's goodput.json and settings here")
+    g.add_argument("overrides", nargs="*", help="key.sub=value for the run")
 
     r = sub.add_parser("recipe", help="the seed tutorial's recipe vs seg_dist's at the same training minutes")
     r.add_argument("--data", required=True, help="shard folder with train, val and test splits")
@@ -182,10 +195,24 @@ def _index(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     return cli.EXIT_OK
 
 
+def _goodput(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    settings = bench_goodput.GoodputSettings(data=args.data, procs=args.procs, config=args.config,
+                                             device=args.device, overrides=tuple(args.overrides))
+    report = bench_goodput.measure_goodput(settings, progress=_say)
+    report["command"] = ["python", "-m", "lab.bench", *(sys.argv[1:] if argv is None else argv)]
+    print(bench_goodput.render(report), flush=True)
+    if args.json:
+        atomic.write_text(args.json, json.dumps(report, indent=2) + "\n")
+        _say(f"wrote {args.json}")
+    return cli.EXIT_OK
+
+
 def _bench(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     if args.section == "recipe":
         return _recipe(args)
+    if args.section == "goodput":
+        return _goodput(args, argv)
     if args.section == "index":
         return _index(args, argv)
     device = measure.resolve_device(args.device)
