@@ -109,10 +109,9 @@ def _signal_torchrun(cmd: list[str], run: Path, sig: signal.Signals, group: bool
 
 def test_sigterm_to_torchrun_checkpoints_at_one_step_and_torchrun_exits_1(tiny_shards, tmp_path):
     run = tmp_path / "run"
-    # No loader processes yet: torchrun's SIGTERM to the process group kills them unless the loader starts them
-    # with distributed.loader_worker_init.
-    code, out = _signal_torchrun(torchrun_cmd(2, "seg_dist.train", *_args(tiny_shards, run, workers=0)), run,
-                                 signal.SIGTERM)
+    # With loader processes: torchrun's SIGTERM to each rank's process group would kill them mid-batch unless
+    # the loader starts them with distributed.loader_worker_init.
+    code, out = _signal_torchrun(torchrun_cmd(2, "seg_dist.train", *_args(tiny_shards, run)), run, signal.SIGTERM)
     _assert_stopped_at_one_step(out, run, 2, "SIGTERM")
     # torchrun passed SIGTERM on, the workers exited 0 within its grace period (no SIGKILL), and torchrun
     # still ends with its own SignalException: exit 1, as the README says.
@@ -201,10 +200,11 @@ def test_stop_checks_come_every_few_seconds_and_at_the_same_steps_on_every_rank(
     assert ranks[0] == ranks[1], ranks  # the same check steps, the same stop step
     checks, stopped = ranks[0]["checks"], ranks[0]["stopped"]
     assert ranks[0]["seen"] == ["SIGUSR1"]
-    # The slowest rank's 30 ms steps make 5 steps a check, not the log steps' 1000 (nor every step).
+    # The slowest rank's 30 ms steps make about 5 steps a check, not the log steps' 1000 (nor every step);
+    # the bounds leave room for a loaded machine, where sleeps run long.
     gaps = [b - a for a, b in itertools.pairwise(checks[3:])]
-    assert gaps and all(3 <= g <= 8 for g in gaps), checks
-    assert 40 <= stopped <= 48, checks
+    assert gaps and all(2 <= g <= 15 for g in gaps), checks
+    assert 40 <= stopped <= 40 + max(gaps), checks
 
 
 def test_a_stop_comes_within_torchruns_grace_period_however_far_apart_log_steps_are(tiny_shards, tmp_path):

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from ..config import Config
+from ..distributed import loader_worker_init
 from ..errors import UserError
 from ..remote import is_remote
 from ..shards import MANIFEST, ShardError, shard_counts, shard_urls, split_count
@@ -46,7 +47,8 @@ def _loader_kwargs(cfg: Config) -> dict[str, Any]:
     d = cfg.data
     kw: dict[str, Any] = {"num_workers": d.workers, "pin_memory": d.pin_memory and torch.cuda.is_available()}
     if d.workers > 0:
-        kw.update(persistent_workers=d.persistent_workers, prefetch_factor=d.prefetch_factor)
+        kw.update(persistent_workers=d.persistent_workers, prefetch_factor=d.prefetch_factor,
+                  worker_init_fn=loader_worker_init)  # a stop signal is the rank's to act on, not its loader's
     return kw
 
 
