@@ -28,12 +28,19 @@ for the U-Net) is padded at the bottom and right with the mean colour (0 after n
 `SmpSegmenter` pads) and its logits cropped back. Large images go through overlapping tiles whose logits are
 blended with a smooth weight, so memory stays bounded and tile borders leave no seams; with
 `tile_progress_after`, the tiles of an image that would take longer than that show a progress bar.
+
+Tiles follow `seg_dist.tiles`, the one home of tile geometry, as pack --tile cuts scenes: `tiles.grid`
+(windows `tile - overlap` px apart, the last row and column flush with the border) and
+`tiles.Assembler(blend=True)` (weights falling linearly towards each tile's border), in host memory, so a
+large image's logits never need device memory. A checkpoint trained on tiles (`TrainedModel.tiling`) runs
+any image larger than its training tile as tiles of that size and overlap: a scene predicted from its file
+then gets the mask its packed tiles get (`predict --shards`), and since tiles are cut at the scene's own
+scale, a scene's size says nothing about its scale: no scale warning for such checkpoints.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, distributed, precision
+from . import checkpoint, distributed, precision, tiles
 from .config import DataConfig
 from .data import normalize
 from .data.transforms import AUTO_CROP_MAX
@@ -54,8 +61,8 @@ from .runlog import progress
 from .shards import RGB8, ImageError, ImageSpec, conform_image, decode_image, packed_size, promotable, resize_image
 from .visualize import display_bands, overlay_with_legend, palette
 
-__all__ = ["AUTO_TILE_PIXELS", "BAND_VALUES", "SCALE_TOLERANCE", "Predictor", "min_input_size",
-           "tile_starts", "training_side", "upsampled_argmax"]
+__all__ = ["AUTO_TILE_PIXELS", "BAND_VALUES", "SCALE_TOLERANCE", "Predictor", "host_logits", "min_input_size",
+           "training_side", "upsampled_argmax"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +91,7 @@ class Predictor:
     channels_last: bool = False
     tile: int = 0  # tile side in px; 0: whole images unless larger than AUTO_TILE_PIXELS
     overlap: float = 0.25  # fraction of a tile shared with its neighbour
+    tile_overlap: int | None = None  # px shared by neighbouring tiles (the training tiles'); None: from `overlap`
     tta_flip: bool = False  # average with the horizontally flipped image's prediction
     min_size: int = 1  # the smallest height and width the model takes; smaller inputs are padded to it
     max_size: int | None = None  # the packing scale (pack --max-size) it trained at; None: images run as given
@@ -92,6 +100,7 @@ class Predictor:
     colours: np.ndarray | None = None  # num_classes x 3 uint8 colours of masks and overlays; None: generated
     tile_progress_after: float | None = None  # seconds: show progress over the tiles of slower images; None: never
     spec: ImageSpec = RGB8  # channels and pixel type the model takes (the checkpoint's input)
+    ignore_index: int = 255  # the label overlays leave uncoloured (pixels no tile of a scene covers)
     display_bands: list[int] | None = None  # the bands overlays show (data.display_bands); None: the default
     _scale_warned: bool = field(default=False, init=False, repr=False)
 
@@ -115,6 +124,12 @@ class Predictor:
         options.setdefault("colours", _colours(trained.palette, trained.num_classes))
         options.setdefault("spec", trained.image)
         options.setdefault("display_bands", cfg.data.display_bands)
+        options.setdefault("ignore_index", trained.ignore_index)
+        if trained.tiling and not options.get("tile"):
+            # The tiles it learnt from; without overlap, tile borders would show as seams: the default overlap.
+            options["tile"] = trained.tiling["size"]
+            if "overlap" not in options and trained.tiling["overlap"] > 0:
+                options.setdefault("tile_overlap", trained.tiling["overlap"])
         display_bands(options["spec"].channels, options["display_bands"])  # a bad data.display_bands: now
         tile, crop = options.get("tile", 0), trained.train_crop
         if tile and crop and tile < max(crop):
@@ -158,15 +173,22 @@ class Predictor:
 
     def logits_batch(self, images: Sequence[np.ndarray], labels: Sequence[str] | None = None) -> list[torch.Tensor]:
         """float32 C x H x W logits per image, at each image's own size (on the device)."""
-        return [logits if logits.shape[-2:] == (h, w) else
-                F.interpolate(logits[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        return [(logits if logits.shape[-2:] == (h, w) else
+                 F.interpolate(logits[None], size=(h, w), mode="bilinear", align_corners=False)[0]).to(self.device)
                 for logits, (h, w) in self._run_batch(images, labels)]
 
     def overlay(self, image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
         """image | prediction | blend, with a legend of the classes present: an H x W' x 3 uint8 picture; the
         image shows `display_bands` (`visualize.display_image`: 16-bit and float bands stretched)."""
         return overlay_with_legend(self.conform(image), mask, self.class_names, alpha=alpha, colours=self.colours,
-                                   display_bands=self.display_bands)
+                                   ignore_index=self.ignore_index, display_bands=self.display_bands)
+
+    def overlap_px(self, tile: int) -> int:
+        """Pixels neighbouring tiles of side `tile` share: `tile_overlap`, else `overlap` of the tile (the
+        windows int(tile * (1 - overlap)) px apart, at least 1)."""
+        if self.tile_overlap is not None:
+            return self.tile_overlap
+        return tile - max(1, int(tile * (1 - self.overlap)))
 
     def run_size(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) an image of this size runs at: the packing scale (`shards.packed_size` with
@@ -240,7 +262,7 @@ class Predictor:
         return normalize(torch.from_numpy(np.ascontiguousarray(image)).to(self.device), self.data.mean,
                          self.data.std)
 
-    def _logits(self, x: torch.Tensor, h: int, w: int, label: str = "") -> torch.Tensor:
+    def _logits(self, x: torch.Tensor, h: int, w: int, label: str = "") -> torch.Tensor | list[torch.Tensor]:
         size = self.data.val_size
         if size > 0 and (h, w) != (size, size):  # trained to see val_size x val_size: resize, run, resize back
             small = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
@@ -266,40 +288,43 @@ class Predictor:
         with precision.autocast(self.device, self.amp_dtype):
             return self.model(x).float()[..., :h, :w]
 
-    def _tiled(self, x: torch.Tensor, tile: int, label: str = "") -> torch.Tensor:
-        """Sliding windows; each tile's logits are weighted by a ramp that falls towards its borders, so
-        every pixel is a smooth mix of the tiles that cover it (no seams). Where the tiles would take longer
-        than `tile_progress_after` seconds (projected from those done), a progress bar counts them."""
+    def _tiled(self, x: torch.Tensor, tile: int, label: str = "") -> list[torch.Tensor]:
+        """Each image's C x h x w logits (host memory) from the windows of `tiles.grid` (`overlap_px` shared),
+        blended by `tiles.Assembler(blend=True)`: each tile's logits weighted by a ramp that falls towards
+        its borders, so every pixel is a smooth mix of the tiles that cover it (no seams). Where the tiles
+        would take longer than `tile_progress_after` seconds (projected from those done), a progress bar
+        counts them."""
         n, _, h, w = x.shape
-        th, tw = min(tile, h), min(tile, w)
-        stride = max(1, int(tile * (1 - self.overlap)))
-        weight = _ramp(th, self.device)[:, None] * _ramp(tw, self.device)[None, :]
-        total = torch.zeros((n, self.num_classes, h, w), device=self.device)
-        norm = torch.zeros((h, w), device=self.device)
-        windows = [(top, left) for top in tile_starts(h, th, stride) for left in tile_starts(w, tw, stride)]
+        windows = tiles.grid(h, w, tile, self.overlap_px(tile))
+        scenes = [tiles.Assembler((h, w), blend=True) for _ in range(n)]
         bar, first_done = None, 0.0
-        for done, (top, left) in enumerate(windows, 1):
-            logits = self._forward(x[:, :, top : top + th, left : left + tw])
-            total[:, :, top : top + th, left : left + tw] += logits * weight
-            norm[top : top + th, left : left + tw] += weight
+        for done, window in enumerate(windows, 1):
+            rows, cols = window.slices
+            for scene, logits in zip(scenes, host_logits(self._forward(x[:, :, rows, cols])), strict=True):
+                scene.add(logits, window)
             if self.tile_progress_after is None or done == len(windows):
                 continue
             if bar is not None:
                 bar.update(1)
                 continue
-            if self.device.type == "cuda":  # kernels run asynchronously: time what has really been done
-                torch.cuda.synchronize(self.device)
-            # Projected from the tiles after the first, whose time includes one-off warm-up (allocations, kernels).
+            # Projected from the tiles after the first, whose time includes one-off warm-up (allocations,
+            # kernels); host_logits waited for each tile's kernels.
             now = time.perf_counter()
             if done == 1:
                 first_done = now
             elif (now - first_done) / (done - 1) * len(windows) > self.tile_progress_after:
-                bar = progress(len(windows), f"{label or 'image'}: {len(windows)} tiles of {th} x {tw} px",
-                               enabled=True, initial=done)
+                bar = progress(len(windows), f"{label or 'image'}: {len(windows)} tiles of {windows[0].h} x "
+                               f"{windows[0].w} px", enabled=True, initial=done)
         if bar is not None:
             bar.update(1)
             bar.close()
-        return total / norm
+        return [torch.from_numpy(scene.result()).permute(2, 0, 1) for scene in scenes]
+
+
+def host_logits(logits: torch.Tensor) -> np.ndarray:
+    """N x C x H x W (or C x H x W) logits on any device as float32 N x H x W x C (H x W x C) numpy, the
+    layout `tiles.Assembler` takes."""
+    return logits.movedim(-3, -1).float().cpu().numpy()
 
 
 def min_input_size(model: nn.Module) -> int:
@@ -311,7 +336,10 @@ def min_input_size(model: nn.Module) -> int:
 def training_side(trained: checkpoint.TrainedModel) -> float | None:
     """The longer side of the frames `trained` saw, as packed: the train split's mean frame where the
     checkpoint records it, else the automatic crop (`data.image_size=0` crops the mean frame, rounded up to
-    a multiple of 8) when it is below its cap; None where neither tells (an explicit crop of larger frames)."""
+    a multiple of 8) when it is below its cap; None where neither tells (an explicit crop of larger frames),
+    and for a model trained on tiles: they were cut at their scenes' own scale, whatever the scenes' size."""
+    if trained.tiling:
+        return None
     if trained.train_mean_hw:
         return float(max(trained.train_mean_hw))
     crop = trained.train_crop
@@ -340,22 +368,6 @@ def upsampled_argmax(logits: torch.Tensor, height: int, width: int, band_values:
         band = slice(top, top + rows)
         out[band] = (wide[:, lo[band]] * (1 - frac[band]) + wide[:, hi[band]] * frac[band]).argmax(0)
     return out
-
-
-def tile_starts(length: int, tile: int, stride: int) -> list[int]:
-    """Window offsets covering [0, length): a stride apart, the last one flush with the end."""
-    if length <= tile:
-        return [0]
-    starts = list(range(0, length - tile, stride))
-    return [*starts, length - tile]
-
-
-def _ramp(n: int, device: torch.device) -> torch.Tensor:
-    """Weights rising linearly from the border to the middle and never 0 (an edge tile's border is the
-    image's border and must still count)."""
-    pos = torch.arange(n, device=device, dtype=torch.float32)
-    dist = torch.minimum(pos + 1, n - pos)
-    return (dist / math.ceil(n / 2)).clamp(min=1e-3)
 
 
 def _colours(given: list[list[int]] | None, num_classes: int) -> np.ndarray:

@@ -134,10 +134,15 @@ class Assembler:
         """The scene; pixels no tile covers are `fill`."""
         if self.out is None:
             raise ValueError("no tiles: give `out` to say the result's type and channels")
-        covered = self.covered()
         if self.blend:
-            self.out[covered] /= self._score[covered].reshape(-1, *(1,) * len(self._extra))
-            self.out[~covered] = self.fill
+            # In bands of rows: boolean indexing copies what it selects, and `out` may be a memmap larger
+            # than memory.
+            rows = max(1, (1 << 24) // (self.width * max(1, int(np.prod(self._extra)))))
+            for top in range(0, self.height, rows):
+                out, score = self.out[top : top + rows], self._score[top : top + rows]
+                covered = score > 0
+                out[covered] /= score[covered].reshape(-1, *(1,) * len(self._extra))
+                out[~covered] = self.fill
         return self.out
 
 
