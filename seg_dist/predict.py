@@ -92,7 +92,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--native-scale", action="store_true",
                    help="run images at their own size, not brought to the packing scale (pack --max-size) the "
                         "model trained at")
-    p.add_argument("--batch-size", type=int, default=4, help="images of one size run together (default 4)")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="images (with --shards: tiles) of one size run together (default 4)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace masks already in --out")
     return p.parse_args(argv)
