@@ -10,6 +10,10 @@ Exit 0 when the run finished or stopped on request with a checkpoint, 1 when it 
 once, exit 130) or SIGHUP, or by the death of the launcher (torchrun, srun) that started this process; the
 run then leaves RUN_DIR/STOPPED (JSON: global_step, signal, requeued) so a job script can tell it from a
 finished one; under SLURM it requeues its job.
+
+Rank 0 logs the start-up at the first step and ends with the run's goodput: the steps' share of the wall time
+from this process's start, and where the rest went (start-up, validation, checkpoints, data waits, the rest),
+also as TensorBoard's `goodput/` scalars and RUN_DIR/goodput.json (a resumed run's: this process's only).
 """
 
 from __future__ import annotations
