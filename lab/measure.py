@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from seg_dist import distributed
+from seg_dist import data, distributed
 from seg_dist.config import Config, DataConfig, load_config_dict
 
 WIDE_SPREAD = 1.3  # max/min over repeats above this: the figure is flagged as noisy
@@ -179,7 +179,8 @@ class SyntheticShards:
 
 
 def base_config(root: str, manifest: dict[str, Any], **sections: dict[str, Any]) -> Config:
-    """Built-in defaults for `root`; validation is never run here, so a set without a val split uses train."""
+    """Built-in defaults for `root`, with what the data decides filled in (normalisation, input channels) as
+    the trainer fills it in; validation is never run here, so a set without a val split uses train."""
     cfg: dict[str, Any] = {"data": {"root": root, "verify": "off"},
                            "logging": {"tensorboard": False, "progress": False},
                            "train": {"resume": "never", "epochs": 1}}
@@ -187,7 +188,7 @@ def base_config(root: str, manifest: dict[str, Any], **sections: dict[str, Any])
         cfg.setdefault(key, {}).update(values)
     if DataConfig.val_split not in manifest["splits"]:
         cfg["data"]["val_split"] = cfg["data"].get("train_split", DataConfig.train_split)
-    return load_config_dict(cfg)
+    return data.resolve_inputs(load_config_dict(cfg), manifest)
 
 
 def cycle(items: Sequence[Any]) -> Callable[[], Any]:

@@ -169,7 +169,7 @@ def test_two_hosts_simulated_on_one_machine_train_to_the_end_and_agree(tiny_shar
     assert [r["epoch"] for r in lines] == [1, 2] and lines[-1]["samples"] == 16
     report = tmp_path / "eval.json"
     subprocess.run([sys.executable, "-m", "seg_dist.evaluate", "--checkpoint", str(run / "checkpoints" / "last.pt"),
-                    "--out", str(report), "train.amp=off"], cwd=REPO, env=child_env(), check=True, capture_output=True)
+                    "--json", str(report), "train.amp=off"], cwd=REPO, env=child_env(), check=True, capture_output=True)
     single = json.loads(report.read_text())
     assert single["samples"] == 16
     assert single["miou"] == lines[-1]["miou"] and single["pixel_accuracy"] == lines[-1]["pixel_accuracy"]

@@ -20,7 +20,8 @@ def test_bench_recipe_reports_what_the_runs_logged_and_both_beat_the_untrained_f
     # machine, so the schedule's horizon is the cap too): the same 4 epochs of 16 steps each, every time.
     args = ["recipe", "--data", str(tiny_shards), "--minutes", "10", "--width", "4", "--batch", "4",
             "--test-split", "val", "--out", str(runs), "--json", str(out), "--seed-lr", "3e-3",
-            "--seed-max-epochs", "4", "model.depth=2", "data.image_size=32", "logging.log_every=2", "train.epochs=4"]
+            "--seed-max-epochs", "4", "model.depth=2", "data.image_size=32", "logging.log_every=2", "train.epochs=4",
+            "train.amp=off"]  # fp32 training validation, as the CPU Predictor that scores the run is
     assert bench.main(args) == 0
     report = json.loads(out.read_text())
     table = capsys.readouterr().out
