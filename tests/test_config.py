@@ -81,8 +81,8 @@ def test_model_name_is_checked_against_the_model_table():
 
 def test_a_key_no_version_declares_is_an_error(tmp_path):
     old = tmp_path / "old.yaml"
-    old.write_text("data:\n  shuffle_buffer: 1000\n  workers: 3\n")
-    with pytest.raises(ConfigError, match=r"unknown config key 'data\.shuffle_buffer'"):
+    old.write_text("data:\n  cache_dir: /tmp/x\n  workers: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'data\.cache_dir'"):
         load_config(old)
     with pytest.raises(ConfigError, match=r"did you mean data\.workers"):
         load_config(None, ["data.wokers=2"])

@@ -199,7 +199,8 @@ def test_stop_signal_to_one_rank_stops_all_at_the_same_step(tiny_shards, tmp_pat
         kill_tree(proc)
     assert proc.returncode == 0, out[-3000:]
     # Rank 0 never got the signal; it stopped because rank 1 did.
-    assert "stop requested (signalled on another rank): checkpointing at global step" in out, out[-3000:]
+    # (Mid-epoch, or at an epoch's end when the signal lands between the last step's check and that one.)
+    assert "stop requested (signalled on another rank)" in out, out[-3000:]
     saved = checkpoint.load(last)
     stopped_at = saved["global_step"]
     assert stopped_at < 30 * 8 and stopped_at % 2 == 0  # at an agreed logging step, not the end

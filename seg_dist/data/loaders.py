@@ -20,7 +20,7 @@ from ..config import Config
 from ..distributed import loader_worker_init
 from ..errors import UserError
 from ..remote import is_remote
-from ..shards import MANIFEST, ShardError, shard_counts, shard_urls, split_count
+from ..shards import MANIFEST, ShardError, image_spec, shard_counts, shard_urls, split_count
 from .classes import resolve_classes
 from .epochs import BatchPlan, RankPositions, StreamOrder, share, steps_per_epoch
 from .reader import SampleIndex, SampleReader, decode_sample, index_entry, split_index
@@ -140,7 +140,8 @@ def train_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, wo
     index = split_index(root, manifest, split)
     order = StreamOrder(cfg.train.seed, steps * plan.global_batch, len(index))
     dataset = _TrainSet(SampleReader(urls), index, order,
-                        build_transforms(crop, train=True, ignore_index=classes.ignore_index),
+                        build_transforms(crop, train=True, ignore_index=classes.ignore_index,
+                                         image=image_spec(manifest)),
                         mask_dtype(classes.num_classes, classes.ignore_index))
     sampler = RankPositions(plan, rank, order.span, steps, epoch, skip_steps, endless)
     kw = _loader_kwargs(cfg)
@@ -259,7 +260,8 @@ def val_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, worl
     classes = resolve_classes(cfg.data, manifest)
     ignore = classes.ignore_index
     dataset = _ValStream(shard_urls(root, manifest, split), counts,
-                         build_transforms(cfg.data, train=False, ignore_index=ignore), start, stop,
+                         build_transforms(cfg.data, train=False, ignore_index=ignore, image=image_spec(manifest)),
+                         start, stop,
                          mask_dtype(classes.num_classes, ignore), cfg.data.retries)
     batch_size = cfg.data.val_batch_size or cfg.train.batch_size
     # Each worker batches its own samples, so each worker's last batch may be partial.
