@@ -129,7 +129,7 @@ def read_image_file(src: Path, decode: Callable[[bytes], np.ndarray] = decode_im
             image = decode(data)
         except ImageError as e:
             if isinstance(e.__cause__, Image.DecompressionBombError):
-                raise ImageError(_too_large(e.__cause__)) from e
+                raise ImageError(shards.too_many_pixels(e.__cause__)) from e
             raise
     for w in caught:
         if issubclass(w.category, Image.DecompressionBombWarning):
@@ -140,15 +140,6 @@ def read_image_file(src: Path, decode: Callable[[bytes], np.ndarray] = decode_im
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return image
 
-
-def _too_large(error: BaseException) -> str:
-    """An image Pillow refuses to decode, with its size and how to proceed."""
-    found = re.search(r"\((\d+) pixels\)", str(error))
-    size = f"{int(found.group(1)) / 1e6:.3g} Mpx" if found else "too many pixels"
-    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6
-    return (f"{size}, more than the {limit:.3g} Mpx Pillow decodes (its guard against decompression bombs); "
-            "reduce or split it first, e.g. `magick IN -resize 50% OUT.png` or `magick IN -crop 8192x8192 "
-            "OUT_%d.png`")
 
 
 @contextlib.contextmanager

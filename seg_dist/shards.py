@@ -107,6 +107,18 @@ def packed_size(height: int, width: int, max_size: int | None) -> tuple[int, int
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
+def too_many_pixels(error: BaseException) -> str:
+    """A file Pillow refuses to decode for its size (its guard against decompression bombs), as one line with
+    the size and what to do: the message pack and predict give."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    size = f"{int(found.group(1)) / 1e6:.4g} Mpx" if found else "too many pixels"
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6
+    return (f"{size}, more than the {limit:.4g} Mpx Pillow decodes (its guard against decompression bombs); cut "
+            "or reduce it first (e.g. `magick IN -crop 8192x8192 OUT_%d.png` or `magick IN -resize 50% OUT.png`), "
+            "or, from Python, raise PIL.Image.MAX_IMAGE_PIXELS first")
+
+
+# 8-bit images PIL resizes (its bilinear filter; premultiplied alpha for RGBA).
 _RESIZE_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 
 

@@ -180,7 +180,7 @@ def test_pillow_size_limits_are_one_line_each(tmp_path, monkeypatch, caplog, cap
     err = capsys.readouterr().err
     assert err.count("\n") == 2  # the skipped file, then the run's one-line failure
     assert (f"error: {src / 'huge.png'}: 0.0025 Mpx, more than the 0.002 Mpx Pillow decodes (its guard against "
-            "decompression bombs); reduce or split it first") in err
+            "decompression bombs); cut or reduce it first") in err
     assert [r.getMessage() for r in caplog.records if "Mpx" in r.getMessage()] == [
         f"{src / 'large.png'}: 40 x 40 px (0.0016 Mpx) is above Pillow's 0.001 Mpx decompression-bomb warning "
         "size; read as asked for"]

@@ -147,3 +147,25 @@ def val_share(manifest: dict[str, Any], split: str, rank: int, world_size: int) 
     """How many samples of `split` rank `rank` validates."""
     lo, hi = share(sum(shard_counts(manifest, split)), rank, world_size)
     return hi - lo
+
+
+@dataclass(frozen=True)
+class TrainingEpochs:
+    """What both training loaders (local offsets, remote streams) start from: the split, the batch plan and
+    the epoch's optimiser steps on this world size."""
+
+    split: str
+    plan: BatchPlan
+    steps: int
+
+    @classmethod
+    def of(cls, cfg: Config, manifest: dict[str, Any], root: str, world_size: int, skip_steps: int
+           ) -> TrainingEpochs:
+        if skip_steps < 0:
+            raise ValueError(f"skip_steps={skip_steps} must be >= 0")
+        split = cfg.data.train_split
+        if split_count(manifest, split) < 1:
+            raise UserError(f"data.train_split={split!r}: the split has no samples in {root.rstrip('/')}/"
+                            "manifest.json")
+        return cls(split, BatchPlan(cfg.train.batch_size, cfg.train.accum_steps, world_size),
+                   steps_per_epoch(manifest, cfg, world_size))

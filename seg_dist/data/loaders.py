@@ -7,7 +7,6 @@ import dataclasses
 import functools
 import logging
 import math
-import os
 import random
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -18,11 +17,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from ..config import Config
 from ..distributed import loader_worker_init
-from ..errors import UserError
 from ..remote import is_remote
-from ..shards import MANIFEST, ShardError, image_spec, shard_counts, shard_urls, split_count
+from ..shards import ShardError, image_spec, shard_counts, shard_urls, split_count
 from .classes import resolve_classes
-from .epochs import BatchPlan, RankPositions, StreamOrder, share, steps_per_epoch
+from .epochs import RankPositions, StreamOrder, TrainingEpochs, share
 from .reader import SampleIndex, SampleReader, decode_sample, index_entry, split_index
 from .stream import StreamBatches, shard_samples, stream_loader
 from .transforms import build_transforms, mask_dtype, training_crop, transform_sample
@@ -127,13 +125,8 @@ def train_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, wo
     """
     if is_remote(root):  # no offsets to read at: whole shards streamed (data/stream.py says what that gives up)
         return stream_loader(cfg, manifest, root, rank, world_size, epoch, skip_steps, endless, _loader_kwargs(cfg))
-    if skip_steps < 0:
-        raise ValueError(f"skip_steps={skip_steps} must be >= 0")
-    split = cfg.data.train_split
-    if split_count(manifest, split) < 1:
-        raise UserError(f"data.train_split={split!r}: the split has no samples in {os.path.join(root, MANIFEST)}")
-    plan = BatchPlan(cfg.train.batch_size, cfg.train.accum_steps, world_size)
-    steps = steps_per_epoch(manifest, cfg, world_size)
+    epochs = TrainingEpochs.of(cfg, manifest, root, world_size, skip_steps)
+    split, plan, steps = epochs.split, epochs.plan, epochs.steps
     classes = resolve_classes(cfg.data, manifest)
     crop = dataclasses.replace(cfg.data, image_size=training_crop(cfg.data, manifest))
     urls = shard_urls(root, manifest, split)

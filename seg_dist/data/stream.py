@@ -43,11 +43,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ..config import Config
-from ..errors import UserError
 from ..remote import is_remote, open_url
-from ..shards import MANIFEST, ShardError, image_spec, shard_counts, shard_urls, split_count
+from ..shards import ShardError, image_spec, shard_counts, shard_urls
 from .classes import resolve_classes
-from .epochs import BatchPlan, seeds, steps_per_epoch
+from .epochs import BatchPlan, TrainingEpochs, seeds
 from .reader import decode_sample, read_shard
 from .transforms import build_transforms, mask_dtype, training_crop, transform_sample
 
@@ -232,13 +231,8 @@ def stream_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, w
     """`train_loader` for a remote root: this rank's micro-batches of `epoch` from optimiser step
     `skip_steps` on, `steps_per_epoch` x `train.accum_steps` of them per epoch on every rank, streamed from
     whole shards (see the module's docstring for what that gives up against local files)."""
-    if skip_steps < 0:
-        raise ValueError(f"skip_steps={skip_steps} must be >= 0")
-    split = cfg.data.train_split
-    if split_count(manifest, split) < 1:
-        raise UserError(f"data.train_split={split!r}: the split has no samples in {root.rstrip('/')}/{MANIFEST}")
-    plan = BatchPlan(cfg.train.batch_size, cfg.train.accum_steps, world_size)
-    steps = steps_per_epoch(manifest, cfg, world_size)
+    epochs = TrainingEpochs.of(cfg, manifest, root, world_size, skip_steps)
+    split, plan, steps = epochs.split, epochs.plan, epochs.steps
     classes = resolve_classes(cfg.data, manifest)
     crop = dataclasses.replace(cfg.data, image_size=training_crop(cfg.data, manifest))
     counts = shard_counts(manifest, split)

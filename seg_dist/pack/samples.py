@@ -11,7 +11,6 @@ import io
 import json
 import math
 import multiprocessing
-import re
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -183,7 +182,7 @@ def _load(pair: Pair, spec: LabelSpec) -> tuple[_Loaded | None, list[Problem]]:
             problems.append((pair.image, f"unsupported image format {image.format}"))
     except shards.ImageError as e:
         bomb = e.__cause__ if isinstance(e.__cause__, Image.DecompressionBombError) else None
-        problems.append((pair.image, _too_large(bomb) if bomb else str(e)))
+        problems.append((pair.image, shards.too_many_pixels(bomb) if bomb else str(e)))
     except OSError as e:
         problems.append((pair.image, f"cannot read ({_one_line(e)})"))
     try:
@@ -194,7 +193,7 @@ def _load(pair: Pair, spec: LabelSpec) -> tuple[_Loaded | None, list[Problem]]:
     except MaskError as e:
         problems.append((pair.mask, str(e)))
     except Image.DecompressionBombError as e:
-        problems.append((pair.mask, _too_large(e)))
+        problems.append((pair.mask, shards.too_many_pixels(e)))
     except Image.UnidentifiedImageError:
         problems.append((pair.mask, "not a mask image seg_dist can read (PNG, TIFF or BMP), or damaged"))
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
@@ -221,15 +220,6 @@ def _load(pair: Pair, spec: LabelSpec) -> tuple[_Loaded | None, list[Problem]]:
         return None, problems
     return _Loaded(image_bytes, image, ext, labels), []
 
-
-def _too_large(error: Image.DecompressionBombError) -> str:
-    """A file Pillow refuses to decode for its size, as one line with what to do."""
-    found = re.search(r"\((\d+) pixels\)", str(error))
-    size = f"{int(found.group(1)) / 1e6:.4g} Mpx" if found else "too many pixels"
-    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6
-    return (f"{size}, more than the {limit:.4g} Mpx Pillow decodes (its guard against decompression bombs); cut the "
-            "scene into smaller files first (e.g. `magick IN -crop 8192x8192 OUT_%d.png`), or, packing from "
-            "Python, raise PIL.Image.MAX_IMAGE_PIXELS before calling pack")
 
 
 def _size_mismatch(
