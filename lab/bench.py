@@ -174,8 +174,13 @@ def _recipe(args: argparse.Namespace) -> int:
         out=args.out or f"runs/recipe-{Path(args.data).resolve().name}", test_split=args.test_split,
     )
     report = bench_recipe.compare(settings, progress=_say)
-    report["command"] = ["python", "-m", "lab.bench", *sys.argv[1:]]
     print(bench_recipe.render(report), flush=True)
+    return _finish(report, args, None)
+
+
+def _finish(report: dict[str, Any], args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    """The command line beside the figures, and --json written."""
+    report.setdefault("command", ["python", "-m", "lab.bench", *(sys.argv[1:] if argv is None else argv)])
     if args.json:
         atomic.write_text(args.json, json.dumps(report, indent=2) + "\n")
         _say(f"wrote {args.json}")
@@ -187,24 +192,16 @@ def _index(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     settings = bench_index.IndexSettings(samples=args.samples, batch=args.batch, repeats=args.repeats,
                                          headers=args.headers, data=args.data, **given)
     report = bench_index.measure_index(settings, progress=_say)
-    report["command"] = ["python", "-m", "lab.bench", *(sys.argv[1:] if argv is None else argv)]
     print(bench_index.render(report), flush=True)
-    if args.json:
-        atomic.write_text(args.json, json.dumps(report, indent=2) + "\n")
-        _say(f"wrote {args.json}")
-    return cli.EXIT_OK
+    return _finish(report, args, argv)
 
 
 def _goodput(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     settings = bench_goodput.GoodputSettings(data=args.data, procs=args.procs, config=args.config,
                                              device=args.device, overrides=tuple(args.overrides))
     report = bench_goodput.measure_goodput(settings, progress=_say)
-    report["command"] = ["python", "-m", "lab.bench", *(sys.argv[1:] if argv is None else argv)]
     print(bench_goodput.render(report), flush=True)
-    if args.json:
-        atomic.write_text(args.json, json.dumps(report, indent=2) + "\n")
-        _say(f"wrote {args.json}")
-    return cli.EXIT_OK
+    return _finish(report, args, argv)
 
 
 def _bench(argv: Sequence[str] | None) -> int:
@@ -254,10 +251,7 @@ def _bench(argv: Sequence[str] | None) -> int:
                 scaling.root = root(scaling.size)
                 report["scaling"] = bench_scaling.measure_scaling(scaling, progress=_say)
                 print(bench_scaling.render(report["scaling"]), flush=True)
-    if args.json:
-        atomic.write_text(args.json, json.dumps(report, indent=2) + "\n")
-        _say(f"wrote {args.json}")
-    return cli.EXIT_OK
+    return _finish(report, args, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from seg_dist import cli
 from seg_dist.errors import UserError
 from seg_dist.shards import decode_image
 
@@ -80,16 +81,16 @@ def convert(src: Path, out: Path, overwrite: bool = False) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return cli.run(_main, argv)  # a UserError: one line, exit 2
+
+
+def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--src", required=True, help="a checkout of github.com/bearpaw/clothing-co-parsing")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
-    try:
-        counts = convert(Path(args.src), Path(args.out), args.overwrite)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    counts = convert(Path(args.src), Path(args.out), args.overwrite)
     print(f"wrote {sum(counts.values())} samples to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from seg_dist import cli
 from seg_dist.errors import UserError
 from seg_dist.shards import decode_image
 
@@ -71,6 +72,10 @@ def convert(images: Path, seg: Path, out: Path, val: int = 1, overwrite: bool = 
 
 
 def main(argv: list[str] | None = None) -> int:
+    return cli.run(_main, argv)  # a UserError: one line, exit 2
+
+
+def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", required=True, help="a CTC sequence folder holding tNNN.tif")
     p.add_argument("--seg", required=True, help="its SEG folder holding man_segNNN.tif")
@@ -78,11 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val", type=int, default=1, help="annotated frames (the last ones) for the val split")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
-    try:
-        counts = convert(Path(args.images), Path(args.seg), Path(args.out), args.val, args.overwrite)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    counts = convert(Path(args.images), Path(args.seg), Path(args.out), args.val, args.overwrite)
     print(f"wrote {sum(counts.values())} samples to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 
