@@ -482,6 +482,12 @@ def find_resume(cfg: Config, manifest: dict[str, Any]) -> Resume | None:
     if found is None:
         return None
     path, state = found
+    same_data = state.get("manifest_digest") == shards.manifest_digest(manifest)
+    trained_on = state["config"].get("data", {}).get("root", "?")
+    if not same_data and cfg.train.resume == "auto":  # first: another dataset explains any other difference
+        raise UserError(f"run.dir={run_dir} holds a run on other data ({trained_on}, {path.name}) than data.root="
+                        f"{cfg.data.root}: choose another run.dir, or train.resume={path} to fine-tune from its "
+                        "weights")
     saved_model = state["config"].get("model", {})
     for key, value in to_dict(cfg)["model"].items():
         if key in _NOT_ARCHITECTURE or (key == "encoder" and cfg.model.name == "unet"):
@@ -493,13 +499,8 @@ def find_resume(cfg: Config, manifest: dict[str, Any]) -> Resume | None:
     if int(state["num_classes"]) != classes.num_classes:
         raise UserError(f"{path} was trained for {state['num_classes']} classes, data.root={cfg.data.root} has "
                         f"{classes.num_classes}: choose another run.dir")
-    if state.get("manifest_digest") == shards.manifest_digest(manifest):
+    if same_data:
         return Resume(path=path, state=state, full=True)
-    trained_on = state["config"].get("data", {}).get("root", "?")
-    if cfg.train.resume == "auto":
-        raise UserError(f"run.dir={run_dir} holds a run on other data ({trained_on}, {path.name}) than data.root="
-                        f"{cfg.data.root}: choose another run.dir, or train.resume={path} to fine-tune from its "
-                        "weights")
     log.info("fine-tuning from the weights of %s (trained on %s); optimiser, schedule and step start afresh",
              path, trained_on)
     return Resume(path=path, state=state, full=False)

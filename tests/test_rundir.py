@@ -58,6 +58,8 @@ def test_another_dataset_is_refused_before_any_weight_is_loaded(tiny_shards, oth
     with pytest.raises(UserError, match=rf"run\.dir={run} holds a run on other data \({tiny_shards}, last\.pt\) "
                                         rf"than data\.root={other_shards}: choose another run\.dir"):
         train(_cfg(other_shards, run), distributed.DistEnv(), CPU)
+    with pytest.raises(UserError, match=r"holds a run on other data"):  # the data, not the model, is the news
+        train(_cfg(other_shards, run, "model.width=16"), distributed.DistEnv(), CPU)
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
 
     # Named explicitly, another run's checkpoint is where fine-tuning starts: its weights, step 0.
