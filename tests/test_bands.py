@@ -226,7 +226,7 @@ def test_padding_and_rotation_fill_with_the_mean_so_new_pixels_normalise_to_zero
         out = data.build_transforms(cfg, True, 255, shards.ImageSpec(channels, "uint16"))(
             image=image, mask=np.zeros((10, 12), np.int64))
         x = data.normalize(torch.from_numpy(out["image"]), cfg.mean, cfg.std)
-        assert (out["mask"] == 255).sum() >= 24 * 24 - 10 * 12  # padding (and rotation) made new pixels ...
+        assert (out["mask"] == 255).sum() > 24 * 24 // 2  # padding (and rotation) made new pixels ...
         assert x.abs().max() < 0.01, channels  # ... and they normalise to 0, as validation's padding does
 
 
