@@ -4,7 +4,7 @@
 The first part (our U-Net's contracting path as the encoder, frozen with 2 DDP ranks) needs nothing extra
 and runs everywhere. The rest needs segmentation_models_pytorch, which the project venv does not have:
 it is skipped there and runs in the smp environment (README, "Pretrained encoders"):
-`/work/smp-venv/bin/python -m pytest tests/test_smp.py`.
+`smp-venv/bin/python -m pytest tests/test_smp.py`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ except Exception as e:  # ImportError, or RuntimeError from a torchvision built 
 needs_smp = pytest.mark.skipif(
     bool(SMP_MISSING),
     reason=f"segmentation_models_pytorch is not importable ({SMP_MISSING[:120]}); run this file with the smp "
-    "environment: /work/smp-venv/bin/python -m pytest tests/test_smp.py",
+    "environment: smp-venv/bin/python -m pytest tests/test_smp.py",
 )
 
 
