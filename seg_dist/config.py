@@ -76,6 +76,11 @@ class DataConfig:
     pin_memory: bool = True
     persistent_workers: bool = True
     prefetch_factor: int = 2
+    # Decoded samples a rank keeps in memory, so later epochs and validations skip reading and decoding
+    # them: a split whose decoded pixels fit in this many MiB (the manifest knows) is cached by a loader that
+    # decodes in the rank's own process (data.workers=0); loader workers decode beside the steps instead.
+    # 0: never.
+    cache_mb: int = 1024
     val_batch_size: int = 0  # 0: same as train.batch_size
     # At start: "size" checks every shard's byte size against the manifest (cheap: a truncated copy),
     # "full" its sha256 too (reads every shard), "off" skips the check.
@@ -294,6 +299,7 @@ CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("data.pin_memory", *BOOL),
     ("data.persistent_workers", *BOOL),
     ("data.prefetch_factor", *AT_LEAST_1),
+    ("data.cache_mb", *AT_LEAST_0),
     ("data.val_batch_size", lambda v: v >= 0, "0 (train.batch_size) or at least 1"),
     ("data.verify", *_one_of(VERIFY)),
     ("data.shuffle_buffer", lambda v: v >= 1, "at least 1 (1: samples in the shards' order)"),
