@@ -175,7 +175,11 @@ class TrainConfig:
     # Turn off when several unbound jobs share one machine: each would pin its rank 0 to the same cores.
     pin_cpu_ranks: bool = True
     resume: str = "auto"  # auto | never | PATH
-    val_every: int = 1  # epochs
+    # How often to validate (and always at the end): auto | N (epochs) | "N epochs" | "N steps" | "N minutes".
+    # auto: after the first epoch, then every few epochs, as many as keep validation to about AUTO_VAL_SHARE
+    # of the training time it interrupts (measured as the run goes; the log says the cadence it chose).
+    # Steps and minutes validate mid-epoch too: for epochs of hours.
+    val_every: str = "auto"
     max_nonfinite: int = 20  # consecutive skipped (non-finite) steps that stop the run; checked per log line
     max_steps: int = 0  # stop after this many optimiser steps in total (0: no limit)
     # Wall-clock training budget (validation included; 0: none). The step count, and with it the schedule's
@@ -236,6 +240,42 @@ SMALL_RANK_BATCH = 4
 DEVICES = ("auto", "cpu", "cuda")
 VERIFY = ("off", "size", "full")
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+# train.val_every=auto: validation takes at most about this share of the training time between validations.
+AUTO_VAL_SHARE = 0.05
+_EVERY_UNITS = {"epoch": "epochs", "epochs": "epochs", "step": "steps", "steps": "steps", "minute": "minutes",
+                "minutes": "minutes", "min": "minutes"}
+
+
+@dataclass(frozen=True)
+class Every:
+    """A parsed `train.val_every`: `amount` of `unit` (epochs, steps or minutes), or unit "auto"."""
+
+    unit: str
+    amount: float = 0.0
+
+
+def parse_every(text: str) -> Every:
+    """`train.val_every` -> Every; ValueError for anything else ("3", "3 epochs", "500 steps", "10 minutes")."""
+    words = str(text).strip().lower().split()
+    if words == ["auto"]:
+        return Every("auto")
+    if len(words) not in (1, 2) or (len(words) == 2 and words[1] not in _EVERY_UNITS):
+        raise ValueError(text)
+    unit = _EVERY_UNITS[words[1]] if len(words) == 2 else "epochs"
+    amount = float(words[0])
+    if not amount > 0 or (unit != "minutes" and amount != int(amount)) or not math.isfinite(amount):
+        raise ValueError(text)
+    return Every(unit, amount)
+
+
+def _parses(parse: Callable[[Any], Any], value: Any) -> bool:
+    try:
+        parse(value)
+    except ValueError:
+        return False
+    return True
 
 
 def crop_hw(data_cfg: DataConfig) -> tuple[int, int]:
@@ -352,7 +392,9 @@ CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("train.device", *_one_of(DEVICES)),
     ("train.pin_cpu_ranks", *BOOL),
     ("train.resume", _nonempty, "auto, never or a checkpoint path"),
-    ("train.val_every", *AT_LEAST_1),
+    ("train.val_every", lambda v: _parses(parse_every, v),
+     "expected auto, N (epochs), 'N epochs', 'N steps' or 'N minutes', with N greater than 0 (whole for epochs "
+     "and steps)"),
     ("train.max_nonfinite", *AT_LEAST_1),
     ("train.max_steps", lambda v: v >= 0, "0 (no limit) or at least 1"),
     ("train.budget_minutes", lambda v: v >= 0, "0 (none) or minutes greater than 0"),

@@ -547,8 +547,7 @@ def sum_small(tensor: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows).sum(0)
 
 
-@torch.compiler.disable  # a collective: a compiled loss runs it eagerly, between its graphs
-def sum_with_local_grad(tensor: torch.Tensor) -> torch.Tensor:
+def _sum_with_local_grad(tensor: torch.Tensor) -> torch.Tensor:
     """The sum over ranks of small per-rank sums, differentiable in this rank's own term only.
 
     The other ranks' terms are constants here; their own backward passes carry their share of the
@@ -556,6 +555,16 @@ def sum_with_local_grad(tensor: torch.Tensor) -> torch.Tensor:
     """
     local = tensor.detach()
     return tensor + (sum_small(local) - local)
+
+
+def __getattr__(name: str) -> Any:
+    # A collective, so a compiled loss must run it eagerly, between its graphs: `torch.compiler.disable`.
+    # Applied on first use because it imports torch._dynamo, a second of every command's start-up otherwise.
+    if name == "sum_with_local_grad":
+        fn = torch.compiler.disable(_sum_with_local_grad)
+        globals()[name] = fn
+        return fn
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:

@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import atomic, checkpoint, data, distributed, precision, shards
-from .config import SMALL_RANK_BATCH, Config, ConfigError, TrainConfig, to_dict
+from .config import AUTO_VAL_SHARE, SMALL_RANK_BATCH, Config, ConfigError, TrainConfig, parse_every, to_dict
 from .ema import WeightAverage
 from .errors import RunFailed, UserError
 from .losses import SegLoss, class_weights
@@ -42,7 +42,7 @@ from .models.norms import GlobalBatchNorm2d, convert_to_global_batchnorm
 from .rundir import RunDirLock
 from .runlog import RunLog, StartClock, TimeLedger, clear_stop_marker, goodput, goodput_line, progress
 from .schedule import build_scheduler, is_per_iteration, param_groups
-from .validation import Validation, validate
+from .validation import Cadence, Validation, validate
 from .visualize import display_bands, palette_for, validation_pictures
 
 log = logging.getLogger("seg_dist.train")
@@ -214,11 +214,12 @@ class StepMeter:
         self._restart()
         return stats
 
-    def epoch_loss(self) -> float:
-        """Mean train loss of the epoch over all ranks (a collective); starts the next epoch's sum."""
-        distributed.all_reduce_(self.epoch_sums)
-        loss = (self.epoch_sums[0] / self.epoch_sums[1].clamp(min=1)).item()
-        self.epoch_sums.zero_()
+    def epoch_loss(self, reset: bool = True) -> float:
+        """Mean train loss of the epoch so far over all ranks (a collective); `reset`: starts the next epoch's."""
+        sums = distributed.all_reduce_(self.epoch_sums if reset else self.epoch_sums.clone())
+        loss = (sums[0] / sums[1].clamp(min=1)).item()
+        if reset:
+            self.epoch_sums.zero_()
         return loss
 
 
@@ -278,6 +279,16 @@ class Optimisation:
     amp_dtype: torch.dtype | None
 
 
+@dataclass
+class Validations:
+    """The run's validations so far, and when the next is due."""
+
+    cadence: Cadence
+    history: list[dict[str, Any]] = field(default_factory=list)  # per validation: epoch, step, lr, losses, mIoU
+    last: dict[str, Any] = field(default_factory=dict)  # the last validation's metrics
+    ended: float = field(default_factory=time.perf_counter)  # when the last one ended (or the run started)
+
+
 @dataclass(kw_only=True)
 class Run:
     """Everything a run is made of on this rank; built once by `setup_run`."""
@@ -291,8 +302,13 @@ class Run:
     nets: Nets
     opt: Optimisation
     horizon: Horizon  # the run's step count: the schedule reads it, train.budget_minutes moves it
+    validations: Validations
     runlog: RunLog = field(repr=False)
-    clock: tuple[float, float] = (0.0, 0.0)  # (time.perf_counter() at the start, seconds spent before it)
+    # (time.perf_counter() at this process's start, seconds earlier processes of the run spent before it)
+    clock: tuple[float, float] = (0.0, 0.0)
+    # (time.perf_counter(), global step) at the end of this process's first step: the pace of the steps after
+    # it (validation and checkpoints included) predicts the rest; start-up and compile do not recur.
+    pace: tuple[float, int] | None = None
     # The training batches from the first epoch this process trains to the end of the run: one loader, so
     # its workers start once, not at every epoch (see data.train_loader's endless=True).
     train_stream: Generator[tuple[torch.Tensor, torch.Tensor], None, None] | None = field(default=None, repr=False)
@@ -337,10 +353,9 @@ def train(
     stop = stop or distributed.StopRequest()
     clock = clock or StartClock.now()
     run, state = setup_run(cfg, denv, device)
+    run.clock = (clock.origin, state.train_seconds)  # train.budget_minutes counts the start-up too
     clock.mark("setup (manifest, model, optimiser, resume)")
     meter = StepMeter(device, clock)
-    history: list[dict[str, Any]] = []
-    metrics: dict[str, Any] = {}
     stopped = False
     resumed_at = state.global_step
     with run.runlog:
@@ -355,12 +370,12 @@ def train(
                             save_checkpoint(run, state)
                     else:
                         with meter.pause():
-                            metrics = end_of_epoch(run, state, meter, history) or metrics
+                            end_of_epoch(run, state, meter)
                         stopped = not run.finished(state) and stop.agreed(device)
                         if stopped:
                             log.info("stop requested (%s) at the end of an epoch, global step %d", stop.describe(),
                                      state.global_step)
-                if history and not stopped:
+                if run.validations.history and not stopped:
                     log.info("done: best val mIoU %.4f; checkpoints in %s, TensorBoard in %s", state.best_miou,
                              run.ckpt_dir, Path(cfg.run.dir) / "tb")
             finally:
@@ -373,7 +388,8 @@ def train(
             if run.lock is not None:
                 run.lock.release()
     run.nets.step = run.nets.bare  # let go of the DDP wrapper (and its hold on the process group) now
-    return TrainResult(run.nets.bare, state.global_step, stopped, ",".join(stop.signals_seen), metrics, history)
+    return TrainResult(run.nets.bare, state.global_step, stopped, ",".join(stop.signals_seen),
+                       run.validations.last, run.validations.history)
 
 
 def report_goodput(run: Run, state: TrainState, meter: StepMeter, resumed_at: int) -> dict[str, Any]:
@@ -428,8 +444,11 @@ def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> t
     if distributed.is_initialized():  # also a 1-process group: DDP's per-step work is then measurable
         step_model = wrap_ddp(step_model, model, device)
     resumed = resume is not None and resume.full
+    cadence = Cadence(parse_every(run_cfg.train.val_every), epoch=state.epoch, step=state.global_step,
+                      elapsed=state.train_seconds)
     run = Run(cfg=run_cfg, given_config=to_dict(cfg), denv=denv, device=device, data=run_data,
               nets=Nets(step=step_model, bare=model, ema=ema), opt=opt, horizon=horizon,
+              validations=Validations(cadence),
               runlog=RunLog(Path(cfg.run.dir), enabled=denv.is_main, tensorboard=cfg.logging.tensorboard,
                             resumed_at=state.global_step if resumed else None),
               clock=(time.perf_counter(), state.train_seconds), lock=lock)
@@ -601,6 +620,7 @@ def plan_text(run: Run, state: TrainState) -> str:
     t, per_epoch = run.cfg.train, run.data.steps_per_epoch
     text = f"{run.horizon.steps} steps ({t.epochs} epochs x {per_epoch} steps"
     text += f", capped by train.max_steps={t.max_steps})" if t.max_steps and t.max_steps < t.epochs * per_epoch else ")"
+    text += f"; validation {validation_text(run.validations.cadence)}"
     if t.budget_minutes:
         text += (f"; train.budget_minutes={t.budget_minutes:g} rules: the step count is re-planned from the measured "
                  "rate, so the run ends when the budget is spent")
@@ -609,12 +629,24 @@ def plan_text(run: Run, state: TrainState) -> str:
     return text
 
 
+def validation_text(cadence: Cadence) -> str:
+    unit, amount = cadence.every.unit, cadence.every.amount
+    if unit == "auto":
+        return (f"after epoch 1, then as often as keeps it to about {AUTO_VAL_SHARE:.0%} of the time "
+                "(train.val_every=auto)")
+    return f"every {amount:g} {unit[:-1] if amount == 1 else unit} and at the end"
+
+
 def eta_text(run: Run, state: TrainState) -> str:
-    """`, about 3m20s left`: the rate so far (start-up and validation included) over the steps left."""
+    """`, about 3m20s left`: the pace since the first step (validation and checkpoints included) over the
+    steps left."""
     if state.global_step == 0 or run.finished(state):
         return ""
     elapsed = run.elapsed()
-    left = elapsed / state.global_step * (run.horizon.steps - state.global_step)
+    since, step = run.pace or (run.clock[0], 0)
+    if state.global_step <= step:
+        return ""
+    left = (time.perf_counter() - since) / (state.global_step - step) * (run.horizon.steps - state.global_step)
     if run.cfg.train.budget_minutes:
         left = min(left, max(0.0, run.cfg.train.budget_minutes * 60 - elapsed))
     minutes, seconds = divmod(round(left), 60)
@@ -725,10 +757,7 @@ def resolve_batch_plan(cfg: Config, world_size: int, saved: dict[str, Any] | Non
 def train_one_epoch(run: Run, state: TrainState, meter: StepMeter, stop: distributed.StopRequest) -> bool:
     """Optimiser steps to the end of the epoch or of the step budget; True if the ranks agreed to stop."""
     cfg = run.cfg
-    run.nets.step.train()
-    if state.epoch < cfg.model.freeze_encoder_epochs:  # frozen encoder: its BatchNorm statistics stay too
-        norms = freeze_encoder_batchnorm(run.nets.step)
-        log.info("epoch %d: encoder frozen (learning rate 0, %d BatchNorm layers in eval mode)", state.epoch + 1, norms)
+    training_mode(run, state, announce=True)
     if run.train_stream is None:
         run.train_stream = iter(data.train_loader(cfg, run.data.manifest, cfg.data.root, run.denv.rank,
                                                   run.denv.world_size, state.epoch,
@@ -741,6 +770,8 @@ def train_one_epoch(run: Run, state: TrainState, meter: StepMeter, stop: distrib
         while state.epoch_step < run.data.steps_per_epoch:
             with meter.stepping():
                 train_step(run, batches, meter)
+            if meter.steps_run == 1:
+                run.pace = (time.perf_counter(), state.global_step + 1)
             if meter.steps_run == 1 and run.denv.is_main:
                 stages = startup_stages(meter)
                 log.info("first step after %.1f s: %s", sum(t for _, t in stages),
@@ -759,11 +790,46 @@ def train_one_epoch(run: Run, state: TrainState, meter: StepMeter, stop: distrib
             if stop.due(state.global_step, cfg.logging.log_every) and stop.agreed(run.device, state.global_step):
                 log.info("stop requested (%s): checkpointing at global step %d", stop.describe(), state.global_step)
                 return True
-            if cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0:
+            if state.epoch_step < run.data.steps_per_epoch and due_mid_epoch(run, state, at_log):
+                meter.settle()
+                with meter.pause():
+                    validation_point(run, state, meter, f"Step {state.global_step} (epoch {state.epoch + 1}/"
+                                     f"{cfg.train.epochs}, {state.epoch_step}/{run.data.steps_per_epoch})",
+                                     meter.epoch_loss(reset=False), checkpoint_after=True)
+                training_mode(run, state)
+            elif cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0:
                 meter.settle()
                 with meter.pause("checkpoints"):
                     save_checkpoint(run, state, snapshot=True)
     return False
+
+
+def training_mode(run: Run, state: TrainState, announce: bool = False) -> None:
+    """The stepped model in training mode, with a frozen encoder's BatchNorm statistics kept."""
+    run.nets.step.train()
+    if state.epoch < run.cfg.model.freeze_encoder_epochs:
+        norms = freeze_encoder_batchnorm(run.nets.step)
+        if announce:
+            log.info("epoch %d: encoder frozen (learning rate 0, %d BatchNorm layers in eval mode)", state.epoch + 1,
+                     norms)
+
+
+def due_mid_epoch(run: Run, state: TrainState, at_log: bool) -> bool:
+    """Whether a steps or minutes cadence asks for a validation at this step; minutes are read at log steps,
+    where the ranks agree on the clock (a collective)."""
+    cadence = run.validations.cadence
+    if cadence.every.unit == "steps":
+        return cadence.due(state.epoch, state.global_step, 0.0, epoch_end=False)
+    if cadence.every.unit == "minutes" and at_log:
+        return cadence.due(state.epoch, state.global_step, agreed_elapsed(run), epoch_end=False)
+    return False
+
+
+def agreed_elapsed(run: Run) -> float:
+    """The run's wall time so far, the same on every rank (the slowest clock's): a collective. On the run's
+    device: NCCL reduces CUDA tensors only."""
+    return distributed.all_reduce_(torch.tensor([run.elapsed()], dtype=torch.float64, device=run.device),
+                                   "max").item()
 
 
 def train_step(run: Run, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], meter: StepMeter) -> None:
@@ -825,51 +891,78 @@ def log_train_step(run: Run, stats: StepStats, step: int, bar: Any) -> None:
     bar.set_postfix(loss=f"{m['loss']:.3f}", img_s=f"{images_per_s:.0f}")
 
 
-def end_of_epoch(run: Run, state: TrainState, meter: StepMeter,
-                 history: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Validate (every `train.val_every` epochs and at the end), step a plateau schedule, checkpoint.
-
-    Returns the validation's metrics, or None in an epoch without validation."""
+def end_of_epoch(run: Run, state: TrainState, meter: StepMeter) -> None:
+    """Validate (as `train.val_every` says, and at the end), step a plateau schedule, checkpoint."""
     cfg = run.cfg
-    distributed.sync_buffers(run.nets.bare)  # the weights validated and checkpointed are rank 0's
-    if run.nets.ema is not None:
-        distributed.sync_buffers(run.nets.ema.module)
+    sync_weights(run)
     train_loss = meter.epoch_loss()
     number = state.epoch + 1  # epochs count from 1 wherever a user reads them
     if state.epoch_step >= run.data.steps_per_epoch:
         state.epoch, state.epoch_step = state.epoch + 1, 0
     fit_budget(run, state)  # before deciding whether this validation is the last, so its overlays are kept
-    is_last = run.finished(state)
-    is_best, m = False, None
-    if is_last or state.epoch % cfg.train.val_every == 0:
-        with meter.pause("validation"):  # the metrics, pictures and logs it leaves too
-            result = run_validation(run)
-            m = result.metrics
-            if not is_per_iteration(run.opt.scheduler):
-                run.opt.scheduler.step(m["loss"])  # all-reduced: every rank decides the same
-            history.append({"epoch": number, "step": state.global_step,
-                            "lr": run.opt.optimizer.param_groups[0]["lr"], "val_loss": m["loss"], "miou": m["miou"],
-                            "train_loss": train_loss})
-            is_best = m["miou"] > state.best_miou
-            state.best_miou = max(state.best_miou, m["miou"])
-            log.info("Epoch %d/%d: train loss=%.4f, val loss=%.4f, val mIoU=%.4f, pixel acc=%.4f (%d val samples)%s",
-                     number, run.cfg.train.epochs, train_loss, m["loss"], m["miou"], m["pixel_accuracy"],
-                     result.samples_seen, eta_text(run, state))
-            if run.denv.is_main:
-                classes = run.data.classes
-                pictures = validation_pictures(result.examples, cfg.data.mean, cfg.data.std, classes.num_classes,
-                                               classes.ignore_index, class_names=classes.names,
-                                               colours=palette_for(run.data.manifest, classes.num_classes),
-                                               keys=result.example_keys, display_bands=cfg.data.display_bands,
-                                               raw=True, dtype=run.data.inputs.dtype)
-                run.runlog.validation(m, result.matrix, result.samples_seen, run.data.classes.names, pictures,
-                                      number, state.global_step, train_loss)
-                run.runlog.overlays(pictures)  # every validation: a run may end at any one of them
+    cadence = run.validations.cadence
+    elapsed = agreed_elapsed(run) if cadence.every.unit == "minutes" else 0.0
+    is_best = False
+    if run.finished(state) or cadence.due(state.epoch, state.global_step, elapsed, epoch_end=True):
+        is_best = validation_point(run, state, meter, f"Epoch {number}/{cfg.train.epochs}", train_loss)
     else:
-        log.info("Epoch %d/%d: train loss=%.4f%s", number, run.cfg.train.epochs, train_loss, eta_text(run, state))
+        log.info("Epoch %d/%d: train loss=%.4f%s", number, cfg.train.epochs, train_loss, eta_text(run, state))
     with meter.pause("checkpoints"):
         save_checkpoint(run, state, is_best=is_best, snapshot=True)
-    return m
+
+
+def sync_weights(run: Run) -> None:
+    """Every rank's buffers (BatchNorm statistics) as rank 0's: the weights validated and checkpointed."""
+    distributed.sync_buffers(run.nets.bare)
+    if run.nets.ema is not None:
+        distributed.sync_buffers(run.nets.ema.module)
+
+
+def validation_point(run: Run, state: TrainState, meter: StepMeter, label: str, train_loss: float,
+                     checkpoint_after: bool = False) -> bool:
+    """Validate the weights as they are now: metrics, the log line, pictures, a plateau schedule's step, the
+    next validation's time. Returns whether this is the best mIoU so far; `checkpoint_after`: then write a
+    checkpoint (epoch ends write theirs anyway)."""
+    cfg, record = run.cfg, run.validations
+    started = time.perf_counter()
+    if state.epoch_step:  # mid-epoch (an epoch's end syncs anyway)
+        sync_weights(run)
+    with meter.pause("validation"):  # the metrics, pictures and logs it leaves too
+        result = run_validation(run)
+        m = result.metrics
+        if not is_per_iteration(run.opt.scheduler):
+            run.opt.scheduler.step(m["loss"])  # all-reduced: every rank decides the same
+        number = state.epoch + 1 if state.epoch_step else state.epoch
+        record.history.append({"epoch": number, "step": state.global_step,
+                               "lr": run.opt.optimizer.param_groups[0]["lr"], "val_loss": m["loss"],
+                               "miou": m["miou"], "train_loss": train_loss})
+        record.last = m
+        is_best = m["miou"] > state.best_miou
+        state.best_miou = max(state.best_miou, m["miou"])
+        log.info("%s: train loss=%.4f, val loss=%.4f, val mIoU=%.4f, pixel acc=%.4f (%d val samples)%s", label,
+                 train_loss, m["loss"], m["miou"], m["pixel_accuracy"], result.samples_seen, eta_text(run, state))
+        if run.denv.is_main:
+            classes = run.data.classes
+            pictures = validation_pictures(result.examples, cfg.data.mean, cfg.data.std, classes.num_classes,
+                                           classes.ignore_index, class_names=classes.names,
+                                           colours=palette_for(run.data.manifest, classes.num_classes),
+                                           keys=result.example_keys, display_bands=cfg.data.display_bands,
+                                           raw=True, dtype=run.data.inputs.dtype)
+            run.runlog.validation(m, result.matrix, result.samples_seen, run.data.classes.names, pictures,
+                                  number, state.global_step, train_loss)
+            run.runlog.overlays(pictures)  # every validation: a run may end at any one of them
+        # The next one's time, from figures every rank shares (the slowest rank's), so all decide alike.
+        took, trained, elapsed = distributed.all_reduce_(torch.tensor(
+            [time.perf_counter() - started, started - record.ended, run.elapsed()], dtype=torch.float64,
+            device=run.device), "max").tolist()
+        change = record.cadence.validated(state.epoch, state.global_step, elapsed, took, trained)
+        if change and not run.finished(state):
+            log.info("%s", change)
+    if checkpoint_after:
+        with meter.pause("checkpoints"):
+            save_checkpoint(run, state, is_best=is_best, snapshot=True)
+    record.ended = time.perf_counter()
+    return is_best
 
 
 def run_validation(run: Run) -> Validation:
@@ -957,9 +1050,7 @@ def fit_budget(run: Run, state: TrainState) -> None:
     budget = run.cfg.train.budget_minutes * 60
     if budget <= 0:
         return
-    # On the run's device: NCCL reduces CUDA tensors only. Called at log steps, which sync the host anyway.
-    elapsed = distributed.all_reduce_(torch.tensor([run.elapsed()], dtype=torch.float64, device=run.device),
-                                      "max").item()
+    elapsed = agreed_elapsed(run)  # called at log steps, which sync the host anyway
     if elapsed >= budget:
         run.horizon.steps = state.global_step  # spent: this step is the last
         return

@@ -18,13 +18,63 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .config import DataConfig
+from .config import AUTO_VAL_SHARE, DataConfig, Every
 from .data import normalize_padded
 from .inference import Predictor
 from .metrics import ConfusionMatrix
 from .precision import autocast
 
 Example = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class Cadence:
+    """When the trainer validates besides the run's end (`train.val_every`). A validation is a collective, so
+    every rank must decide alike: the trainer feeds each rank the same agreed figures (all-reduced).
+
+    auto validates after the first epoch, then every N epochs with N the fewest that keep one validation's
+    time to `share` of the training time between two: re-measured at each validation, as epochs and
+    validations change speed.
+    """
+
+    def __init__(self, every: Every, share: float = AUTO_VAL_SHARE, epoch: int = 0, step: int = 0,
+                 elapsed: float = 0.0) -> None:
+        self.every, self.share = every, share
+        self.epochs = int(every.amount) if every.unit == "epochs" else 1
+        self.last_epoch, self.last_step, self.last_time = epoch, step, elapsed  # at the last validation (or start)
+
+    @property
+    def mid_epoch(self) -> bool:
+        """Whether validations may fall inside an epoch (steps and minutes)."""
+        return self.every.unit in ("steps", "minutes")
+
+    def due(self, epoch: int, step: int, elapsed: float, epoch_end: bool) -> bool:
+        """`epoch`: epochs completed; `step`: global step; `elapsed`: the run's agreed wall time in seconds."""
+        unit, amount = self.every.unit, self.every.amount
+        if unit == "steps":  # at multiples, so a resumed run validates where it would have
+            return step > self.last_step and step % amount == 0
+        if unit == "minutes":
+            return elapsed - self.last_time >= amount * 60
+        if unit == "epochs":
+            return epoch_end and epoch > self.last_epoch and epoch % self.epochs == 0
+        return epoch_end and epoch - self.last_epoch >= self.epochs
+
+    def validated(self, epoch: int, step: int, elapsed: float, val_seconds: float, train_seconds: float
+                  ) -> str | None:
+        """Record a validation that took `val_seconds` after `train_seconds` of training since the previous
+        one; under auto, returns a sentence when the cadence changes (for the log)."""
+        epochs_trained = epoch - self.last_epoch
+        self.last_epoch, self.last_step, self.last_time = epoch, step, elapsed
+        if self.every.unit != "auto" or epochs_trained <= 0 or train_seconds <= 0:
+            return None
+        per_epoch = train_seconds / epochs_trained
+        epochs = max(1, math.ceil(val_seconds / (self.share * per_epoch)))
+        if epochs == self.epochs:
+            return None
+        self.epochs = epochs
+        every = "every epoch" if epochs == 1 else f"every {epochs} epochs"
+        return (f"validating {every} and at the end (train.val_every=auto: one validation takes {val_seconds:.2g} s, "
+                f"an epoch of training {per_epoch:.2g} s; validation is kept to about {self.share:.0%} of the "
+                "time)")
 
 
 @dataclass

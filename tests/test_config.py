@@ -122,7 +122,7 @@ def test_every_config_key_has_a_range_check():
         (["train.max_steps=-5"], "train.max_steps=-5: 0 (no limit) or at least 1"),
         (["checkpoint.keep_last=-1"], "checkpoint.keep_last=-1: must be at least 0"),
         (["data.prefetch_factor=0"], "data.prefetch_factor=0: must be at least 1"),
-        (["train.val_every=0"], "train.val_every=0: must be at least 1"),
+        (["train.val_every=0"], "train.val_every='0': expected auto, N (epochs), 'N epochs', 'N steps' or"),
         (["schedule.warmup_iters=-1"], "schedule.warmup_iters=-1: must be at least 0"),
         (["schedule.plateau_factor=1.5"], "schedule.plateau_factor=1.5: must be in (0, 1)"),
         (["schedule.min_lr=1"], "schedule.min_lr=1.0: must be at most optim.lr"),

@@ -51,7 +51,7 @@ def test_a_config_value_out_of_range_is_one_line_from_the_real_command(tmp_path)
         (["train.max_steps=-1"], "train.max_steps=-1: 0 (no limit) or at least 1"),
         (["checkpoint.keep_last=-2"], "checkpoint.keep_last=-2: must be at least 0"),
         (["data.prefetch_factor=0"], "data.prefetch_factor=0: must be at least 1"),
-        (["train.val_every=0"], "train.val_every=0: must be at least 1"),
+        (["train.val_every='2 weeks'"], "train.val_every='2 weeks': expected auto, N (epochs)"),
         (["schedule.power=-1"], "schedule.power=-1.0: must be greater than 0"),
         (["optim.betas=[0.9,1.5]"], "optim.betas=[0.9, 1.5]: each beta must be in [0, 1)"),
         (["data.augment.vflip=2"], "data.augment.vflip=2.0: a probability, must be in [0, 1]"),
