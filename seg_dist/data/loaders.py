@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from ..config import Config
 from ..distributed import loader_worker_init
 from ..remote import is_remote
-from ..shards import ShardError, image_spec, shard_counts, shard_urls, split_count
+from ..shards import ImageSpec, ShardError, image_spec, shard_counts, shard_urls, split_count
+from .cache import SampleCache, ValCache, cache_budget, sample_bytes, split_pixels
 from .classes import resolve_classes
 from .epochs import RankPositions, StreamOrder, TrainingEpochs, share
 from .reader import SampleIndex, SampleReader, decode_sample, index_entry, split_index
@@ -55,24 +56,33 @@ def _loader_kwargs(cfg: Config) -> dict[str, Any]:
 
 class _TrainSet(Dataset):
     """Sample `position` of the run's training stream (see `StreamOrder`), read where the split's index says
-    it lies, decoded and augmented with the position's own seed. The index is flat numpy arrays (memory-mapped
-    when packed with the shards): forked workers share it, and a pickled one maps the same file."""
+    it lies (or taken from `cache`, decoded before), decoded and augmented with the position's own seed. The
+    index is flat numpy arrays (memory-mapped when packed with the shards): forked workers share it, and a
+    pickled one maps the same file."""
 
     def __init__(self, reader: SampleReader, index: SampleIndex, order: StreamOrder, transform: A.Compose,
-                 mask_type: torch.dtype) -> None:
+                 mask_type: torch.dtype, cache: SampleCache | None = None) -> None:
         self.reader, self.index, self.order = reader, index, order
-        self.transform, self.mask_type = transform, mask_type
+        self.transform, self.mask_type, self.cache = transform, mask_type, cache
 
     def sample_of(self, position: int) -> int:
         return self.order.sample_of(position)
 
+    def _decode(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        s = decode_sample(self.reader.read(index_entry(self.index, i)))
+        return s["image"], s["mask"]
+
     def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        s = decode_sample(self.reader.read(index_entry(self.index, self.sample_of(position))))
+        i = self.sample_of(position)
+        if self.cache is None:
+            image, mask = self._decode(i)
+        else:
+            image, mask = self.cache.get(i, functools.partial(self._decode, i))
         aug = self.order.augmentation_seed(position)
         # One shared generator pair: Compose(seed=...) would give every transform an identical
         # stream, so e.g. hflip and vflip would always fire together.
         self.transform.set_random_state(np.random.default_rng(aug), random.Random(aug))
-        return transform_sample(self.transform, s["image"], s["mask"], self.mask_type)
+        return transform_sample(self.transform, image, mask, self.mask_type)
 
     def close(self) -> None:
         self.reader.close()
@@ -122,8 +132,12 @@ def train_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, wo
     ranks: `train.seed` and the global batch alone choose them. A resumed epoch goes on exactly where it
     stopped, without reading what it skips. `endless=True`: those micro-batches, then epoch + 1's,
     epoch + 2's, ..., from one loader whose workers start once.
+
+    With `data.workers=0`, a split that fits in `data.cache_mb` is kept decoded (before augmentation) after its
+    first read: the same batches, read once (see `data.cache`).
     """
     if is_remote(root):  # no offsets to read at: whole shards streamed (data/stream.py says what that gives up)
+        cache_budget(f"{cfg.data.train_split} split", cfg.data.cache_mb, cfg.data.workers, None, remote=True)
         return stream_loader(cfg, manifest, root, rank, world_size, epoch, skip_steps, endless, _loader_kwargs(cfg))
     epochs = TrainingEpochs.of(cfg, manifest, root, world_size, skip_steps)
     split, plan, steps = epochs.split, epochs.plan, epochs.steps
@@ -132,15 +146,27 @@ def train_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, wo
     urls = shard_urls(root, manifest, split)
     index = split_index(root, manifest, split)
     order = StreamOrder(cfg.train.seed, steps * plan.global_batch, len(index))
+    spec = image_spec(manifest)
+    masks = mask_dtype(classes.num_classes, classes.ignore_index)
     dataset = _TrainSet(SampleReader(urls), index, order,
-                        build_transforms(crop, train=True, ignore_index=classes.ignore_index,
-                                         image=image_spec(manifest)),
-                        mask_dtype(classes.num_classes, classes.ignore_index))
+                        build_transforms(crop, train=True, ignore_index=classes.ignore_index, image=spec),
+                        masks, _train_cache(cfg, manifest, split, len(index), spec, masks))
     sampler = RankPositions(plan, rank, order.span, steps, epoch, skip_steps, endless)
     kw = _loader_kwargs(cfg)
     # One iterator per TrainBatches pass: persistent workers would only outlive their use.
     kw.pop("persistent_workers", None)
     return TrainBatches(dataset, sampler, kw)
+
+
+def _train_cache(cfg: Config, manifest: dict[str, Any], split: str, num_samples: int, image: ImageSpec,
+                 masks: torch.dtype) -> SampleCache | None:
+    # Every rank reads samples of the whole split over the epochs (each epoch permutes all of it), so the
+    # whole split counts against one rank's budget.
+    pixels = split_pixels(manifest, split)
+    decoded = None if pixels is None else sample_bytes(pixels, num_samples, image, masks.itemsize)
+    what = f"{split} split"
+    budget = cache_budget(what, cfg.data.cache_mb, cfg.data.workers, decoded)
+    return None if budget is None else SampleCache(what, budget, num_samples)
 
 
 def augmented_samples(cfg: Config, manifest: dict[str, Any], n: int, split: str,
@@ -210,6 +236,33 @@ class _ValStream(IterableDataset):
             raise ShardError(f"{url}: {read} samples, the manifest lists {count}; {ShardError.HINT}")
 
 
+class _CachedVal(IterableDataset):
+    """`stream`'s samples, all read into `cache` before the first is given, then given in the cache's order
+    (batches of one image size, `size_order`), so every pass, the first too, gives the same batches. A share
+    that passes the budget after all is given as read, in `stream`'s order, and is not cached again."""
+
+    def __init__(self, stream: _ValStream, cache: ValCache) -> None:
+        self.stream, self.cache = stream, cache
+        self.gave_up = False
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, str]]:
+        if self.gave_up:
+            yield from self.stream
+            return
+        if not self.cache.complete:
+            self.cache.release()  # what a pass broken off (a damaged shard) held: read again, in order
+            it = iter(self.stream)
+            for sample in it:
+                if not self.cache.add(sample):
+                    self.gave_up = True
+                    yield from self.cache.release()
+                    yield sample
+                    yield from it
+                    return
+            self.cache.seal()
+        yield from self.cache.samples
+
+
 def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor, str]], ignore_index: int
                 ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[tuple[int, int]]]:
     """Stack samples of different sizes: pad H x W x C images to the largest H and W (bottom/right)
@@ -227,8 +280,8 @@ def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor, str]], ignore_inde
 
 
 class ValBatches:
-    """(uint8 images, masks, keys, sizes) batches of this rank's share; iterating again restarts (with
-    persistent workers the same worker processes are reused)."""
+    """(uint8 images, masks, keys, sizes) batches of this rank's share; iterating again gives the same batches
+    (with persistent workers the same worker processes are reused)."""
 
     def __init__(self, loader: DataLoader, num_samples: int, num_batches: int) -> None:
         self.loader, self.num_samples, self.num_batches = loader, num_samples, num_batches
@@ -246,17 +299,24 @@ class ValBatches:
 def val_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, world_size: int,
                split: str | None = None) -> ValBatches:
     """Every sample of `split` (default data.val_split) exactly once over all ranks and workers,
-    never padded or repeated; ranks may get unequal counts (see `val_share`)."""
+    never padded or repeated; ranks may get unequal counts (see `val_share`).
+
+    Batches follow the shards' order, except where this rank's share is cached (`data.cache_mb`, with
+    `data.workers=0`): then it is read whole into memory before the first batch, and batched by image size
+    (`size_order`), so mixed sizes are padded little; the same batches at every pass.
+    """
     split = split or cfg.data.val_split
     counts = shard_counts(manifest, split)
     start, stop = share(sum(counts), rank, world_size)
     classes = resolve_classes(cfg.data, manifest)
     ignore = classes.ignore_index
-    dataset = _ValStream(shard_urls(root, manifest, split), counts,
-                         build_transforms(cfg.data, train=False, ignore_index=ignore, image=image_spec(manifest)),
-                         start, stop,
-                         mask_dtype(classes.num_classes, ignore), cfg.data.retries)
+    spec, masks = image_spec(manifest), mask_dtype(classes.num_classes, ignore)
+    stream = _ValStream(shard_urls(root, manifest, split), counts,
+                        build_transforms(cfg.data, train=False, ignore_index=ignore, image=spec),
+                        start, stop, masks, cfg.data.retries)
     batch_size = cfg.data.val_batch_size or cfg.train.batch_size
+    cache = _val_cache(cfg, manifest, split, stop - start, spec, masks, batch_size)
+    dataset: IterableDataset = stream if cache is None else _CachedVal(stream, cache)
     # Each worker batches its own samples, so each worker's last batch may be partial.
     workers = max(1, cfg.data.workers)
     num_batches = sum(math.ceil((hi - lo) / batch_size) for lo, hi in
@@ -264,6 +324,22 @@ def val_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, worl
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=functools.partial(pad_collate, ignore_index=ignore),
                         **_loader_kwargs(cfg))
     return ValBatches(loader, stop - start, num_batches)
+
+
+def _val_cache(cfg: Config, manifest: dict[str, Any], split: str, samples: int, image: ImageSpec,
+               masks: torch.dtype, batch_size: int) -> ValCache | None:
+    # The samples are held as validation takes them: resized to data.val_size where set, masks compact.
+    total = split_count(manifest, split)
+    if cfg.data.val_size > 0:
+        pixels: int | None = samples * cfg.data.val_size ** 2
+    else:
+        in_split = split_pixels(manifest, split)
+        pixels = None if in_split is None or total == 0 else in_split * samples // total
+    decoded = None if pixels is None else sample_bytes(pixels, samples, image, masks.itemsize)
+    what = f"{split} split (this rank's {samples} of {total} samples)"
+    budget = cache_budget(what, cfg.data.cache_mb, cfg.data.workers, decoded,
+                          after="its first read, batched by image size")
+    return None if budget is None else ValCache(what, budget, batch_size)
 
 
 def _no_collate(sample: Any) -> Any:
