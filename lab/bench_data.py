@@ -184,7 +184,8 @@ def measure_data(s: DataSettings, progress: Progress = quiet) -> dict[str, Any]:
         folder_set = FolderDataset(images, masks, transform, data.mask_dtype(classes.num_classes,
                                                                               classes.ignore_index))
         for w in s.workers:
-            cfg = dataclasses.replace(base, data=dataclasses.replace(base.data, workers=w))
+            # Decoding every read, as the folder Dataset does: the cache (data.cache_mb) would skip it.
+            cfg = dataclasses.replace(base, data=dataclasses.replace(base.data, workers=w, cache_mb=0))
             progress(f"(c) shard pipeline (data.train_loader + copy to {device.type}), {w} workers ...")
             batches = iter(data.train_loader(cfg, manifest, s.root, 0, 1, epoch=0, endless=True))
             pipeline[w] = note(f"shard pipeline, {w} workers", _loader_rate(batches, device, w, s))

@@ -77,9 +77,10 @@ class DataConfig:
     persistent_workers: bool = True
     prefetch_factor: int = 2
     # Decoded samples a rank keeps in memory, so later epochs and validations skip reading and decoding
-    # them: a split whose decoded pixels fit in this many MiB (the manifest knows) is cached by a loader that
-    # decodes in the rank's own process (data.workers=0); loader workers decode beside the steps instead.
-    # 0: never.
+    # them: a split whose decoded pixels fit in this many MiB (the manifest knows; each split counted on its
+    # own, a validation split as this rank's share) is cached by a loader that decodes in the rank's own
+    # process (data.workers=0); loader workers decode beside the steps instead. A cached validation share is
+    # batched by image size. 0: never.
     cache_mb: int = 1024
     val_batch_size: int = 0  # 0: same as train.batch_size
     # At start: "size" checks every shard's byte size against the manifest (cheap: a truncated copy),

@@ -12,6 +12,7 @@ The rooms, in the order data flows through them:
   each rank takes, each rank's share of a validation split (`val_share`).
 - `transforms`: pixels. Augmentation and validation resize in the loader workers on uint8 images, the
   training crop, and the one normalisation (`normalize`), which runs on the device.
+- `cache`: decoded samples kept in a rank's memory (`data.cache_mb`), read and decoded once per run.
 - `loaders`: the above put together as DataLoaders: `train_loader`, `val_loader`, `split_samples`.
 
 An optimiser **step** takes one global batch; what one rank's loader yields per call is a **micro-batch**,
