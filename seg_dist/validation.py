@@ -27,6 +27,9 @@ from .precision import autocast
 Example = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+HYSTERESIS = 0.8  # auto: validate more often again only once validation needs 20% less than that would allow
+
+
 class Cadence:
     """When the trainer validates besides the run's end (`train.val_every`). A validation is a collective, so
     every rank must decide alike: the trainer feeds each rank the same agreed figures (all-reduced).
@@ -67,8 +70,10 @@ class Cadence:
         if self.every.unit != "auto" or epochs_trained <= 0 or train_seconds <= 0:
             return None
         per_epoch = train_seconds / epochs_trained
-        epochs = max(1, math.ceil(val_seconds / (self.share * per_epoch)))
-        if epochs == self.epochs:
+        needed = val_seconds / (self.share * per_epoch)  # epochs of training one validation may follow
+        epochs = max(1, math.ceil(needed))
+        # Fewer epochs only with a margin: timings near a boundary would flip the cadence at every validation.
+        if epochs == self.epochs or (epochs < self.epochs and needed > HYSTERESIS * (self.epochs - 1)):
             return None
         self.epochs = epochs
         every = "every epoch" if epochs == 1 else f"every {epochs} epochs"

@@ -58,6 +58,10 @@ def test_auto_validates_after_epoch_1_then_keeps_validation_to_its_share():
     assert "every epoch" in c.validated(4, 96, 20.0, val_seconds=0.1, train_seconds=9.0)
     assert c.validated(5, 120, 24.0, val_seconds=0.1, train_seconds=3.0) is None
     assert c.epochs == 1
+    # Near a boundary it does not flip back and forth: up at once, down only with a margin.
+    assert "every 2 epochs" in c.validated(6, 144, 28.0, val_seconds=0.16, train_seconds=3.0)  # needs 1.07
+    assert c.validated(8, 192, 35.0, val_seconds=0.14, train_seconds=6.0) is None and c.epochs == 2  # 0.93
+    assert "every epoch" in c.validated(10, 240, 42.0, val_seconds=0.11, train_seconds=6.0)  # 0.73
     # Fixed cadences never move.
     fixed = Cadence(Every("epochs", 2))
     assert fixed.validated(2, 48, 5.0, val_seconds=100.0, train_seconds=1.0) is None and fixed.epochs == 2
