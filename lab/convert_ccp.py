@@ -18,17 +18,17 @@ albumentations already brings. The data stays out of the repository.
 from __future__ import annotations
 
 import argparse
-import io
 import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from seg_dist import cli
 from seg_dist.errors import UserError
 from seg_dist.shards import decode_image
+
+from .converting import claim_output, summary, write_mask, write_splits
 
 SPLIT = (("train", 804), ("val", 100), ("test", 100))
 
@@ -49,10 +49,7 @@ def convert(src: Path, out: Path, overwrite: bool = False) -> dict[str, int]:
     annotations = sorted((src / "annotations" / "pixel-level").glob("*.mat"))
     if not annotations:
         raise UserError(f"{src / 'annotations' / 'pixel-level'}: no .mat files (is --src a CCP checkout?)")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: not empty; pass --overwrite to replace what is there")
-    for sub in ("images", "masks", "splits"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    claim_output(out, overwrite)
     names = class_names(src)
     stems = []
     for mat in annotations:
@@ -67,17 +64,13 @@ def convert(src: Path, out: Path, overwrite: bool = False) -> dict[str, int]:
         if shown != labels.shape:
             raise UserError(f"{mat}: mask {labels.shape} and photo {shown} (H x W) differ in size")
         shutil.copyfile(photo, out / "images" / photo.name)
-        buf = io.BytesIO()
-        Image.fromarray(labels, mode="L").save(buf, format="PNG")
-        (out / "masks" / f"{mat.stem}.png").write_bytes(buf.getvalue())
+        write_mask(out / "masks" / f"{mat.stem}.png", labels)
         stems.append(mat.stem)
-    counts, start = {}, 0
+    parts, start = {}, 0
     for split, n in SPLIT:
-        part = stems[start : start + n] if split != "test" else stems[start:]
-        (out / "splits" / f"{split}.txt").write_text("".join(f"{s}\n" for s in part))
-        counts[split], start = len(part), start + n
-    (out / "class_names.txt").write_text(",".join(names) + "\n")
-    return counts
+        parts[split] = stems[start : start + n] if split != "test" else stems[start:]
+        start += n
+    return write_splits(out, parts, names)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +84,7 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     counts = convert(Path(args.src), Path(args.out), args.overwrite)
-    print(f"wrote {sum(counts.values())} samples to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print(summary(args.out, counts))
     return 0
 
 

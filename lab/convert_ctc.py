@@ -16,18 +16,18 @@ Frames without a mask are left out. The data stays out of the repository.
 from __future__ import annotations
 
 import argparse
-import io
 import re
 import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from seg_dist import cli
 from seg_dist.errors import UserError
 from seg_dist.shards import decode_image
+
+from .converting import claim_output, summary, write_mask, write_splits
 
 SEG_NAME = re.compile(r"man_seg(\d+)\.tiff?$")
 
@@ -40,12 +40,9 @@ def convert(images: Path, seg: Path, out: Path, val: int = 1, overwrite: bool = 
     )
     if not masks:
         raise UserError(f"{seg}: no man_segNNN.tif files (is --seg a CTC SEG folder?)")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: not empty; pass --overwrite to replace what is there")
     if not 0 <= val < len(masks):
         raise UserError(f"--val {val}: needs 0 <= val < {len(masks)} annotated frames, so train keeps one")
-    for sub in ("images", "masks", "splits"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    claim_output(out, overwrite)  # after the checks: a refused input leaves no folder behind
     stems = []
     for m in masks:
         digits = SEG_NAME.search(m.name).group(1)
@@ -61,14 +58,10 @@ def convert(images: Path, seg: Path, out: Path, val: int = 1, overwrite: bool = 
         if shown != labels.shape:
             raise UserError(f"{m}: mask {labels.shape} and frame {shown} (H x W) differ in size")
         shutil.copyfile(frame, out / "images" / frame.name)
-        buf = io.BytesIO()
-        Image.fromarray((labels > 0).astype(np.uint8), mode="L").save(buf, format="PNG")
-        (out / "masks" / f"{frame.stem}.png").write_bytes(buf.getvalue())
+        write_mask(out / "masks" / f"{frame.stem}.png", (labels > 0).astype(np.uint8))
         stems.append(frame.stem)
     parts = {"train": stems[: len(stems) - val], "val": stems[len(stems) - val :]}
-    for split, part in parts.items():
-        (out / "splits" / f"{split}.txt").write_text("".join(f"{s}\n" for s in part))
-    return {k: len(v) for k, v in parts.items()}
+    return write_splits(out, parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +77,7 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     counts = convert(Path(args.images), Path(args.seg), Path(args.out), args.val, args.overwrite)
-    print(f"wrote {sum(counts.values())} samples to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print(summary(args.out, counts))
     return 0
 
 

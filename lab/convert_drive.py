@@ -20,7 +20,6 @@ few pixels wide: pack at full size (tile, do not downscale). The data stays out 
 from __future__ import annotations
 
 import argparse
-import io
 import re
 import shutil
 import sys
@@ -32,6 +31,8 @@ from PIL import Image
 from seg_dist import cli
 from seg_dist.errors import UserError
 from seg_dist.shards import decode_image
+
+from .converting import claim_output, summary, write_mask, write_splits
 
 CLASS_NAMES = ("background", "vessel")
 IGNORE = 255
@@ -57,10 +58,7 @@ def convert(src: Path, out: Path, val: int = 4, overwrite: bool = False) -> dict
         raise UserError(f"{src}: no training/images/NN_training.tif and test/images/NN_test.tif (is --src DRIVE?)")
     if not 0 <= val < len(photos["training"]):
         raise UserError(f"--val {val}: needs 0 <= val < {len(photos['training'])} training photos, so train keeps one")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: not empty; pass --overwrite to replace what is there")
-    for sub in ("images", "masks", "splits"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    claim_output(out, overwrite)
     stems: dict[str, list[str]] = {"training": [], "test": []}
     for folder, paths in photos.items():
         for photo in paths:
@@ -77,16 +75,11 @@ def convert(src: Path, out: Path, val: int = 4, overwrite: bool = False) -> dict
                     raise UserError(f"{name}: mask {a.shape} and photo {shown} (H x W) differ in size")
             labels = np.where(inside, vessel.astype(np.uint8), IGNORE).astype(np.uint8)
             shutil.copyfile(photo, out / "images" / f"{number}.tif")
-            buf = io.BytesIO()
-            Image.fromarray(labels, mode="L").save(buf, format="PNG")
-            (out / "masks" / f"{number}.png").write_bytes(buf.getvalue())
+            write_mask(out / "masks" / f"{number}.png", labels)
             stems[folder].append(number)
     cut = len(stems["training"]) - val
     parts = {"train": stems["training"][:cut], "val": stems["training"][cut:], "test": stems["test"]}
-    for name, part in parts.items():
-        (out / "splits" / f"{name}.txt").write_text("".join(f"{s}\n" for s in part))
-    (out / "class_names.txt").write_text(",".join(CLASS_NAMES) + "\n")
-    return {k: len(v) for k, v in parts.items()}
+    return write_splits(out, parts, CLASS_NAMES)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +94,7 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     counts = convert(Path(args.src), Path(args.out), args.val, args.overwrite)
-    print(f"wrote {sum(counts.values())} samples to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print(summary(args.out, counts))
     return 0
 
 

@@ -27,7 +27,6 @@ The data stays out of the repository.
 from __future__ import annotations
 
 import argparse
-import io
 import re
 import shutil
 import sys
@@ -39,6 +38,8 @@ from PIL import Image
 from seg_dist import cli
 from seg_dist.errors import UserError
 from seg_dist.shards import decode_image
+
+from .converting import claim_output, summary, write_mask, write_splits
 
 CLASS_NAMES = ("building", "land", "road", "vegetation", "water")
 IGNORE = 255
@@ -87,10 +88,7 @@ def convert(src: Path, out: Path, scale: float = 0.5, overwrite: bool = False) -
     stray = sorted(set(tiles) - set(split_of))
     if stray:
         raise UserError(f"{tiles[stray[0]]}: tile {stray[0]} is not one of the dataset's tiles 1-8")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: not empty; pass --overwrite to replace what is there")
-    for sub in ("images", "masks", "splits"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    claim_output(out, overwrite)
     parts: dict[str, list[str]] = {s: [] for s in SPLIT}
     for t, folder in sorted(tiles.items()):
         for photo in sorted((folder / "images").glob("*.jpg")):
@@ -109,14 +107,9 @@ def convert(src: Path, out: Path, scale: float = 0.5, overwrite: bool = False) -
                 h, w = (max(1, round(n * scale)) for n in shown)
                 Image.fromarray(pixels).resize((w, h), Image.Resampling.BILINEAR).save(out / "images" / f"{stem}.png")
                 ids = np.asarray(Image.fromarray(ids, mode="L").resize((w, h), Image.Resampling.NEAREST))
-            buf = io.BytesIO()
-            Image.fromarray(ids, mode="L").save(buf, format="PNG")
-            (out / "masks" / f"{stem}.png").write_bytes(buf.getvalue())
+            write_mask(out / "masks" / f"{stem}.png", ids)
             parts[split_of[t]].append(stem)
-    for name, part in parts.items():
-        (out / "splits" / f"{name}.txt").write_text("".join(f"{s}\n" for s in part))
-    (out / "class_names.txt").write_text(",".join(CLASS_NAMES) + "\n")
-    return {k: len(v) for k, v in parts.items()}
+    return write_splits(out, parts, CLASS_NAMES)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +124,7 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     counts = convert(Path(args.src), Path(args.out), args.scale, args.overwrite)
-    print(f"wrote {sum(counts.values())} samples to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print(summary(args.out, counts))
     return 0
 
 
