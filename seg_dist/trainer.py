@@ -358,6 +358,7 @@ def train(
     meter = StepMeter(device, clock)
     stopped = False
     resumed_at = state.global_step
+    failure: BaseException | None = None
     with run.runlog:
         try:
             try:
@@ -378,12 +379,15 @@ def train(
                 if run.validations.history and not stopped:
                     log.info("done: best val mIoU %.4f; checkpoints in %s, TensorBoard in %s", state.best_miou,
                              run.ckpt_dir, Path(cfg.run.dir) / "tb")
+            except BaseException as e:
+                failure = e
+                raise
             finally:
                 if run.train_stream is not None:
                     run.train_stream.close()  # stops the loader's workers now, also when the run failed
                 with meter.pause("checkpoints"):
                     finish_checkpoints(run)  # before the lock goes, and before a stop marker names the step
-            report_goodput(run, state, meter, resumed_at)
+                report_goodput(run, state, meter, resumed_at, failure)
         finally:
             if run.lock is not None:
                 run.lock.release()
@@ -392,17 +396,36 @@ def train(
                        run.validations.last, run.validations.history)
 
 
-def report_goodput(run: Run, state: TrainState, meter: StepMeter, resumed_at: int) -> dict[str, Any]:
+def report_goodput(run: Run, state: TrainState, meter: StepMeter, resumed_at: int,
+                   failure: BaseException | None = None) -> dict[str, Any] | None:
     """This process's goodput, from its start to now: one line on rank 0, TensorBoard's `goodput/` scalars
-    and RUN_DIR/goodput.json. A resumed run's figures cover this process's steps only."""
+    and RUN_DIR/goodput.json. A resumed run's figures cover this process's steps only. A failed run reports
+    too, up to its failure (`failed` names it); reporting then never hides the failure itself."""
+    if failure is None:
+        return _report_goodput(run, state, meter, resumed_at, None)
+    try:
+        return _report_goodput(run, state, meter, resumed_at, failure)
+    except Exception as e:  # the run's own error is what the user must see
+        log.warning("no goodput for the failed run (%s: %s)", type(e).__name__, e)
+        return None
+
+
+def _report_goodput(run: Run, state: TrainState, meter: StepMeter, resumed_at: int,
+                    failure: BaseException | None) -> dict[str, Any]:
     seconds = meter.ledger.seconds
     g = goodput(time.perf_counter() - meter.clock.origin, meter.steps_run, run.data.batches.global_batch,
                 seconds["steps"], seconds["first_step"], meter.first_step_ended or 0.0, meter.before_first_step,
                 dict(seconds))
     covers = (f"this process only: steps {resumed_at + 1}-{state.global_step} of a run resumed at step {resumed_at}"
               if resumed_at else f"steps 1-{state.global_step}")
-    g.update(covers=covers, wall_from=meter.clock.source, first_step=resumed_at + 1, last_step=state.global_step,
-             resumed_at=resumed_at, ranks=run.denv.world_size, startup_stages=dict(startup_stages(meter)))
+    failed = None
+    if failure is not None:
+        failed = f"{type(failure).__name__}: {str(failure).splitlines()[0][:200]}" if str(failure) else \
+            type(failure).__name__
+        covers += f", up to the failure ({failed})"
+    g.update(covers=covers, failed=failed, wall_from=meter.clock.source, first_step=resumed_at + 1,
+             last_step=state.global_step, resumed_at=resumed_at, ranks=run.denv.world_size,
+             startup_stages=dict(startup_stages(meter)))
     if run.denv.is_main:
         log.info("%s; wall time from %s", goodput_line(g, covers), meter.clock.source)
         run.runlog.goodput(g, state.global_step)

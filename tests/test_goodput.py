@@ -55,7 +55,7 @@ def test_a_two_rank_run_ends_with_its_goodput_on_rank_0_only(two_rank_runs):
     assert len(first) == 1 and "[rank 0]" in first[0] and "rendezvous" in first[0], first
 
     assert g["steps"] == STEPS and g["images"] == STEPS * GLOBAL_BATCH and g["ranks"] == 2
-    assert g["covers"] == f"steps 1-{STEPS}" and g["resumed_at"] == 0
+    assert g["covers"] == f"steps 1-{STEPS}" and g["resumed_at"] == 0 and g["failed"] is None
     _check_adds_up(g)
     # The wall time starts at the worker's own start and ends before it exits: inside the launcher's time.
     assert 0 < g["wall_s"] < outer

@@ -161,12 +161,16 @@ def test_odd_image_sizes_train_and_validate(tmp_path):
     assert result.global_step == 16 // 4 // 2  # 4 micro-batches, 2 optimiser steps
 
 
-def test_diverging_run_stops_with_a_clear_message(tiny_shards, tmp_path):
+def test_diverging_run_stops_with_a_clear_message_and_says_where_its_time_went(tiny_shards, tmp_path):
     cfg = load_config(REPO / "configs" / "default.yaml",
                       tiny_overrides(tiny_shards, tmp_path / "run", "optim.lr=1e30", "train.max_nonfinite=3",
                                      "train.amp=off"))
     with pytest.raises(RuntimeError, match="non-finite steps in a row"):
         train(cfg, distributed.DistEnv(), torch.device("cpu"))
+    # A failed run still explains its wall time, up to the failure it names.
+    g = json.loads((tmp_path / "run" / "goodput.json").read_text())
+    assert g["failed"].startswith("Diverged: 3 non-finite steps in a row")
+    assert "up to the failure (Diverged" in g["covers"] and g["steps"] >= 3 and g["wall_s"] > 0
 
 
 def test_fresh_run_refuses_to_overwrite_checkpoints(tiny_shards, tmp_path):

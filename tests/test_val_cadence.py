@@ -10,7 +10,7 @@ import torch
 from helpers import REPO, tiny_overrides, torchrun
 
 from seg_dist import distributed
-from seg_dist.config import AUTO_VAL_SHARE, ConfigError, Every, load_config, parse_every
+from seg_dist.config import ConfigError, Every, load_config, parse_every
 from seg_dist.trainer import train
 from seg_dist.validation import Cadence
 
@@ -48,11 +48,11 @@ def test_epochs_and_steps_cadences_validate_at_their_multiples_and_minutes_count
 
 
 def test_auto_validates_after_epoch_1_then_keeps_validation_to_its_share():
-    c = Cadence(Every("auto"))
+    c = Cadence(Every("auto"), share=0.05)
     assert c.due(1, 0, 0.0, epoch_end=True)
     # One validation of 0.4 s against epochs of 3 s: 0.4 / (0.05 x 3) = 2.7, so every 3 epochs.
     note = c.validated(1, 24, 5.0, val_seconds=0.4, train_seconds=3.0)
-    assert c.epochs == 3 and "every 3 epochs" in note and f"{AUTO_VAL_SHARE:.0%}" in note
+    assert c.epochs == 3 and "every 3 epochs" in note and "5%" in note
     assert [e for e in range(2, 5) if c.due(e, 0, 0.0, epoch_end=True)] == [4]
     # Validation became cheap (or epochs long): every epoch again, said once.
     assert "every epoch" in c.validated(4, 96, 20.0, val_seconds=0.1, train_seconds=9.0)
