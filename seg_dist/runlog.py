@@ -11,7 +11,8 @@ import os
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,13 +59,19 @@ def setup_logging(rank: int, level: int = logging.INFO) -> logging.Logger:
 
 
 class RunLog:
-    """TensorBoard scalars/images/text and one JSON line per validation; a no-op off rank 0."""
+    """TensorBoard scalars/images/text and one JSON line per validation; a no-op off rank 0.
+
+    `later` runs work (drawing and encoding a validation's pictures) on one writer thread, in order, so the
+    ranks' steps do not wait for rank 0's PNGs; `close` waits for it, and a failure there is raised at the
+    next `later`, `wait` or `close`."""
 
     def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True,
                  resumed_at: int | None = None) -> None:
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.tb = None
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -136,6 +143,30 @@ class RunLog:
             for i, picture in enumerate(pictures):
                 save_png(folder / f"val_{i:03d}.png", picture)
 
+    def later(self, fn: Callable[..., object], *args: object) -> None:
+        """`fn(*args)` on the writer thread, after what was handed to it before."""
+        if not self.enabled:
+            return
+        self._settle(block=False)
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seg_dist-runlog")
+        self._pending.append(self._writer.submit(fn, *args))
+
+    def wait(self) -> None:
+        """Until the writer thread has done all it was given; its first failure is raised here."""
+        self._settle(block=True)
+
+    def _settle(self, block: bool) -> None:
+        pending, self._pending = self._pending, []
+        failure = None
+        for future in pending:
+            if not block and not future.done():
+                self._pending.append(future)
+            elif future.exception() is not None and failure is None:
+                failure = future.exception()
+        if failure is not None:
+            raise failure
+
     def flush(self) -> None:
         if self.tb is not None:
             self.tb.flush()
@@ -143,13 +174,25 @@ class RunLog:
     def __enter__(self) -> RunLog:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # the run's own failure is the one to report
+            self.close()
+        except Exception as e:
+            logging.getLogger("seg_dist").warning("run logs incomplete (%s: %s)", type(e).__name__, e)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
+        try:
+            self.wait()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
+            if self.tb is not None:
+                self.tb.close()
+                self.tb = None
 
 
 # --- where the wall time went ---------------------------------------------------------------------

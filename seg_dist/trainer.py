@@ -946,7 +946,7 @@ def validation_point(run: Run, state: TrainState, meter: StepMeter, label: str, 
     """Validate the weights as they are now: metrics, the log line, pictures, a plateau schedule's step, the
     next validation's time. Returns whether this is the best mIoU so far; `checkpoint_after`: then write a
     checkpoint (epoch ends write theirs anyway)."""
-    cfg, record = run.cfg, run.validations
+    record = run.validations
     started = time.perf_counter()
     if state.epoch_step:  # mid-epoch (an epoch's end syncs anyway)
         sync_weights(run)
@@ -964,16 +964,8 @@ def validation_point(run: Run, state: TrainState, meter: StepMeter, label: str, 
         state.best_miou = max(state.best_miou, m["miou"])
         log.info("%s: train loss=%.4f, val loss=%.4f, val mIoU=%.4f, pixel acc=%.4f (%d val samples)%s", label,
                  train_loss, m["loss"], m["miou"], m["pixel_accuracy"], result.samples_seen, eta_text(run, state))
-        if run.denv.is_main:
-            classes = run.data.classes
-            pictures = validation_pictures(result.examples, cfg.data.mean, cfg.data.std, classes.num_classes,
-                                           classes.ignore_index, class_names=classes.names,
-                                           colours=palette_for(run.data.manifest, classes.num_classes),
-                                           keys=result.example_keys, display_bands=cfg.data.display_bands,
-                                           raw=True, dtype=run.data.inputs.dtype)
-            run.runlog.validation(m, result.matrix, result.samples_seen, run.data.classes.names, pictures,
-                                  number, state.global_step, train_loss)
-            run.runlog.overlays(pictures)  # every validation: a run may end at any one of them
+        if run.denv.is_main:  # drawn and written beside the next steps
+            run.runlog.later(log_validation, run, result, number, state.global_step, train_loss)
         # The next one's time, from figures every rank shares (the slowest rank's), so all decide alike.
         took, trained, elapsed = distributed.all_reduce_(torch.tensor(
             [time.perf_counter() - started, started - record.ended, run.elapsed()], dtype=torch.float64,
@@ -986,6 +978,20 @@ def validation_point(run: Run, state: TrainState, meter: StepMeter, label: str, 
             save_checkpoint(run, state, is_best=is_best, snapshot=True)
     record.ended = time.perf_counter()
     return is_best
+
+
+def log_validation(run: Run, result: Validation, epoch: int, step: int, train_loss: float) -> None:
+    """What one validation leaves on rank 0: TensorBoard, metrics.jsonl and the overlays (every validation's:
+    a run may end at any one of them)."""
+    cfg, classes = run.cfg, run.data.classes
+    pictures = validation_pictures(result.examples, cfg.data.mean, cfg.data.std, classes.num_classes,
+                                   classes.ignore_index, class_names=classes.names,
+                                   colours=palette_for(run.data.manifest, classes.num_classes),
+                                   keys=result.example_keys, display_bands=cfg.data.display_bands,
+                                   raw=True, dtype=run.data.inputs.dtype)
+    run.runlog.validation(result.metrics, result.matrix, result.samples_seen, classes.names, pictures, epoch,
+                          step, train_loss)
+    run.runlog.overlays(pictures)
 
 
 def run_validation(run: Run) -> Validation:

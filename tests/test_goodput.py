@@ -117,3 +117,34 @@ def test_a_process_that_took_no_step_spent_its_wall_time_getting_there():
     g = goodput(5.0, 0, 4, 0.0, 0.0, 0.0, 0.0, {"validation": 1.0})
     assert (g["goodput"], g["images"], g["step_images_per_s"]) == (0.0, 0, 0.0)
     assert g["seconds"] == {"startup": 4.0, "validation": 1.0, "checkpoints": 0.0, "data_wait": 0.0, "rest": 0.0}
+
+
+def test_the_run_log_writes_in_order_beside_the_caller_and_raises_what_failed_there(tmp_path):
+    import threading
+
+    from seg_dist.runlog import RunLog
+
+    runlog = RunLog(tmp_path, enabled=True, tensorboard=False)
+    release, threads = threading.Event(), []
+
+    def write(n: int) -> None:
+        threads.append(threading.current_thread().name)
+        release.wait(10)
+        runlog.jsonl({"n": n})
+
+    for n in range(3):
+        runlog.later(write, n)
+    assert not (tmp_path / "metrics.jsonl").exists()  # the caller went on while the writer waits
+    release.set()
+    runlog.wait()
+    assert [json.loads(line)["n"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert set(threads) == {threads[0]} and threads[0] != threading.current_thread().name
+
+    def fail() -> None:
+        raise OSError(28, "No space left on device")
+
+    runlog.later(fail)
+    with pytest.raises(OSError, match="No space left"):
+        runlog.close()
+    assert runlog._writer is None  # closed all the same
+    RunLog(tmp_path, enabled=False).later(fail)  # off rank 0: nothing runs
