@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError
-from .models import MODEL_NAMES
+from .models import MODEL_NAMES, check_model
 
 
 class ConfigError(UserError):
@@ -96,7 +96,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "unet"  # unet | smp_unet
+    # unet (ours) | smp (segmentation_models_pytorch: model.arch over model.encoder) | smp_unet (smp's Unet, the
+    # name configs and checkpoints used before model.arch)
+    name: str = "unet"
     width: int = 64  # base channels; 64 is the classic U-Net
     depth: int = 4
     in_channels: int = 0  # 0: the data's channel count (the manifest's image.channels); set: must match it
@@ -104,11 +106,17 @@ class ModelConfig:
     # batch: BatchNorm (statistics of each rank's batch, so results move with the per-rank batch on CPU);
     # group: GroupNorm, no batch statistics, the same on any number of ranks and at any batch size.
     norm: str = "batch"
-    encoder: str = "resnet34"  # smp_unet only
-    encoder_weights: str | None = None  # smp_unet only: a local state-dict file; nothing downloads
+    arch: str = "Unet"  # smp: one of smp's architectures (Unet, FPN, DeepLabV3Plus, Segformer, ...; any case)
+    encoder: str = "resnet34"  # smp: an smp encoder name or tu-<timm model>
+    # smp: a local state-dict file, or a weights name smp gives the encoder (imagenet, ssl, ...; imagenet for
+    # tu- encoders), downloaded once per node into the cache (models/weights.py). Unset: random weights.
+    encoder_weights: str | None = None
     # Epochs at the start with the encoder's learning rate at 0 and its BatchNorm statistics kept (unet: the
-    # contracting path; smp_unet: the encoder). Needs a per-iteration schedule (not plateau).
+    # contracting path; smp: the encoder). Needs a per-iteration schedule (not plateau).
     freeze_encoder_epochs: int = 0
+    # Recompute blocks' activations in the backward pass instead of keeping them (unet: every level; smp: the
+    # encoder's blocks): less memory for large crops, about one more forward pass of them per step.
+    activation_checkpointing: bool = False
 
 
 @dataclass
@@ -363,9 +371,12 @@ CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("model.in_channels", *AT_LEAST_0),
     ("model.bilinear", *BOOL),
     ("model.norm", *_one_of(NORMS)),
+    ("model.arch", *NONEMPTY),
     ("model.encoder", *NONEMPTY),
-    ("model.encoder_weights", lambda v: v is None or _nonempty(v), "unset or the path of a local state dict"),
+    ("model.encoder_weights", lambda v: v is None or _nonempty(v),
+     "unset, a weights name (imagenet, ...) or the path of a local state dict"),
     ("model.freeze_encoder_epochs", *AT_LEAST_0),
+    ("model.activation_checkpointing", *BOOL),
     ("loss.ce_weight", *AT_LEAST_0),
     ("loss.dice_weight", *AT_LEAST_0),
     ("loss.class_weights", *_one_of(CLASS_WEIGHTS)),
@@ -453,6 +464,10 @@ def check(cfg: Config) -> None:
     if cfg.model.name == "unet" and cfg.data.image_size != 0 and min(crop_hw(cfg.data)) < 2**cfg.model.depth:
         raise ConfigError(f"data.image_size={_show(cfg.data.image_size)}: the U-Net needs each side at least "
                           f"2**model.depth={2**cfg.model.depth}")
+    try:
+        check_model(cfg.model)  # smp's architecture, encoder and weights names, where smp is importable
+    except UserError as e:
+        raise ConfigError(str(e)) from None
 
 
 # --- typed conversion ---------------------------------------------------------------------------

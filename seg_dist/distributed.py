@@ -589,6 +589,43 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def node_first(fn: Callable[[], Any], what: str) -> Any:
+    """`fn()` on one rank per node first (the lowest rank on each host), then on the other ranks: what `fn`
+    puts into a node's cache (a download) is done once per node, and the others find it there.
+
+    Every rank calls this. The other ranks wait in a collective while the first ones work, so the wait is
+    bounded by the process group's timeout (`train.dist_timeout_minutes`). If a first rank fails, every rank
+    raises: the same UserError where it was one (a download that cannot happen offline), else a RunFailed
+    naming the rank and `what`. One process: just `fn()`.
+    """
+    if not is_initialized() or dist.get_world_size() == 1:
+        return fn()
+    # GROUP_RANK (torchrun) or SLURM_NODEID tells nodes apart where containers share one host name.
+    node = (socket.gethostname(), os.environ.get("GROUP_RANK", os.environ.get("SLURM_NODEID", "")))
+    nodes = all_gather_objects(node)
+    me = dist.get_rank()
+    first = nodes.index(node) == me
+    result: Any = None
+    failure: BaseException | None = None
+    report = None
+    if first:
+        try:
+            result = fn()
+        except Exception as e:
+            failure = e
+            report = ("user" if isinstance(e, UserError) else "bug", f"{type(e).__name__}: {e}", str(e))
+    reports = all_gather_objects(report)
+    if failure is not None:
+        raise failure
+    for rank_, found in enumerate(reports):
+        if found is not None:
+            kind, described, message = found
+            if kind == "user":
+                raise UserError(message)
+            raise RunFailed(f"{what} failed on rank {rank_}: {described}")
+    return result if first else fn()
+
+
 def sync_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Copy `src`'s buffers (BatchNorm running statistics) to every rank.
 

@@ -1,7 +1,7 @@
 """A checkpoint as a deployable TorchScript or ONNX file, checked against the eager model.
 
 `export()` loads a checkpoint (`checkpoint.load_model`), wraps its model in `ExportUNet` (model.name=unet)
-or `ExportSmp` (model.name=smp_unet), optionally with the run's normalisation inside the graph, writes the
+or `ExportSmp` (model.name=smp and smp_unet), optionally with the run's normalisation inside the graph, writes the
 file under a temporary name, runs the exported file and the eager model on random images of two odd sizes,
 and only then renames it to `out` and writes `<out>.json` beside it: class names, ignore index, the input
 (channels, pixel type, mean/std in the type's full scale and in raw pixel values), the layout and the
@@ -22,8 +22,10 @@ submodules (same weights, same arithmetic) but always pads, by amounts that are 
 is missing, so the graph has no shape branch and height, width and batch stay dynamic.
 `SmpSegmenter.forward` has the same kind of branch (it pads to the encoder stride only `if ph or pw`);
 `ExportSmp` always pads (zero where the side is already a multiple) and always crops, around the same
-smp module. smp's U-Net scripts and exports through torch.export with symbolic height and width (its
-decoder upsamples by scale_factor=2 and, at multiples of the stride, never needs a size-dependent fix).
+smp module. Every smp architecture exports through torch.export with symbolic height and width (checked with
+smp 0.6.0 on small encoders); TorchScript scripts all but those smp marks unscriptable (UnetPlusPlus, DPT),
+which are refused in one line naming ONNX instead. Activation checkpointing is switched off in the exported
+module (it only acts in training, and TorchScript cannot script it).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from torch import nn
 from . import atomic, checkpoint, distributed, outputs
 from .data import Normalization
 from .errors import RunFailed, UserError
-from .models import SmpSegmenter
+from .models import SmpSegmenter, checkpointing
 from .models.unet import UNet, UNetPass
 from .shards import FULL_SCALE
 
@@ -163,11 +165,37 @@ def export_module(model: nn.Module, mean: tuple[float, ...], std: tuple[float, .
                   normalize: bool, full_scale: float = 255.0) -> ExportUNet | ExportSmp:
     """The export wrapper for a trained model (our U-Net or an smp model), sharing its weights; with
     `normalize`, the graph takes raw pixels of a type whose full scale is `full_scale` (255, 65535, 1)."""
+    checkpointing.disable(model)
     if isinstance(model, UNet):
         return ExportUNet(model, mean, std, normalize, full_scale)
     if isinstance(model, SmpSegmenter):
         return ExportSmp(model, mean, std, normalize, full_scale)
     raise TypeError(f"no export wrapper for {type(model).__name__}")
+
+
+def _smp_cannot(segmenter: SmpSegmenter, fmt: str) -> str | None:
+    """Why `fmt` cannot hold this smp model (smp marks each architecture and encoder), or None."""
+    flag, able, other = (("_is_torch_scriptable", "scriptable", "onnx") if fmt == "torchscript"
+                         else ("_is_torch_exportable", "exportable", "torchscript"))
+    arch = f"model.arch={type(segmenter.smp).__name__}"
+    for part, what in ((segmenter.smp, arch),
+                       (segmenter.smp.encoder, f"its encoder ({type(segmenter.smp.encoder).__name__})")):
+        if not getattr(part, flag, True):
+            return f"smp marks {what} as not {able}; try --format {other}"
+    if fmt == "onnx":
+        # Pooling to a fixed grid (PSPNet's and UPerNet's pyramid pooling: 2 x 2, 3 x 3, 6 x 6) exports as
+        # gathers whose indices hold the traced size: the file fails at any other size (checked with torch
+        # 2.14.1 and onnxruntime 1.32). Global pooling (1 x 1) exports as a mean and is fine.
+        grids = {tuple(_pair(m.output_size)) for m in segmenter.smp.modules()
+                 if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))} - {(1, 1)}
+        if grids:
+            return (f"{arch} pools to fixed grids ({', '.join('x'.join(map(str, g)) for g in sorted(grids))}), "
+                    "which ONNX cannot follow at dynamic sizes; use --format torchscript")
+    return None
+
+
+def _pair(size: Any) -> tuple[Any, Any]:
+    return (size, size) if not isinstance(size, (tuple, list)) else (size[0], size[1])
 
 
 @dataclass
@@ -179,9 +207,12 @@ class CheckResult:
     tolerance: float | None = None
     argmax_agreement: float | None = None
     skipped: str | None = None
+    error: str | None = None  # the exported file failed to run at one of the shapes
 
     @property
     def ok(self) -> bool:
+        if self.error is not None:
+            return False
         return self.skipped is not None or (self.max_abs_diff is not None and self.tolerance is not None
                                             and self.argmax_agreement is not None
                                             and self.max_abs_diff <= self.tolerance
@@ -191,6 +222,8 @@ class CheckResult:
         sizes = ", ".join("x".join(map(str, s)) for s in self.shapes)
         if self.skipped:
             return f"check skipped ({sizes}): {self.skipped}"
+        if self.error:
+            return f"check {sizes}: the exported file failed to run: {self.error}"
         return (f"check {sizes}: max abs diff {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g}), "
                 f"argmax agreement {100 * (self.argmax_agreement or 0):.3f}% (needs {100 * MIN_ARGMAX_AGREEMENT:g}%)")
 
@@ -254,8 +287,10 @@ def export(
     device = distributed.named_device(device)
     trained = checkpoint.load_model(checkpoint_path, device)
     if not isinstance(trained.model, (UNet, SmpSegmenter)):
-        raise UserError(f"{checkpoint_path}: export supports model.name=unet and smp_unet, "
+        raise UserError(f"{checkpoint_path}: export supports model.name=unet and smp, "
                         f"not {trained.cfg.model.name!r}")
+    if isinstance(trained.model, SmpSegmenter) and (reason := _smp_cannot(trained.model, fmt)):
+        raise UserError(f"{checkpoint_path}: --format {fmt}: {reason}")
     contract = trained.input
     mean, std = contract.mean, contract.std
     in_channels = trained.model.in_channels if isinstance(trained.model, UNet) else trained.cfg.model.in_channels
@@ -427,7 +462,11 @@ def _check(unet: nn.Module, module: ExportUNet | ExportSmp, path: Path, fmt: str
             normalised = torch.stack([preprocess(np.ascontiguousarray(im.numpy()), data_cfg) for im in images])
             eager = reference(normalised)  # UNet/SmpSegmenter.forward itself, branches and all
             raw = images.permute(0, 3, 1, 2).contiguous().to(dtype)
-            got = run(raw if module.normalize else normalised).float()
+            try:
+                got = run(raw if module.normalize else normalised).float()
+            except Exception as e:  # a graph that only runs at the size it was traced at, say
+                return CheckResult(shapes, error=f"at {n}x{contract.channels}x{h}x{w}: {type(e).__name__}: "
+                                                 f"{_first_line(e)[:300]}")
             if got.shape != eager.shape:
                 return CheckResult(shapes, max_abs_diff=float("inf"), tolerance=ATOL, argmax_agreement=0.0)
             worst = max(worst, (got - eager).abs().max().item())
@@ -441,7 +480,8 @@ def _check(unet: nn.Module, module: ExportUNet | ExportSmp, path: Path, fmt: str
 # freeze_encoder_epochs) and keys of other models (a plain unet has no encoder) are left out.
 MODEL_FIELDS = {
     "unet": ("name", "in_channels", "width", "depth", "bilinear", "norm"),
-    "smp_unet": ("name", "in_channels", "encoder"),
+    "smp": ("name", "arch", "in_channels", "encoder"),
+    "smp_unet": ("name", "in_channels", "encoder"),  # smp's Unet, as checkpoints from before model.arch say
 }
 
 
@@ -471,6 +511,8 @@ def _metadata(trained: checkpoint.TrainedModel, checkpoint_path: str | Path, out
             # type's full scale, raw / 255, / 65535, or as stored for float32).
             "channels": contract.channels,
             "dtype": contract.dtype,
+            # What the mean and std come from: the manifest, data.mean/std, or the pretrained weights' own.
+            "source": contract.source,
             "mean": norm["mean"],
             "std": norm["std"],
             "raw_mean": norm["raw_mean"],

@@ -58,7 +58,7 @@ def test_count_parameters_trainable_only() -> None:
 
 
 def test_unknown_model_name() -> None:
-    with pytest.raises(ValueError, match="valid names: unet, smp_unet") as info:
+    with pytest.raises(ValueError, match="valid names: unet, smp_unet, smp") as info:
         build_model(ModelConfig(name="resnet_fcn"), num_classes=3)
     assert all(name in str(info.value) for name in MODEL_NAMES)
 
@@ -73,6 +73,74 @@ def test_smp_missing_encoder_weights_file(tmp_path) -> None:
     importlib.util.find_spec("segmentation_models_pytorch") is not None, reason="smp is installed"
 )
 def test_smp_missing_extra_message() -> None:
-    expected = r"model\.name=smp_unet needs the smp extra: pip install 'seg_dist\[smp\]'"
-    with pytest.raises(ImportError, match=expected):
-        build_model(ModelConfig(name="smp_unet"), num_classes=3)
+    expected = r"model\.name=smp needs the smp extra: pip install 'seg_dist\[smp\]'"
+    for name in ("smp", "smp_unet"):
+        with pytest.raises(ImportError, match=expected):
+            build_model(ModelConfig(name=name), num_classes=3)
+
+
+# --- activation checkpointing -------------------------------------------------------------------------------
+
+
+def _unet_pair(norm: str = "batch") -> tuple[torch.nn.Module, torch.nn.Module]:
+    models = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        models.append(build_model(ModelConfig(name="unet", width=4, depth=3, norm=norm,
+                                              activation_checkpointing=on), num_classes=3).train())
+    return models[0], models[1]
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_activation_checkpointing_keeps_the_step_and_the_keys(norm: str) -> None:
+    """Gradients as without it; BatchNorm statistics moved once per step, not again by the recomputation."""
+    from seg_dist.models import checkpointing
+
+    plain, ckpt = _unet_pair(norm)
+    assert sum(checkpointing.is_checkpointed(m) for m in ckpt.modules()) == 1 + 3 + 3  # inc, downs, ups
+    assert list(plain.state_dict()) == list(ckpt.state_dict())
+    x = torch.randn(2, 3, 37, 29, generator=torch.Generator().manual_seed(1))
+    for model in (plain, ckpt):
+        for _ in range(2):
+            model(x).square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for (name, a), b in zip(plain.named_buffers(), ckpt.buffers(), strict=True):
+        assert torch.equal(a, b), name
+    # Evaluation and no-grad inference run the plain forward: the same logits.
+    plain.eval()
+    ckpt.eval()
+    with torch.no_grad():
+        assert torch.equal(plain(x), ckpt(x))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning", "ignore:`torch.jit:FutureWarning")
+def test_activation_checkpointing_is_off_in_an_export(tmp_path) -> None:
+    from helpers import save_tiny_checkpoint
+
+    from seg_dist import exporting
+
+    ckpt = save_tiny_checkpoint(tmp_path / "best.pt", ModelConfig(name="unet", width=4, depth=2,
+                                                                   activation_checkpointing=True),
+                                ["a", "b"], (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), global_step=1)
+    result = exporting.export(ckpt, tmp_path / "m.pt", "torchscript")
+    assert result.check.ok and result.check.max_abs_diff is not None
+
+
+def test_activation_checkpointing_trains_two_ranks_as_without(tiny_shards, tmp_path) -> None:
+    """2 gloo ranks with BatchNorm over the global batch (collectives in the recomputation too): the same
+    weights as the same run without checkpointing."""
+    from helpers import spawn_train, tiny_overrides
+
+    finals = []
+    for on in ("false", "true"):
+        overrides = tiny_overrides(tiny_shards, tmp_path / f"run_{on}", "train.epochs=1", "train.amp=off",
+                                   "logging.tensorboard=false", "train.sync_bn=on",
+                                   f"model.activation_checkpointing={on}")
+        (tmp_path / on).mkdir()
+        ranks = spawn_train(2, overrides, tmp_path / on)
+        for key, value in ranks[0]["model"].items():
+            assert torch.equal(value, ranks[1]["model"][key]), key
+        finals.append(ranks[0]["model"])
+    for key, value in finals[0].items():
+        torch.testing.assert_close(finals[1][key], value, rtol=1e-4, atol=1e-5, msg=key)

@@ -3,8 +3,8 @@
 
 The first part (our U-Net's contracting path as the encoder, frozen with 2 DDP ranks) needs nothing extra
 and runs everywhere. The rest needs segmentation_models_pytorch, which the project venv does not have:
-it is skipped there and runs in the smp environment (README, "Pretrained encoders"):
-`smp-venv/bin/python -m pytest tests/test_smp.py`.
+it is skipped there and runs in the smp environment (README, "Architectures and pretrained encoders"):
+`/work/smp-venv/bin/python -m pytest tests/test_smp*.py`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ except Exception as e:  # ImportError, or RuntimeError from a torchvision built 
 needs_smp = pytest.mark.skipif(
     bool(SMP_MISSING),
     reason=f"segmentation_models_pytorch is not importable ({SMP_MISSING[:120]}); run this file with the smp "
-    "environment: smp-venv/bin/python -m pytest tests/test_smp.py",
+    "environment: /work/smp-venv/bin/python -m pytest tests/test_smp*.py",
 )
 
 
@@ -181,9 +181,14 @@ def test_encoder_weights_load_and_a_mismatch_is_one_line(tiny_shards, tmp_path, 
     _resnet18_encoder_file(wrong, with_head=False, encoder="resnet34")
     with pytest.raises(UserError, match=r"resnet34\.pth does not fit the resnet18 encoder: \d+ unexpected keys"):
         build_model(ModelConfig(name="smp_unet", encoder="resnet18", encoder_weights=str(wrong)), 3)
-    with pytest.raises(UserError, match=r"resnet18\.pth does not fit .* shape mismatches, file vs model "
-                                        r"\(conv1\.weight \(64, 3, 7, 7\) vs \(64, 4, 7, 7\)\)"):
-        build_model(ModelConfig(name="smp_unet", encoder="resnet18", in_channels=4, encoder_weights=str(weights)), 3)
+    # A 3-channel file fits any channel count (the first convolution is adapted: test_smp_channels.py); a
+    # 4-channel one does not fit a 3-channel model.
+    four = tmp_path / "four.pth"
+    torch.save(build_model(ModelConfig(name="smp_unet", encoder="resnet18", in_channels=4), 2).encoder.state_dict(),
+               four)
+    with pytest.raises(UserError, match=r"four\.pth does not fit .* shape mismatches, file vs model "
+                                        r"\(conv1\.weight \(64, 4, 7, 7\) vs \(64, 3, 7, 7\)\)"):
+        build_model(ModelConfig(name="smp_unet", encoder="resnet18", encoder_weights=str(four)), 3)
     junk = tmp_path / "junk.pth"
     junk.write_text("not a checkpoint")
     with pytest.raises(UserError, match=r"junk\.pth: not a readable torch state dict"):
@@ -296,7 +301,9 @@ def test_smp_export_json_mode_onnx(smp_checkpoint: Path, tmp_path: Path) -> None
     exporting.export(smp_checkpoint, out, "onnx", "json")
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     meta = json.loads(exporting.metadata_path(out).read_text())
-    assert meta["normalize"] == "json" and meta["input"]["dtype"] == "float32"
+    # The bare model takes normalised floats; input.dtype stays the training pixels' type.
+    assert meta["normalize"] == "json" and meta["input"]["tensor_dtype"] == "float32"
+    assert meta["input"]["dtype"] == "uint8"
     images = _smp_images(1, 45, 61, seed=3)
     x, want = _smp_eager(smp_checkpoint, images)
     _assert_matches(torch.from_numpy(session.run(None, {"image": x.numpy()})[0]), want)

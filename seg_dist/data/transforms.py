@@ -138,7 +138,9 @@ class Normalization:
     dtype: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    source: str  # "data.mean/std", "manifest", "imagenet" (a pretrained encoder), "imagenet (old manifest)"
+    # "data.mean/std", "manifest", "imagenet" (a local pretrained file), the named weights' label, or
+    # "imagenet (old manifest)"
+    source: str
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for checkpoints and export JSON; `raw_mean`/`raw_std` are in pixel values."""
@@ -150,10 +152,15 @@ class Normalization:
 
 def resolve_normalization(cfg: Config, manifest: dict[str, Any]) -> Normalization:
     """The one rule for the normalisation constants (training, validation, and through the checkpoint the
-    Predictor and export): `data.mean`/`data.std` where set; else ImageNet's for a pretrained smp encoder
-    (`model.encoder_weights`) on 8-bit RGB; else the manifest's train-split statistics (a channel that
-    never varied gets std 1); ImageNet's again for manifests from before statistics were recorded, which
-    hold 8-bit RGB. UserError, naming the key and the data, where they do not fit the images."""
+    Predictor and export): `data.mean`/`data.std` where set; else, for a pretrained smp encoder
+    (`model.encoder_weights`) on 8-bit images of 3 or more channels, the mean and std its weights were trained
+    with (a local file: ImageNet's; named weights: their own, `models.smp.pretrained_normalization`) for the
+    first three channels, taken as RGB, and the manifest's statistics for any further ones; else the
+    manifest's train-split statistics (a channel that never varied gets std 1); ImageNet's again for manifests
+    from before statistics were recorded, which hold 8-bit RGB. UserError, naming the key and the data, where
+    they do not fit the images."""
+    from ..models.smp import pretrained_normalization
+
     image = image_spec(manifest)
     where = f"data.root={cfg.data.root} ({image.text()} images)"
     d = cfg.data
@@ -162,9 +169,16 @@ def resolve_normalization(cfg: Config, manifest: dict[str, Any]) -> Normalizatio
             raise UserError(f"data.mean has {len(d.mean)} and data.std {len(d.std)} values, {where} need one per "
                             f"channel ({image.channels}); unset both for the manifest's statistics")
         return Normalization(image.channels, image.dtype, tuple(d.mean), tuple(d.std), "data.mean/std")
-    if cfg.model.name == "smp_unet" and cfg.model.encoder_weights and image == RGB8:
-        return Normalization(3, "uint8", IMAGENET_MEAN, IMAGENET_STD, "imagenet")
     measured = image_statistics(manifest)
+    pretrained = pretrained_normalization(cfg.model) if image.dtype == "uint8" and image.channels >= 3 else None
+    if pretrained is not None and (image.channels == 3 or measured is not None):
+        mean, std, label = pretrained
+        if image.channels > 3 and measured is not None:
+            full = FULL_SCALE[image.dtype]
+            mean = (*mean, *(m / full for m in measured[0][3:]))
+            std = (*std, *((s if s > 0 else full) / full for s in measured[1][3:]))
+            label = f"{label} for channels 1-3, manifest for 4-{image.channels}"
+        return Normalization(image.channels, image.dtype, tuple(mean), tuple(std), label)
     if measured is not None:
         full = FULL_SCALE[image.dtype]
         mean = tuple(m / full for m in measured[0])
