@@ -115,7 +115,7 @@ class ModelConfig:
     # contracting path; smp: the encoder). Needs a per-iteration schedule (not plateau).
     freeze_encoder_epochs: int = 0
     # Recompute blocks' activations in the backward pass instead of keeping them (unet: every level; smp: the
-    # encoder's blocks): less memory for large crops, about one more forward pass of them per step.
+    # encoder's and the decoder's blocks): less memory for large crops, about one more forward pass per step.
     activation_checkpointing: bool = False
 
 

@@ -90,11 +90,12 @@ def disable(model: nn.Module) -> int:
     return count
 
 
-def blocks_of(encoder: nn.Module) -> list[nn.Module]:
+def blocks_of(encoder: nn.Module, whole: bool = True) -> list[nn.Module]:
     """The blocks of an encoder worth checkpointing one by one: the elements of its outermost sequences of
     parameterised blocks (a ResNet's BasicBlocks in layer1..layer4, a ViT's or an EfficientNet's blocks, a
-    ConvNeXt's stages), not of sequences that hold single layers (a stem's conv, norm, activation). An
-    encoder without such sequences (a VGG: single layers in one Sequential) is checkpointed whole."""
+    ConvNeXt's stages), not of sequences that hold single layers (a stem's conv, norm, activation). A module
+    without such sequences (a VGG: single layers in one Sequential) is one block itself with `whole`, else
+    none."""
     found: list[nn.Module] = []
 
     def visit(module: nn.Module) -> None:
@@ -107,7 +108,7 @@ def blocks_of(encoder: nn.Module) -> list[nn.Module]:
             visit(child)
 
     visit(encoder)
-    return found or [encoder]
+    return found or ([encoder] if whole else [])
 
 
 def _has_parameters(module: nn.Module) -> bool:

@@ -210,9 +210,10 @@ def build_smp(cfg: ModelConfig, num_classes: int) -> SmpSegmenter:
                              bgr=weights.input_space(named, files) == "BGR")
     _freeze_unused(model, in_channels, pad_multiple(arch, model.encoder))
     if cfg.activation_checkpointing:
-        blocks = checkpointing.blocks_of(model.encoder)
-        checkpointing.enable(blocks)
-        log.info("activation checkpointing: %d blocks of the %s encoder", len(blocks), cfg.encoder)
+        encoder, decoder = checkpointing.blocks_of(model.encoder), checkpointing.blocks_of(model.decoder, whole=False)
+        checkpointing.enable([*encoder, *decoder])
+        log.info("activation checkpointing: %d blocks of the %s encoder, %d of the %s decoder", len(encoder),
+                 cfg.encoder, len(decoder), type(model).__name__)
     return SmpSegmenter(model, pad_multiple(arch, model.encoder), arch)
 
 
