@@ -22,10 +22,12 @@ submodules (same weights, same arithmetic) but always pads, by amounts that are 
 is missing, so the graph has no shape branch and height, width and batch stay dynamic.
 `SmpSegmenter.forward` has the same kind of branch (it pads to the encoder stride only `if ph or pw`);
 `ExportSmp` always pads (zero where the side is already a multiple) and always crops, around the same
-smp module. Every smp architecture exports through torch.export with symbolic height and width (checked with
-smp 0.6.0 on small encoders); TorchScript scripts all but those smp marks unscriptable (UnetPlusPlus, DPT),
-which are refused in one line naming ONNX instead. Activation checkpointing is switched off in the exported
-module (it only acts in training, and TorchScript cannot script it).
+smp module. Checked with smp 0.6.0 on small encoders: TorchScript scripts all architectures but those smp
+marks unscriptable (UnetPlusPlus, DPT); ONNX, through torch.export with symbolic height and width, all but
+those that pool to fixed grids (PSPNet, UPerNet), whose gathers keep the traced size. Both are refused in
+one line naming the other format (`_smp_cannot`), and a file that fails to run at the check's sizes fails
+the check. Activation checkpointing is switched off in the exported module (it only acts in training, and
+TorchScript cannot script it).
 """
 
 from __future__ import annotations
