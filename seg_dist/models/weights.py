@@ -17,6 +17,7 @@ Nothing is downloaded at import, nor for a checkpoint (its weights are all in it
 from __future__ import annotations
 
 import difflib
+import http.client
 import json
 import logging
 import os
@@ -174,7 +175,7 @@ def _download(url: str) -> Path:
             break
         except urllib.error.HTTPError as e:  # the server answered: another try would get the same answer
             raise _offline(url, dest, f"HTTP {e.code} {e.reason}") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+        except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
             if attempt == _RETRIES - 1:
                 reason = getattr(e, "reason", e)
                 raise _offline(url, dest, f"{type(e).__name__}: {reason}") from None
