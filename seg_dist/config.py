@@ -63,8 +63,8 @@ class DataConfig:
     # Normalisation, one value per image channel, in the pixel type's full scale (8-bit: fractions of 255,
     # as ImageNet's 0.485 ...; 16-bit: of 65535; float32: the stored values). Unset (the default): the
     # manifest's statistics of the train split, except that a pretrained smp encoder (model.encoder_weights)
-    # on 8-bit RGB gets the ImageNet constants it was trained with (data.resolve_normalization). Set both to
-    # override.
+    # on 8-bit images of 3+ channels gets the constants its weights were trained with (a local file:
+    # ImageNet's; data.resolve_normalization). Set both to override.
     mean: list[float] | None = None
     std: list[float] | None = None
     # The image channels pictures show (overlays, previews, predict's blends): one (grey) or three (RGB)

@@ -69,7 +69,7 @@ def param_groups(model: nn.Module, lr: float, encoder: nn.Module | None, encoder
         return [{"params": params, "lr": lr, "name": "main"}]
     if encoder is None:
         raise ConfigError(f"{type(model).__name__} has no encoder: model.freeze_encoder_epochs and "
-                          "optim.encoder_lr_mult need a model with one (unet, smp_unet)")
+                          "optim.encoder_lr_mult need a model with one (unet, smp)")
     in_encoder = {id(p) for p in encoder.parameters()}
     main = [p for p in params if id(p) not in in_encoder]
     enc = [p for p in params if id(p) in in_encoder]

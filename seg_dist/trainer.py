@@ -509,8 +509,8 @@ class Resume:
     full: bool  # False: only the weights, to fine-tune on other data (optimiser, schedule and counters afresh)
 
 
-# Model keys that do not change the weights' shapes: a run may resume with them changed.
-_NOT_ARCHITECTURE = ("encoder_weights", "freeze_encoder_epochs")
+# Model settings a resumed run may change: they decide how the weights start or are trained, not their shapes.
+_NOT_ARCHITECTURE = ("encoder_weights", "freeze_encoder_epochs", "activation_checkpointing")
 
 
 def find_resume(cfg: Config, manifest: dict[str, Any]) -> Resume | None:

@@ -144,3 +144,20 @@ def test_activation_checkpointing_trains_two_ranks_as_without(tiny_shards, tmp_p
         finals.append(ranks[0]["model"])
     for key, value in finals[0].items():
         torch.testing.assert_close(finals[1][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_a_run_resumes_with_activation_checkpointing_switched_on(tiny_shards, tmp_path) -> None:
+    """The weights' keys and shapes are the same with it, so the switch is no reason to refuse a resume."""
+    from helpers import REPO, tiny_overrides
+
+    from seg_dist import distributed
+    from seg_dist.config import load_config
+    from seg_dist.trainer import train
+
+    run = tmp_path / "run"
+    first = tiny_overrides(tiny_shards, run, "train.epochs=1", "train.batch_size=8")
+    done = train(load_config(REPO / "configs" / "default.yaml", first), distributed.DistEnv(), torch.device("cpu"))
+    resumed = train(load_config(REPO / "configs" / "default.yaml",
+                                [*first, "train.epochs=2", "model.activation_checkpointing=true"]),
+                    distributed.DistEnv(), torch.device("cpu"))
+    assert resumed.global_step == 2 * done.global_step
