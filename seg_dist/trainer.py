@@ -422,7 +422,7 @@ def _report_goodput(run: Run, state: TrainState, meter: StepMeter, resumed_at: i
     if failure is not None:
         failed = f"{type(failure).__name__}: {str(failure).splitlines()[0][:200]}" if str(failure) else \
             type(failure).__name__
-        covers += f", up to the failure ({failed})"
+        covers += f", up to the failure ({type(failure).__name__})"  # its message is the run's own last line
     g.update(covers=covers, failed=failed, wall_from=meter.clock.source, first_step=resumed_at + 1,
              last_step=state.global_step, resumed_at=resumed_at, ranks=run.denv.world_size,
              startup_stages=dict(startup_stages(meter)))
