@@ -4,7 +4,7 @@
 The first part (our U-Net's contracting path as the encoder, frozen with 2 DDP ranks) needs nothing extra
 and runs everywhere. The rest needs segmentation_models_pytorch, which the project venv does not have:
 it is skipped there and runs in the smp environment (README, "Architectures and pretrained encoders"):
-`/work/smp-venv/bin/python -m pytest tests/test_smp*.py`.
+`../smp-venv/bin/python -m pytest tests/test_smp*.py`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import REPO, child_env, save_tiny_checkpoint, spawn_train, tiny_overrides
+from smp_env import SMP_MISSING, needs_smp
 
 from seg_dist import checkpoint, distributed, exporting, pack
 from seg_dist.config import DataConfig, ModelConfig, load_config
@@ -27,19 +28,6 @@ from seg_dist.data import preprocess
 from seg_dist.errors import UserError
 from seg_dist.models import build_model, encoder_of
 from seg_dist.trainer import train
-
-try:
-    import segmentation_models_pytorch  # noqa: F401
-
-    SMP_MISSING = ""
-except Exception as e:  # ImportError, or RuntimeError from a torchvision built for another torch
-    SMP_MISSING = f"{type(e).__name__}: {e}"
-
-needs_smp = pytest.mark.skipif(
-    bool(SMP_MISSING),
-    reason=f"segmentation_models_pytorch is not importable ({SMP_MISSING[:120]}); run this file with the smp "
-    "environment: /work/smp-venv/bin/python -m pytest tests/test_smp*.py",
-)
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ forward and backward at an odd size, a real 2-rank gloo DDP step, training throu
 TorchScript and ONNX with the exporter's numeric check, and load-time checks with a did-you-mean.
 
 Needs segmentation_models_pytorch: skipped in the project venv, run in the smp environment (README,
-"Architectures and pretrained encoders"): `/work/smp-venv/bin/python -m pytest tests/test_smp*.py`. Tiny
+"Architectures and pretrained encoders"): `../smp-venv/bin/python -m pytest tests/test_smp*.py`. Tiny
 encoders keep it fast: timm's `test_resnet` (0.1-7 M parameters per architecture) and `test_vit` for DPT.
 """
 
@@ -17,24 +17,17 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import REPO, child_env, save_tiny_checkpoint, spawn_train, tiny_overrides
+from smp_env import SMP_MISSING, needs_smp
 
 from seg_dist import checkpoint, distributed, exporting, pack
 from seg_dist.config import ConfigError, ModelConfig, load_config
 from seg_dist.errors import UserError
 from seg_dist.models import build_model, checkpointing, encoder_of
 
-try:
+if not SMP_MISSING:
     import segmentation_models_pytorch as smp
 
-    SMP_MISSING = ""
-except Exception as e:  # ImportError, or RuntimeError from a torchvision built for another torch
-    SMP_MISSING = f"{type(e).__name__}: {e}"
-
-pytestmark = pytest.mark.skipif(
-    bool(SMP_MISSING),
-    reason=f"segmentation_models_pytorch is not importable ({SMP_MISSING[:120]}); run the smp tests with the smp "
-    "environment: /work/smp-venv/bin/python -m pytest tests/test_smp*.py",
-)
+pytestmark = needs_smp
 
 # smp 0.6.0's architectures and the side multiple each needs over a tiny encoder (stride 32; PSPNet and
 # DeepLabV3 dilate to 8, DeepLabV3Plus to 16; PAN's pyramid attention needs 8 x 16; DPT an even token grid).

@@ -3,7 +3,7 @@ documented rule (`models.smp.adapt_first_conv`), for local files and timm checkp
 1-band (16-bit grey) and 4-band sets; and the normalisation a pretrained encoder brings, per channel.
 
 The rule itself and the normalisation need nothing extra; the rest needs segmentation_models_pytorch (the smp
-environment: `/work/smp-venv/bin/python -m pytest tests/test_smp*.py`).
+environment: `../smp-venv/bin/python -m pytest tests/test_smp*.py`).
 """
 
 from __future__ import annotations
@@ -13,24 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import REPO, tiny_overrides
+from smp_env import needs_smp
 
 from seg_dist import data, distributed, pack, shards, synthetic
 from seg_dist.config import ModelConfig, load_config
 from seg_dist.models import adapt_first_conv, build_model
 from seg_dist.trainer import train
-
-try:
-    import segmentation_models_pytorch  # noqa: F401
-
-    SMP_MISSING = ""
-except Exception as e:  # ImportError, or RuntimeError from a torchvision built for another torch
-    SMP_MISSING = f"{type(e).__name__}: {e}"
-
-needs_smp = pytest.mark.skipif(
-    bool(SMP_MISSING),
-    reason=f"segmentation_models_pytorch is not importable ({SMP_MISSING[:120]}); run with the smp environment: "
-    "/work/smp-venv/bin/python -m pytest tests/test_smp*.py",
-)
 
 
 @pytest.mark.parametrize("channels", [1, 2, 3, 4, 13])

@@ -4,7 +4,7 @@
 the normalisation the weights were trained with, recorded in the checkpoint and the export JSON.
 
 `distributed.node_first` needs nothing extra; the rest needs segmentation_models_pytorch (the smp
-environment: `/work/smp-venv/bin/python -m pytest tests/test_weights.py tests/test_smp*.py`).
+environment: `../smp-venv/bin/python -m pytest tests/test_weights.py tests/test_smp*.py`).
 """
 
 from __future__ import annotations
@@ -19,24 +19,15 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import REPO, free_port, spawn_train, tiny_overrides
+from smp_env import SMP_MISSING, needs_smp
 
 from seg_dist import distributed, exporting
 from seg_dist.config import ModelConfig, load_config
 from seg_dist.errors import UserError
 
-try:
+if not SMP_MISSING:
     import segmentation_models_pytorch as smp
     from safetensors.torch import save
-
-    SMP_MISSING = ""
-except Exception as e:  # ImportError, or RuntimeError from a torchvision built for another torch
-    SMP_MISSING = f"{type(e).__name__}: {e}"
-
-needs_smp = pytest.mark.skipif(
-    bool(SMP_MISSING),
-    reason=f"segmentation_models_pytorch is not importable ({SMP_MISSING[:120]}); run with the smp environment: "
-    "/work/smp-venv/bin/python -m pytest tests/test_weights.py",
-)
 
 
 # --- one rank per node first ----------------------------------------------------------------------------------
