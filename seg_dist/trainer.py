@@ -445,16 +445,20 @@ def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> t
     """Data, model, loss, optimiser, schedule and scaler, resumed from a checkpoint if there is one."""
     lock = claim_run_dir(cfg, denv)
     manifest = load_manifest(cfg)
-    inputs = data.resolve_normalization(cfg, manifest)  # what the images are, and where their constants came from
+    found = saved_checkpoint(cfg)
+    cfg, saved_inputs = continued_inputs(cfg, manifest, found)
+    inputs = saved_inputs or data.resolve_normalization(cfg, manifest)  # what the images are, and whence
     cfg = data.resolve_inputs(cfg, manifest)  # normalisation and model.in_channels from the data, as saved
     display_bands(inputs.channels, cfg.data.display_bands)  # a bad index stops the run now, on every rank
-    resume = find_resume(cfg, manifest)
+    resume = find_resume(cfg, manifest, found)
     batches = resolve_batch_plan(cfg, denv.world_size, resume.state if resume and resume.full else None)
     run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batches.per_rank,
                                                                  accum_steps=batches.accum_steps))
     run_data = run_data_for(run_cfg, manifest, denv, batches, inputs)
     horizon = Horizon.for_run(run_cfg.train, run_data.steps_per_epoch)
-    model = build_train_model(run_cfg, run_data.classes.num_classes, device)
+    # A run that continues its own checkpoint takes every weight from it: pretrained ones are not read again.
+    model = build_train_model(without_pretrained(run_cfg) if saved_inputs else run_cfg,
+                              run_data.classes.num_classes, device)
     opt = build_optimisation(run_cfg, model, run_data, horizon, device, distributed_loss=denv.distributed)
     state = TrainState()
     if resume is not None:
@@ -513,16 +517,44 @@ class Resume:
 _NOT_ARCHITECTURE = ("encoder_weights", "freeze_encoder_epochs", "activation_checkpointing")
 
 
-def find_resume(cfg: Config, manifest: dict[str, Any]) -> Resume | None:
-    """The checkpoint `train.resume` names (loaded on the CPU: RNG states must stay there), checked against
-    this run's model and data before any weight is loaded; None for a fresh start."""
-    run_dir = Path(cfg.run.dir)
-    last = run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.LAST
+def saved_checkpoint(cfg: Config) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint `train.resume` names, loaded on the CPU (RNG states must stay there); None for a fresh
+    start. Not yet checked against this run: `find_resume` does that."""
+    last = Path(cfg.run.dir) / checkpoint.CHECKPOINT_DIR / checkpoint.LAST
     if cfg.train.resume == "never" and last.exists():
         raise ConfigError(f"{last} exists and train.resume=never would overwrite it: choose another run.dir or resume")
-    found = checkpoint.load_for_resume(cfg.train.resume, run_dir)
+    return checkpoint.load_for_resume(cfg.train.resume, cfg.run.dir)
+
+
+def continued_inputs(cfg: Config, manifest: dict[str, Any], found: tuple[Path, dict[str, Any]] | None
+                     ) -> tuple[Config, data.Normalization | None]:
+    """For a run that continues its own checkpoint (same data) and names pretrained encoder weights: `cfg`
+    with the normalisation the checkpoint trained with, and that normalisation. Neither it nor the weights
+    then need the weights file or the network again (a requeued job on an offline node without the cache).
+    Otherwise `cfg` as it is and None."""
+    if found is None or not cfg.model.encoder_weights:
+        return cfg, None
+    path, state = found
+    entry = state.get("input")
+    if state.get("manifest_digest") != shards.manifest_digest(manifest) or not isinstance(entry, dict):
+        return cfg, None
+    saved = checkpoint.input_contract(state, cfg, path)
+    log.info("continuing %s: its weights and normalisation (%s) stand for model.encoder_weights=%s", path,
+             saved.source, cfg.model.encoder_weights)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, mean=list(saved.mean), std=list(saved.std)))
+    return cfg, saved
+
+
+def without_pretrained(cfg: Config) -> Config:
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, encoder_weights=None))
+
+
+def find_resume(cfg: Config, manifest: dict[str, Any], found: tuple[Path, dict[str, Any]] | None) -> Resume | None:
+    """The checkpoint `saved_checkpoint` loaded, checked against this run's model and data before any weight
+    is loaded; None for a fresh start."""
     if found is None:
         return None
+    run_dir = Path(cfg.run.dir)
     path, state = found
     same_data = state.get("manifest_digest") == shards.manifest_digest(manifest)
     trained_on = state["config"].get("data", {}).get("root", "?")

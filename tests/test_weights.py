@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import shutil
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -134,8 +135,8 @@ def _smp_hub_files(encoder: str = ENCODER) -> tuple[dict[str, bytes], dict[str, 
 
 
 @needs_smp
-def test_two_ranks_fetch_once_train_and_record_the_weights_normalisation(serve, tiny_shards: Path,
-                                                                          tmp_path: Path) -> None:
+def test_two_ranks_fetch_once_train_and_record_the_weights_normalisation(serve, monkeypatch: pytest.MonkeyPatch,
+                                                                          tiny_shards: Path, tmp_path: Path) -> None:
     files, state, cached = _smp_hub_files()
     server = serve(files)
     run = tmp_path / "run"
@@ -167,6 +168,16 @@ def test_two_ranks_fetch_once_train_and_record_the_weights_normalisation(serve, 
     for k, v in state.items():
         assert torch.equal(model.smp.encoder.state_dict()[k], v), k
     assert sum(server.gets.values()) == 2
+
+    # Continued on a node without the cache and offline (a requeued job): weights and normalisation come from
+    # the checkpoint, nothing is fetched.
+    shutil.rmtree(tmp_path / "cache")
+    monkeypatch.setenv("SEG_DIST_WEIGHTS_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    continued = spawn_train(2, [*overrides, "train.epochs=2"], tmp_path)
+    assert continued[0]["step"] > saved["global_step"]
+    after = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert after["input"] == saved["input"]
+    assert not (tmp_path / "cache").exists() and sum(server.gets.values()) == 2
 
 
 @needs_smp
