@@ -37,6 +37,9 @@ class AugmentConfig:
     scale: tuple[float, float] = (0.9, 1.1)  # random rescale before the crop; mild, as short runs fit faster
     hflip: float = 0.5
     vflip: float = 0.0
+    # Probability of a random quarter turn (0, 90, 180 or 270 degrees) of a square crop: with both flips at 0.5,
+    # every orientation, for data without an up (overhead, microscopy, fundus images).
+    rot90: float = 0.0
     brightness_contrast: float = 0.2  # probability of RandomBrightnessContrast
     # Whether brightness/contrast runs at all: auto (8-bit grey or RGB only: on 16-bit, float or extra bands a
     # shift in fractions of 255 has no meaning) | on (any data: shifts by fractions of the type's full scale,
@@ -360,6 +363,7 @@ CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("data.augment.scale", lambda v: 0 < v[0] <= v[1], "[low, high] with 0 < low <= high"),
     ("data.augment.hflip", *PROBABILITY),
     ("data.augment.vflip", *PROBABILITY),
+    ("data.augment.rot90", *PROBABILITY),
     ("data.augment.brightness_contrast", *PROBABILITY),
     ("data.augment.photometric", *_one_of(PHOTOMETRIC)),
     ("data.augment.affine", *PROBABILITY),
@@ -461,6 +465,9 @@ def check(cfg: Config) -> None:
     if names is not None and classes is not None and len(names) != classes:
         raise ConfigError(f"data.class_names has {len(names)} names but data.num_classes={classes}: "
                           "give one name per class")
+    if cfg.data.augment.rot90 > 0 and cfg.data.image_size != 0 and len(set(crop_hw(cfg.data))) > 1:
+        raise ConfigError(f"data.augment.rot90={cfg.data.augment.rot90} turns square crops only, data.image_size="
+                          f"{_show(cfg.data.image_size)}: give one side (data.image_size=N) or set rot90=0")
     if cfg.model.name == "unet" and cfg.data.image_size != 0 and min(crop_hw(cfg.data)) < 2**cfg.model.depth:
         raise ConfigError(f"data.image_size={_show(cfg.data.image_size)}: the U-Net needs each side at least "
                           f"2**model.depth={2**cfg.model.depth}")

@@ -128,6 +128,7 @@ def test_every_config_key_has_a_range_check():
         (["schedule.min_lr=1"], "schedule.min_lr=1.0: must be at most optim.lr"),
         (["optim.betas=[0.9,1.0]"], "optim.betas=[0.9, 1.0]: each beta must be in [0, 1)"),
         (["data.augment.hflip=1.5"], "data.augment.hflip=1.5: a probability, must be in [0, 1]"),
+        (["data.augment.rot90=1", "data.image_size=[16,24]"], "data.augment.rot90=1.0 turns square crops only"),
         (["data.augment.affine=-0.1"], "data.augment.affine=-0.1: a probability"),
         (["data.augment.scale=[1.2,0.8]"], "data.augment.scale=[1.2, 0.8]: [low, high] with 0 < low <= high"),
         (["data.augment.scale=[0,1]"], "data.augment.scale=[0.0, 1.0]: [low, high] with 0 < low <= high"),

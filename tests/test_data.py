@@ -171,6 +171,23 @@ def test_train_transforms_leave_out_p0_and_use_affine(dataset):
     assert val == []
 
 
+def test_quarter_turns_keep_image_and_mask_together_and_need_a_square_crop():
+    cfg = load_config(None, ["data.image_size=16", "data.augment.rot90=1", "data.augment.hflip=0",
+                             "data.augment.scale=[1, 1]", "data.augment.affine=0",
+                             "data.augment.brightness_contrast=0"]).data
+    transform = data.build_transforms(cfg, True, IGNORE)
+    where = np.arange(256, dtype=np.uint8).reshape(16, 16)  # each pixel says where it started
+    image = np.repeat(where[..., None], 3, axis=2)
+    corners = set()
+    for _ in range(24):
+        out = transform(image=image, mask=where.astype(np.int64))
+        assert np.array_equal(out["image"][..., 0], out["mask"])  # image and mask turned together
+        corners.add(int(out["mask"][0, 0]))
+    assert corners == {0, 15, 240, 255}  # every quarter turn puts another corner first
+    with pytest.raises(UserError, match=r"data.augment.rot90=1.0 turns square crops only, .* 16 x 24"):
+        data.build_transforms(DataConfig(image_size=(16, 24), augment=cfg.augment), True, IGNORE)
+
+
 def test_device_normalisation_equals_the_albumentations_float_path():
     import albumentations as A
 

@@ -87,6 +87,11 @@ def build_transforms(data_cfg: DataConfig, train: bool, ignore_index: int, image
         ops.append(A.HorizontalFlip(p=aug.hflip))
     if aug.vflip > 0:
         ops.append(A.VerticalFlip(p=aug.vflip))
+    if aug.rot90 > 0:
+        if height != width:  # the auto crop (the mean frame); a set one is checked at config load
+            raise UserError(f"data.augment.rot90={aug.rot90} turns square crops only, and the training crop is "
+                            f"{height} x {width} (the train split's mean frame): set data.image_size=N or rot90=0")
+        ops.append(A.RandomRotate90(p=aug.rot90))
     if aug.brightness_contrast > 0 and photometric_on(data_cfg, image):
         ops.append(A.RandomBrightnessContrast(p=aug.brightness_contrast))
     if aug.affine > 0:
