@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import torch
 
-from ..config import Config, DataConfig, crop_hw
+from ..config import AugmentConfig, Config, DataConfig, crop_hw
 from ..errors import UserError
 from ..shards import FULL_SCALE, MANIFEST, RGB8, ImageSpec, image_spec, image_statistics, mean_image_size
 
@@ -88,9 +88,7 @@ def build_transforms(data_cfg: DataConfig, train: bool, ignore_index: int, image
     if aug.vflip > 0:
         ops.append(A.VerticalFlip(p=aug.vflip))
     if aug.rot90 > 0:
-        if height != width:  # the auto crop (the mean frame); a set one is checked at config load
-            raise UserError(f"data.augment.rot90={aug.rot90} turns square crops only, and the training crop is "
-                            f"{height} x {width} (the train split's mean frame): set data.image_size=N or rot90=0")
+        check_quarter_turns(aug, height, width)
         ops.append(A.RandomRotate90(p=aug.rot90))
     if aug.brightness_contrast > 0 and photometric_on(data_cfg, image):
         ops.append(A.RandomBrightnessContrast(p=aug.brightness_contrast))
@@ -101,6 +99,14 @@ def build_transforms(data_cfg: DataConfig, train: bool, ignore_index: int, image
             mask_interpolation=cv2.INTER_NEAREST, p=aug.affine,
         ))
     return A.Compose(ops)
+
+
+def check_quarter_turns(aug: AugmentConfig, height: int, width: int) -> None:
+    """UserError where `data.augment.rot90` meets a crop that a quarter turn would reshape. A set crop is
+    checked at config load; this catches the auto one (the mean frame) before a run writes anything."""
+    if aug.rot90 > 0 and height != width:
+        raise UserError(f"data.augment.rot90={aug.rot90} turns square crops only, and the training crop is "
+                        f"{height} x {width} (the train split's mean frame): set data.image_size=N or rot90=0")
 
 
 def _mean_fill(data_cfg: DataConfig, image: ImageSpec) -> float | tuple[float, ...]:
@@ -126,7 +132,9 @@ def training_crop(data_cfg: DataConfig, manifest: dict[str, Any]) -> tuple[int, 
     if data_cfg.image_size != 0:
         return crop_hw(data_cfg)
     h, w = mean_image_size(manifest, data_cfg.train_split)
-    return _auto_side(h), _auto_side(w)
+    crop = _auto_side(h), _auto_side(w)
+    check_quarter_turns(data_cfg.augment, *crop)
+    return crop
 
 
 def _auto_side(mean: float) -> int:
