@@ -350,8 +350,7 @@ def load_model(path: str | Path, device: torch.device, overrides: Sequence[str] 
                               f"{norm.channels}-channel {norm.dtype} images")
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, mean=list(norm.mean), std=list(norm.std)),
                               model=dataclasses.replace(cfg.model, in_channels=norm.channels))
-    # The weights are all in the checkpoint: an encoder_weights file used at training time need not exist here.
-    model = build_model(dataclasses.replace(cfg.model, encoder_weights=None), state["num_classes"]).to(device)
+    model = build_model(cfg.model.without_pretrained(), state["num_classes"]).to(device)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:  # weights of another shape than the stored config builds: an edited or foreign file

@@ -121,12 +121,19 @@ class ModelConfig:
     # encoder's and the decoder's blocks): less memory for large crops, about one more forward pass per step.
     activation_checkpointing: bool = False
 
+    def without_pretrained(self) -> ModelConfig:
+        """The same architecture from random weights: for a model whose every weight a checkpoint then gives,
+        so that a pretrained file or name used at training time need not be there any more."""
+        return dataclasses.replace(self, encoder_weights=None)
+
 
 @dataclass
 class LossConfig:
     ce_weight: float = 1.0
     dice_weight: float = 1.0
     class_weights: str = "none"  # none | inverse | sqrt_inverse | median (from the manifest's pixel histogram)
+    # CE's target: 1 - s on the labelled class and s spread evenly over all classes (0: one-hot).
+    label_smoothing: float = 0.0
     # On several ranks, the loss of the global batch (CE's and Dice's sums added over the ranks) instead of
     # the mean of the ranks' losses: N x B then steps exactly as 1 x N*B. Off by default: it costs an exchange
     # per step and scored no better in the lab's recipe comparison (lab/recipe.md).
@@ -384,6 +391,7 @@ CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("loss.ce_weight", *AT_LEAST_0),
     ("loss.dice_weight", *AT_LEAST_0),
     ("loss.class_weights", *_one_of(CLASS_WEIGHTS)),
+    ("loss.label_smoothing", _between(0.0, 1.0, hi_open=True), "must be in [0, 1)"),
     ("loss.global_batch", *BOOL),
     ("optim.lr", *POSITIVE),
     ("optim.weight_decay", *AT_LEAST_0),

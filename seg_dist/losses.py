@@ -96,8 +96,8 @@ class SegLoss(nn.Module):
     """`ce_weight * CE + dice_weight * Dice`, both computed in fp32.
 
     `forward` returns `(total, {"ce": ce, "dice": dice})` with the parts detached, for logging.
-    CE is the (class-weighted) mean over valid pixels, as `F.cross_entropy`, except that a target
-    with every pixel ignored yields 0 instead of nan.
+    CE is the (class-weighted, optionally label-smoothed) mean over valid pixels, as `F.cross_entropy`,
+    except that a target with every pixel ignored yields 0 instead of nan. Dice keeps the hard target.
 
     `global_batch` (`loss.global_batch` on more than one rank): CE's and Dice's sums are added up over
     the ranks first (`distributed.sum_with_local_grad`), so every rank computes the loss of the global
@@ -114,6 +114,7 @@ class SegLoss(nn.Module):
         dice_weight: float = 1.0,
         class_weights: torch.Tensor | None = None,
         global_batch: bool = False,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         if class_weights is not None and class_weights.numel() != num_classes:
@@ -123,6 +124,7 @@ class SegLoss(nn.Module):
         self.ce_weight = ce_weight
         self.dice_weight = dice_weight
         self.global_batch = global_batch
+        self.label_smoothing = label_smoothing
         self.class_weights: torch.Tensor | None
         # A buffer follows .to(device); non-persistent since it is config, not learned state.
         self.register_buffer(
@@ -139,6 +141,7 @@ class SegLoss(nn.Module):
             weight=self.class_weights,
             ignore_index=self.ignore_index,
             reduction="none",
+            label_smoothing=self.label_smoothing,
         )
         valid = target != self.ignore_index
         if self.class_weights is None:

@@ -457,8 +457,8 @@ def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> t
     run_data = run_data_for(run_cfg, manifest, denv, batches, inputs)
     horizon = Horizon.for_run(run_cfg.train, run_data.steps_per_epoch)
     # A run that continues its own checkpoint takes every weight from it: pretrained ones are not read again.
-    model = build_train_model(without_pretrained(run_cfg) if saved_inputs else run_cfg,
-                              run_data.classes.num_classes, device)
+    model_cfg = dataclasses.replace(run_cfg, model=run_cfg.model.without_pretrained()) if saved_inputs else run_cfg
+    model = build_train_model(model_cfg, run_data.classes.num_classes, device)
     opt = build_optimisation(run_cfg, model, run_data, horizon, device, distributed_loss=denv.distributed)
     state = TrainState()
     if resume is not None:
@@ -545,10 +545,6 @@ def continued_inputs(cfg: Config, manifest: dict[str, Any], found: tuple[Path, d
     return cfg, saved
 
 
-def without_pretrained(cfg: Config) -> Config:
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, encoder_weights=None))
-
-
 def find_resume(cfg: Config, manifest: dict[str, Any], found: tuple[Path, dict[str, Any]] | None) -> Resume | None:
     """The checkpoint `saved_checkpoint` loaded, checked against this run's model and data before any weight
     is loaded; None for a fresh start."""
@@ -611,7 +607,8 @@ def build_optimisation(cfg: Config, model: nn.Module, run_data: RunData, horizon
     weights = class_weights(histogram, cfg.loss.class_weights)
     loss_fn = SegLoss(classes.num_classes, classes.ignore_index, cfg.loss.ce_weight, cfg.loss.dice_weight,
                       weights.to(device) if weights is not None else None,
-                      global_batch=cfg.loss.global_batch and distributed_loss)
+                      global_batch=cfg.loss.global_batch and distributed_loss,
+                      label_smoothing=cfg.loss.label_smoothing)
     # Fused: it can skip a non-finite step on the device (see precision.optimizer_step). The encoder gets a
     # param group of its own only when a fine-tuning knob asks for it (frozen = lr factor 0, see schedule.py).
     fine_tune = cfg.model.freeze_encoder_epochs > 0 or cfg.optim.encoder_lr_mult != 1.0

@@ -116,6 +116,7 @@ def test_every_config_key_has_a_range_check():
         (["loss.ce_weight=0", "loss.dice_weight=0"], "at least one must be greater than 0"),
         (["loss.dice_weight=-0.5"], "loss.dice_weight=-0.5: must be at least 0"),
         (["optim.lr=0"], "optim.lr=0.0: must be greater than 0"),
+        (["loss.label_smoothing=1"], "loss.label_smoothing=1.0: must be in [0, 1)"),
         (["optim.lr=-1e-3"], "optim.lr=-0.001: must be greater than 0"),
         (["data.workers=-1"], "data.workers=-1: must be at least 0"),
         (["logging.log_every=0"], "logging.log_every=0: must be at least 1"),

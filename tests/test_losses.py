@@ -77,6 +77,19 @@ def test_weighted_ce_matches_hand_computation_and_torch() -> None:
     torch.testing.assert_close(SegLoss(4, class_weights=w)(lg, tg)[1]["ce"], expected)
 
 
+def test_label_smoothing_spreads_the_target_and_keeps_ignored_pixels_out() -> None:
+    torch.manual_seed(0)
+    lg, tg = torch.randn(2, 4, 8, 8), torch.randint(0, 4, (2, 8, 8))
+    tg[0, :3] = IGNORE
+    s = 0.2
+    logp = lg.log_softmax(1).permute(0, 2, 3, 1)[tg != IGNORE]  # (valid pixels, C)
+    hard = -logp.gather(1, tg[tg != IGNORE].unsqueeze(1)).squeeze(1)
+    expected = ((1 - s) * hard + s * -logp.mean(1)).mean()
+    _, parts = SegLoss(4, label_smoothing=s)(lg, tg)
+    torch.testing.assert_close(parts["ce"], expected)
+    torch.testing.assert_close(parts["dice"], SegLoss(4)(lg, tg)[1]["dice"])  # Dice keeps the hard target
+
+
 def test_ignored_pixels_change_nothing() -> None:
     logits, target = hand_case()
     loss_fn = SegLoss(4)
