@@ -36,10 +36,11 @@ class AugmentConfig:
 
     scale: tuple[float, float] = (0.9, 1.1)  # random rescale before the crop; mild, as short runs fit faster
     hflip: float = 0.5
-    vflip: float = 0.0
-    # Probability of a random quarter turn (0, 90, 180 or 270 degrees) of a square crop: with both flips at 0.5,
-    # every orientation, for data without an up (overhead, microscopy, fundus images).
-    rot90: float = 0.0
+    # Unset: from the data. A set packed with --rotation-invariant (its manifest says so: overhead, microscopy,
+    # fundus images) gets vflip 0.5 and, on square crops, rot90 1: with hflip, every one of the 8 orientations;
+    # any other set 0 and 0 (street scenes and people have an up).
+    vflip: float | None = None
+    rot90: float | None = None  # probability of a random quarter turn (0, 90, 180 or 270 degrees); square crops
     brightness_contrast: float = 0.2  # probability of RandomBrightnessContrast
     # Whether brightness/contrast runs at all: auto (8-bit grey or RGB only: on 16-bit, float or extra bands a
     # shift in fractions of 255 has no meaning) | on (any data: shifts by fractions of the type's full scale,
@@ -336,6 +337,8 @@ AT_LEAST_0 = (_at_least(0), "must be at least 0")
 AT_LEAST_1 = (_at_least(1), "must be at least 1")
 POSITIVE = ((lambda v: v > 0), "must be greater than 0")
 PROBABILITY = (_between(0.0, 1.0), "a probability, must be in [0, 1]")
+FROM_DATA_OR_PROBABILITY = ((lambda v: v is None or 0.0 <= v <= 1.0),
+                            "unset (from the data: pack --rotation-invariant) or a probability in [0, 1]")
 NONEMPTY = (_nonempty, "must not be empty")
 
 # Every key of every section: (key, predicate, the valid range as the error states it). Checked when a config
@@ -369,8 +372,8 @@ CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("data.retries", *AT_LEAST_0),
     ("data.augment.scale", lambda v: 0 < v[0] <= v[1], "[low, high] with 0 < low <= high"),
     ("data.augment.hflip", *PROBABILITY),
-    ("data.augment.vflip", *PROBABILITY),
-    ("data.augment.rot90", *PROBABILITY),
+    ("data.augment.vflip", *FROM_DATA_OR_PROBABILITY),
+    ("data.augment.rot90", *FROM_DATA_OR_PROBABILITY),
     ("data.augment.brightness_contrast", *PROBABILITY),
     ("data.augment.photometric", *_one_of(PHOTOMETRIC)),
     ("data.augment.affine", *PROBABILITY),
@@ -473,7 +476,7 @@ def check(cfg: Config) -> None:
     if names is not None and classes is not None and len(names) != classes:
         raise ConfigError(f"data.class_names has {len(names)} names but data.num_classes={classes}: "
                           "give one name per class")
-    if cfg.data.augment.rot90 > 0 and cfg.data.image_size != 0 and len(set(crop_hw(cfg.data))) > 1:
+    if cfg.data.augment.rot90 and cfg.data.image_size != 0 and len(set(crop_hw(cfg.data))) > 1:
         raise ConfigError(f"data.augment.rot90={cfg.data.augment.rot90} turns square crops only, data.image_size="
                           f"{_show(cfg.data.image_size)}: give one side (data.image_size=N) or set rot90=0")
     if cfg.model.name == "unet" and cfg.data.image_size != 0 and min(crop_hw(cfg.data)) < 2**cfg.model.depth:

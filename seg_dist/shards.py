@@ -52,6 +52,7 @@ __all__ = [
     "packed_size",
     "promotable",
     "read_image",
+    "rotation_invariant",
     "shard_counts",
     "shard_name",
     "shard_name_pattern",
@@ -302,6 +303,8 @@ def _manifest_problem(manifest: Any) -> str | None:
         return f"class_names: expected a list of num_classes={manifest['num_classes']} names"
     if "max_size" in manifest and manifest["max_size"] is not None and not _is_int(manifest["max_size"], 1):
         return f"max_size={manifest['max_size']!r}: expected an integer >= 1 or null"
+    if not isinstance(manifest.get("rotation_invariant", False), bool):
+        return f"rotation_invariant={manifest['rotation_invariant']!r}: expected true or false"
     if "image" in manifest:
         problem = _image_entry_problem(manifest["image"])
         if problem:
@@ -399,6 +402,12 @@ def mean_image_size(manifest: dict[str, Any], split: str) -> tuple[float, float]
                             "from; set data.image_size or re-pack the dataset")
     h, w = size["mean_hw"]
     return float(h), float(w)
+
+
+def rotation_invariant(manifest: dict[str, Any]) -> bool:
+    """Whether the labels do not depend on which way up an image is (overhead, microscopy, fundus), as the
+    packer was told (`pack --rotation-invariant`); False for a manifest that does not say."""
+    return bool(manifest.get("rotation_invariant", False))
 
 
 def shard_counts(manifest: dict[str, Any], split: str) -> list[int]:

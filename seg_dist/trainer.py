@@ -655,6 +655,8 @@ def announce(run: Run, state: TrainState) -> None:
     resolved["train"]["global_batch_size"] = d.batches.global_batch
     resolved["data"].update(num_classes=d.classes.num_classes, ignore_index=d.classes.ignore_index,
                             class_names=d.classes.names, image_size=list(d.train_crop))
+    vflip, rot90 = data.turns(cfg.data.augment, d.manifest, d.train_crop)
+    resolved["data"]["augment"].update(vflip=vflip, rot90=rot90)
     if denv.is_main:
         run_dir = Path(cfg.run.dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -664,6 +666,11 @@ def announce(run: Run, state: TrainState) -> None:
                  cfg.model.name, f"{count_parameters(run.nets.bare):,}", d.classes.num_classes, denv.world_size,
                  run.device.type, denv.describe(), precision.name(run.opt.amp_dtype), d.batches.describe())
         log.info("run.dir %s: %s", run_dir, plan_text(run, state))
+        if shards.rotation_invariant(d.manifest):
+            unturned = rot90 == 0 and cfg.data.augment.rot90 is None
+            log.info("the manifest says the data is rotation-invariant: data.augment.vflip=%g, rot90=%g%s", vflip,
+                     rot90, f" (no quarter turns: the {d.train_crop[0]} x {d.train_crop[1]} crop is not square)"
+                     if unturned else "")
     run.runlog.text("config", "    " + json.dumps(resolved, indent=2).replace("\n", "\n    "), state.global_step)
 
 

@@ -188,6 +188,34 @@ def test_quarter_turns_keep_image_and_mask_together_and_need_a_square_crop():
         data.build_transforms(DataConfig(image_size=(16, 24), augment=cfg.augment), True, IGNORE)
 
 
+def test_a_rotation_invariant_set_is_flipped_and_turned_every_way_unless_the_config_says_otherwise(tmp_path):
+    aug = DataConfig().augment  # vflip and rot90 unset: from the data
+    free = {"rotation_invariant": True}
+    assert data.turns(aug, free, (16, 16)) == (0.5, 1.0)
+    assert data.turns(aug, free, (16, 24)) == (0.5, 0.0)  # a quarter turn would reshape the crop
+    assert data.turns(aug, {}, (16, 16)) == (0.0, 0.0)  # a manifest that does not say: the images have an up
+    told = load_config(None, ["data.augment.vflip=0", "data.augment.rot90=0.25"]).data.augment
+    assert data.turns(told, free, (16, 16)) == (0.0, 0.25)
+    # Training's own loader: whole 32 x 32 frames, nothing else random; each mask's first row is ignore, so
+    # where that row ends up shows how the sample was turned.
+    root = tmp_path / "shards"
+    manifest = make_shards(root, {"train": [8]}, size=(32, 32))
+    cfg = load_config(None, [f"data.root={root}", "data.image_size=32", "data.augment.hflip=0",
+                             "data.augment.scale=[1, 1]", "data.augment.affine=0", "data.cache_mb=0",
+                             "data.augment.brightness_contrast=0"])
+
+    def ignored_sides(manifest):
+        sides = set()
+        for _, mask in data.augmented_samples(cfg, manifest, 16, "train"):
+            ignored = mask == IGNORE
+            sides.update(side for side, line in enumerate((ignored[0], ignored[-1], ignored[:, 0], ignored[:, -1]))
+                         if line.all())
+        return sides
+
+    assert ignored_sides(manifest) == {0}
+    assert ignored_sides(manifest | free) == {0, 1, 2, 3}
+
+
 def test_device_normalisation_equals_the_albumentations_float_path():
     import albumentations as A
 

@@ -54,7 +54,8 @@ def test_a_config_value_out_of_range_is_one_line_from_the_real_command(tmp_path)
         (["train.val_every='2 weeks'"], "train.val_every='2 weeks': expected auto, N (epochs)"),
         (["schedule.power=-1"], "schedule.power=-1.0: must be greater than 0"),
         (["optim.betas=[0.9,1.5]"], "optim.betas=[0.9, 1.5]: each beta must be in [0, 1)"),
-        (["data.augment.vflip=2"], "data.augment.vflip=2.0: a probability, must be in [0, 1]"),
+        (["data.augment.vflip=2"],
+         "data.augment.vflip=2.0: unset (from the data: pack --rotation-invariant) or a probability in [0, 1]"),
         (["data.augment.scale=[1.5,0.5]"], "data.augment.scale=[1.5, 0.5]: [low, high] with 0 < low <= high"),
         (["data.std=[0.2,-0.1,0.2]"], "data.std=[0.2, -0.1, 0.2]: unset (from the manifest) or one number greater "
                                      "than 0 per channel"),

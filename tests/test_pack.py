@@ -298,7 +298,13 @@ def test_second_split_appended_and_repack_refused(tmp_path: Path, capsys: pytest
     args = ["--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks"), "--out", str(out)]
     assert pack_main([*args, "--num-classes", "4", "--split", "val", "--workers", "1"]) == 2
     assert "num_classes is 3" in capsys.readouterr().err
+    # Whether the labels depend on which way up an image is holds for the whole set.
+    assert not shards.rotation_invariant(manifest)
+    assert pack_main([*args, "--num-classes", "3", "--split", "val", "--workers", "1", "--rotation-invariant"]) == 2
+    assert "rotation_invariant is False for splits ['train', 'test'], this pack has True" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert _run(tmp_path, "--rotation-invariant", out="free") == 0
+    assert shards.rotation_invariant(shards.load_manifest(tmp_path / "free"))
 
     assert _run(tmp_path, "--overwrite", "--samples-per-shard", "3") == 0
     manifest = shards.load_manifest(out)
@@ -360,6 +366,7 @@ def test_max_size_resizes_image_and_mask(tmp_path: Path) -> None:
          "shard 'train-000000.tar' is listed twice in split 'train'"),
         (lambda m: m["splits"]["val"]["shards"].__setitem__(0, dict(m["splits"]["train"]["shards"][1])),
          "shard 'train-000001.tar' is listed in splits 'train' and 'val'"),
+        (lambda m: m.update(rotation_invariant="yes"), "rotation_invariant='yes': expected true or false"),
     ],
 )
 def test_manifest_shards_stay_in_their_folder_once(tmp_path: Path, edit, problem: str) -> None:

@@ -47,7 +47,9 @@ from .transforms import (
     preprocess,
     resolve_inputs,
     resolve_normalization,
+    training_config,
     training_crop,
+    turns,
 )
 
 __all__ = [
@@ -75,7 +77,9 @@ __all__ = [
     "split_samples",
     "steps_per_epoch",
     "train_loader",
+    "training_config",
     "training_crop",
+    "turns",
     "val_loader",
     "val_share",
 ]

@@ -24,7 +24,7 @@ from .classes import resolve_classes
 from .epochs import RankPositions, StreamOrder, TrainingEpochs, share
 from .reader import SampleIndex, SampleReader, decode_sample, index_entry, split_index
 from .stream import StreamBatches, shard_samples, stream_loader
-from .transforms import build_transforms, mask_dtype, training_crop, transform_sample
+from .transforms import build_transforms, mask_dtype, training_config, transform_sample
 
 if TYPE_CHECKING:
     import albumentations as A
@@ -142,7 +142,7 @@ def train_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, wo
     epochs = TrainingEpochs.of(cfg, manifest, root, world_size, skip_steps)
     split, plan, steps = epochs.split, epochs.plan, epochs.steps
     classes = resolve_classes(cfg.data, manifest)
-    crop = dataclasses.replace(cfg.data, image_size=training_crop(cfg.data, manifest))
+    crop = training_config(cfg.data, manifest)
     urls = shard_urls(root, manifest, split)
     index = split_index(root, manifest, split)
     order = StreamOrder(cfg.train.seed, steps * plan.global_batch, len(index))

@@ -28,7 +28,6 @@ worker count. It is not the same on another world size: global batches are made 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import http.client
 import logging
 import random
@@ -48,7 +47,7 @@ from ..shards import ShardError, image_spec, shard_counts, shard_urls
 from .classes import resolve_classes
 from .epochs import BatchPlan, TrainingEpochs, seeds
 from .reader import decode_sample, read_shard
-from .transforms import build_transforms, mask_dtype, training_crop, transform_sample
+from .transforms import build_transforms, mask_dtype, training_config, transform_sample
 
 if TYPE_CHECKING:
     import albumentations as A
@@ -234,7 +233,7 @@ def stream_loader(cfg: Config, manifest: dict[str, Any], root: str, rank: int, w
     epochs = TrainingEpochs.of(cfg, manifest, root, world_size, skip_steps)
     split, plan, steps = epochs.split, epochs.plan, epochs.steps
     classes = resolve_classes(cfg.data, manifest)
-    crop = dataclasses.replace(cfg.data, image_size=training_crop(cfg.data, manifest))
+    crop = training_config(cfg.data, manifest)
     counts = shard_counts(manifest, split)
     slots = world_size * max(1, cfg.data.workers)
     readable = sum(c > 0 for c in counts)

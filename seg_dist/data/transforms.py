@@ -24,7 +24,16 @@ import torch
 
 from ..config import AugmentConfig, Config, DataConfig, crop_hw
 from ..errors import UserError
-from ..shards import FULL_SCALE, MANIFEST, RGB8, ImageSpec, image_spec, image_statistics, mean_image_size
+from ..shards import (
+    FULL_SCALE,
+    MANIFEST,
+    RGB8,
+    ImageSpec,
+    image_spec,
+    image_statistics,
+    mean_image_size,
+    rotation_invariant,
+)
 
 __all__ = [
     "AUTO_CROP_MAX",
@@ -39,8 +48,10 @@ __all__ = [
     "preprocess",
     "resolve_inputs",
     "resolve_normalization",
+    "training_config",
     "training_crop",
     "transform_sample",
+    "turns",
 ]
 
 # What ImageNet-pretrained encoders were trained with, in fractions of 255.
@@ -62,7 +73,8 @@ def build_transforms(data_cfg: DataConfig, train: bool, ignore_index: int, image
     on the device (`normalize`).
 
     Every op that can introduce pixels fills the mask with `ignore_index`: albumentations fills
-    masks with 0, a real class, unless told otherwise.
+    masks with 0, a real class, unless told otherwise. Orientation knobs left unset (not resolved against a
+    manifest by `training_config`) flip and turn nothing.
     """
     if not train:
         ops: list[Any] = []
@@ -85,9 +97,9 @@ def build_transforms(data_cfg: DataConfig, train: bool, ignore_index: int, image
     ]
     if aug.hflip > 0:
         ops.append(A.HorizontalFlip(p=aug.hflip))
-    if aug.vflip > 0:
+    if aug.vflip:
         ops.append(A.VerticalFlip(p=aug.vflip))
-    if aug.rot90 > 0:
+    if aug.rot90:
         check_quarter_turns(aug, height, width)
         ops.append(A.RandomRotate90(p=aug.rot90))
     if aug.brightness_contrast > 0 and photometric_on(data_cfg, image):
@@ -104,7 +116,7 @@ def build_transforms(data_cfg: DataConfig, train: bool, ignore_index: int, image
 def check_quarter_turns(aug: AugmentConfig, height: int, width: int) -> None:
     """UserError where `data.augment.rot90` meets a crop that a quarter turn would reshape. A set crop is
     checked at config load; this catches the auto one (the mean frame) before a run writes anything."""
-    if aug.rot90 > 0 and height != width:
+    if aug.rot90 and height != width:
         raise UserError(f"data.augment.rot90={aug.rot90} turns square crops only, and the training crop is "
                         f"{height} x {width} (the train split's mean frame): set data.image_size=N or rot90=0")
 
@@ -135,6 +147,24 @@ def training_crop(data_cfg: DataConfig, manifest: dict[str, Any]) -> tuple[int, 
     crop = _auto_side(h), _auto_side(w)
     check_quarter_turns(data_cfg.augment, *crop)
     return crop
+
+
+def turns(aug: AugmentConfig, manifest: dict[str, Any], crop: tuple[int, int]) -> tuple[float, float]:
+    """(vflip, rot90): each as set, or where unset as the data says: 0.5 and 1 for a rotation-invariant set
+    (`shards.rotation_invariant`), rot90 only where `crop` is square (a quarter turn would reshape it); else 0."""
+    free = rotation_invariant(manifest)
+    vflip = aug.vflip if aug.vflip is not None else (0.5 if free else 0.0)
+    rot90 = aug.rot90 if aug.rot90 is not None else (1.0 if free and crop[0] == crop[1] else 0.0)
+    return vflip, rot90
+
+
+def training_config(data_cfg: DataConfig, manifest: dict[str, Any]) -> DataConfig:
+    """`data_cfg` with what the manifest decides for training filled in: the crop (`training_crop`) and the
+    orientations (`turns`). What `build_transforms(..., train=True)` takes."""
+    crop = training_crop(data_cfg, manifest)
+    vflip, rot90 = turns(data_cfg.augment, manifest, crop)
+    return dataclasses.replace(data_cfg, image_size=crop,
+                               augment=dataclasses.replace(data_cfg.augment, vflip=vflip, rot90=rot90))
 
 
 def _auto_side(mean: float) -> int:

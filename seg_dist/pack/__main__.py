@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--tile-overlap", type=int, default=0, metavar="PX",
                     help="--tile: pixels a tile shares with each neighbour (default 0)")
     ap.add_argument("--drop-empty", action="store_true", help="--tile: leave out tiles whose mask is all ignore label")
+    ap.add_argument("--rotation-invariant", action="store_true",
+                    help="the labels do not depend on which way up an image is (overhead, microscopy, fundus "
+                         "images): recorded in the manifest, so training flips and turns images every way")
     ap.add_argument("--overwrite", action="store_true", help="replace split(s) already in --out")
     ap.add_argument("--seed", type=int, default=0, help="for --val-fraction and --synthetic (default 0)")
     ap.add_argument("--synthetic", action="store_true", help="generate and pack the seg_dist.synthetic dataset")
@@ -102,7 +105,7 @@ def _options(args: argparse.Namespace) -> PackOptions:
     return PackOptions(
         **_same_names(args, "images", "masks", "out", "num_classes", "split", "val_fraction", "ignore_index",
                       "max_size", "workers", "image_suffix", "mask_suffix", "label_map", "palette", "skip_bad",
-                      "overwrite", "seed", "keep_alpha", "tile", "tile_overlap", "drop_empty"),
+                      "overwrite", "seed", "keep_alpha", "tile", "tile_overlap", "drop_empty", "rotation_invariant"),
         samples_per_shard=args.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD,
         class_names=_class_names(args.class_names),
         list_file=args.list,
@@ -124,7 +127,8 @@ def _synthetic(args: argparse.Namespace) -> PackResult:
         raise PackError(f"--synthetic uses ignore index {synthetic.IGNORE_INDEX}, not {args.ignore_index}")
     return pack_synthetic(
         args.out or "shards/synth",
-        **_same_names(args, "n", "size", "seed", "workers", "overwrite", "split", "max_size", "kind"),
+        **_same_names(args, "n", "size", "seed", "workers", "overwrite", "split", "max_size", "kind",
+                      "rotation_invariant"),
         samples_per_shard=args.samples_per_shard or SYNTH_SAMPLES_PER_SHARD,
         val_fraction=SYNTH_VAL_FRACTION if args.val_fraction is None else args.val_fraction,
         class_names=_class_names(args.class_names),

@@ -94,6 +94,7 @@ class PackOptions:
     tile: int | None = None  # cut each scene into tiles of this side (seg_dist/tiles.py)
     tile_overlap: int = 0  # pixels a tile shares with each neighbour
     drop_empty: bool = False  # leave out tiles whose mask is all ignore label
+    rotation_invariant: bool = False  # labels do not depend on which way up an image is (recorded for training)
 
     def __post_init__(self) -> None:
         # Accept str paths and any sequence of names from Python callers; store one canonical type.
@@ -188,9 +189,11 @@ def _load_existing(out: Path, o: PackOptions, names: list[str]) -> tuple[dict[st
             )
         # One scale for every split: a model trained on one split is validated and used at that scale.
         mine = {"num_classes": o.num_classes, "ignore_index": o.ignore_index, "class_names": names,
-                "max_size": o.max_size, "tiling": o.tiling.manifest() if o.tiling else None}
+                "max_size": o.max_size, "tiling": o.tiling.manifest() if o.tiling else None,
+                "rotation_invariant": o.rotation_invariant}
         for key, value in mine.items():
-            if old.get(key) != value:  # `tiling` is absent from folders packed before tiles existed: untiled
+            # Folders packed before a key existed lack it: untiled, and not known to be rotation-invariant.
+            if old.get(key, False if key == "rotation_invariant" else None) != value:
                 raise PackError(
                     f"{out / shards.MANIFEST}: {key} is {old.get(key)!r} for splits {kept}, "
                     f"this pack has {value!r}; use another --out"
@@ -328,6 +331,8 @@ def _write(
         "image": image,
         # How scenes were cut into tiles (null: one sample per image), so predict can tell a tiled set.
         "tiling": o.tiling.manifest() if o.tiling else None,
+        # Told by the user (pack --rotation-invariant): training then flips and turns images every way.
+        "rotation_invariant": o.rotation_invariant,
         "splits": _ordered_splits(splits),
     }
     if o.palette:  # the dataset's own colours, so pictures show classes as its masks do
@@ -464,6 +469,7 @@ def pack_synthetic(
     class_names: tuple[str, ...] | None = None,
     max_size: int | None = None,
     kind: str = "rgb",
+    rotation_invariant: bool = False,
 ) -> PackResult:
     """Generate `n` samples of `seg_dist.synthetic` of `kind` (seeded by `seed`) and pack them into `out`."""
     with tempfile.TemporaryDirectory(prefix="seg_dist_synth_") as tmp:
@@ -481,6 +487,7 @@ def pack_synthetic(
             workers=workers,
             overwrite=overwrite,
             seed=seed,
+            rotation_invariant=rotation_invariant,
         )
         _check_options(options)  # before spending time on generating
         try:
