@@ -38,7 +38,7 @@ from .ema import WeightAverage
 from .errors import RunFailed, UserError
 from .losses import SegLoss, class_weights
 from .models import build_model, count_parameters, encoder_of, freeze_encoder_batchnorm
-from .models.norms import GlobalBatchNorm2d, convert_to_global_batchnorm
+from .models.norms import GlobalBatchNorm2d, convert_to_global_batchnorm, convert_to_grouped_batchnorm
 from .rundir import RunDirLock
 from .runlog import RunLog, StartClock, TimeLedger, clear_stop_marker, goodput, goodput_line, progress
 from .schedule import build_scheduler, is_per_iteration, param_groups
@@ -777,6 +777,10 @@ def build_train_model(cfg: Config, num_classes: int, device: torch.device) -> nn
         else:  # torch's SyncBatchNorm runs on CUDA only; the same statistics through the process group
             model = convert_to_global_batchnorm(model)
         log.info("BatchNorm statistics over the global batch (train.sync_bn=%s)", cfg.train.sync_bn)
+    elif has_bn and 0 < cfg.train.bn_group < cfg.train.batch_size:
+        model = convert_to_grouped_batchnorm(model, cfg.train.bn_group)
+        log.info("BatchNorm statistics over each group of %d of a rank's %d samples (train.bn_group)",
+                 cfg.train.bn_group, cfg.train.batch_size)
     elif has_bn and world > 1:
         log.info("BatchNorm statistics over each rank's %d samples (train.sync_bn=%s; 'on' for the global "
                  "batch's)", cfg.train.batch_size, cfg.train.sync_bn)

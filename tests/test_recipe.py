@@ -141,6 +141,52 @@ def _global_bn_case() -> tuple[torch.Tensor, torch.Tensor, torch.nn.BatchNorm2d]
     return x, w_out, bn
 
 
+@pytest.mark.parametrize(("dtype", "channels_last"), [(torch.float32, False), (torch.bfloat16, True)])
+def test_grouped_batchnorm_of_8_in_fours_normalises_as_two_ranks_of_4(dtype, channels_last):
+    from seg_dist.models.norms import convert_to_grouped_batchnorm
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(8, 3, 5, 6, generator=g) * 3 + 1).to(dtype)
+    w_out = torch.randn(8, 3, 5, 6, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    _, _, bn = _global_bn_case()
+    grouped = convert_to_grouped_batchnorm(torch.nn.Sequential(bn), 4)
+    xg = x.clone().requires_grad_(True)
+    y = grouped(xg)
+    (y.float() * w_out).sum().backward()
+    # Two "ranks", each its own BatchNorm over its 4 samples; DDP would sum (then average) their gradients.
+    ranks = []
+    for part in (slice(0, 4), slice(4, 8)):
+        _, _, own = _global_bn_case()
+        xr = x[part].clone().requires_grad_(True)
+        yr = own(xr)
+        (yr.float() * w_out[part]).sum().backward()
+        ranks.append((yr, xr.grad, own))
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.03, "rtol": 0.02}
+    torch.testing.assert_close(y, torch.cat([r[0] for r in ranks]), **tol)
+    torch.testing.assert_close(xg.grad, torch.cat([r[1] for r in ranks]), **tol)
+    torch.testing.assert_close(grouped[0].weight.grad, ranks[0][2].weight.grad + ranks[1][2].weight.grad, **tol)
+    # Running statistics: the first group's, as DDP keeps rank 0's; evaluation uses them, as a plain layer does.
+    torch.testing.assert_close(grouped[0].running_var, ranks[0][2].running_var)
+    assert int(grouped[0].num_batches_tracked) == 1
+    grouped.eval()
+    ranks[0][2].eval()
+    torch.testing.assert_close(grouped(x), ranks[0][2](x))
+    assert y.is_contiguous(memory_format=torch.channels_last) is channels_last
+
+
+def test_bn_group_converts_the_models_batchnorm_only_where_it_splits_a_ranks_batch():
+    from seg_dist.models.norms import GroupedBatchNorm2d
+    from seg_dist.trainer import build_train_model
+
+    for batch, group, wanted in ((8, 4, True), (4, 4, False), (8, 0, False)):
+        cfg = load_config(None, ["model.width=4", "model.depth=2", f"train.batch_size={batch}",
+                                 f"train.bn_group={group}"])
+        model = build_train_model(cfg, 3, torch.device("cpu"))
+        assert any(isinstance(m, GroupedBatchNorm2d) for m in model.modules()) is wanted
+
+
 def test_global_batchnorm_on_two_cpu_ranks_equals_batchnorm_over_the_whole_batch(tmp_path):
     import torch.multiprocessing as mp
 

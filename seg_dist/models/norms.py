@@ -14,6 +14,7 @@ reductions over (N, H, W) dominate).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -82,14 +83,45 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         return _GlobalBatchNormFn.apply(x, weight, bias, mean, var, self.eps, total)
 
 
-def convert_to_global_batchnorm(module: nn.Module) -> nn.Module:
-    """Every BatchNorm2d in `module` replaced by a GlobalBatchNorm2d holding the same tensors."""
+class GroupedBatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d whose training statistics are those of each group of `group` consecutive samples of
+    the batch (the last group may be smaller), as ghost batch norm: 1 rank x 8 in groups of 4 normalises as
+    2 ranks x 4 with per-rank statistics do. The running statistics follow the first group's, as DDP keeps
+    rank 0's. Same parameters, buffers and state-dict keys as a plain BatchNorm2d."""
+
+    def __init__(self, *args: Any, group: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or x.shape[0] <= self.group:
+            return super().forward(x)
+        first, *rest = x.split(self.group)
+        return torch.cat([super().forward(first), *(
+            torch.batch_norm(part, self.weight, self.bias, None, None, True, 0.0, self.eps, False) for part in rest)])
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group={self.group}"
+
+
+def _convert(module: nn.Module, make: Callable[[nn.BatchNorm2d], nn.BatchNorm2d]) -> nn.Module:
     if type(module) is nn.BatchNorm2d:
-        new = GlobalBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
-                                module.track_running_stats)
+        new = make(module)
         new.load_state_dict(module.state_dict())
         new.train(module.training)
         return new
     for name, child in module.named_children():
-        module.add_module(name, convert_to_global_batchnorm(child))
+        module.add_module(name, _convert(child, make))
     return module
+
+
+def convert_to_global_batchnorm(module: nn.Module) -> nn.Module:
+    """Every BatchNorm2d in `module` replaced by a GlobalBatchNorm2d holding the same tensors."""
+    return _convert(module, lambda m: GlobalBatchNorm2d(m.num_features, m.eps, m.momentum, m.affine,
+                                                        m.track_running_stats))
+
+
+def convert_to_grouped_batchnorm(module: nn.Module, group: int) -> nn.Module:
+    """Every BatchNorm2d in `module` replaced by a GroupedBatchNorm2d of `group` holding the same tensors."""
+    return _convert(module, lambda m: GroupedBatchNorm2d(m.num_features, m.eps, m.momentum, m.affine,
+                                                         m.track_running_stats, group=group))
