@@ -183,8 +183,10 @@ class TrainConfig:
     # SMALL_RANK_BATCH samples each. A no-op on 1 rank. true/false read as on/off.
     sync_bn: str = "auto"
     # Where BatchNorm is per rank (not global): its statistics over each group of this many samples of a rank's
-    # batch (ghost batch norm; 0: the whole batch). 4 makes 1 rank x 8 normalise as 2 ranks x 4 do.
-    bn_group: int = 0
+    # batch (ghost batch norm; 0: the whole batch). Unset: SMALL_RANK_BATCH on CPU under sync_bn=auto, so one
+    # process of 8 normalises as 2 ranks of 4 do and a CPU run's recipe does not change with its rank count
+    # (trainer.batchnorm_group); 0 elsewhere.
+    bn_group: int | None = None
     # NHWC activations: on the 2-core CPU machine the demo's steps ran 20% faster (lab/performance.md), as
     # tensor cores prefer it on GPUs.
     channels_last: bool = True
@@ -260,7 +262,8 @@ CLASS_WEIGHTS = ("none", "inverse", "sqrt_inverse", "median")
 NORMS = ("batch", "group")
 PHOTOMETRIC = ("auto", "on", "off")
 SYNC_BN = ("auto", "on", "off")
-# Below this many samples per CPU rank, `train.sync_bn=auto` takes BatchNorm statistics over the global batch.
+# Below this many samples per CPU rank, `train.sync_bn=auto` takes BatchNorm statistics over the global batch;
+# from it up, over groups of this many (`train.bn_group` unset).
 SMALL_RANK_BATCH = 4
 DEVICES = ("auto", "cpu", "cuda")
 VERIFY = ("off", "size", "full")
@@ -418,7 +421,7 @@ CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("train.amp", *_one_of(AMP_MODES)),
     ("train.grad_clip", lambda v: v >= 0, "0 (off) or a norm greater than 0"),
     ("train.sync_bn", *_one_of(SYNC_BN)),
-    ("train.bn_group", *AT_LEAST_0),
+    ("train.bn_group", (lambda v: v is None or v >= 0), "must be unset (from the device) or at least 0"),
     ("train.channels_last", *BOOL),
     ("train.compile", *BOOL),
     ("train.compile_mode", *_one_of(COMPILE_MODES)),

@@ -763,6 +763,18 @@ def global_batchnorm(t: TrainConfig, device: torch.device, world_size: int) -> b
     return t.sync_bn == "on" or device.type == "cuda" or t.batch_size < SMALL_RANK_BATCH
 
 
+def batchnorm_group(t: TrainConfig, device: torch.device) -> int:
+    """Samples per BatchNorm statistic where BatchNorm is per rank (0: the rank's whole micro-batch).
+
+    `train.bn_group` unset: SMALL_RANK_BATCH on CPU under `sync_bn=auto`, whose ranks of that many samples
+    each keep their own statistics: then 1 process x 8 trains as 2 x 4 (lab/README.md, 1 x 8 against 2 x 4),
+    and a run resumed on fewer ranks keeps normalising as it did. On GPUs `auto` is global, so 0.
+    """
+    if t.bn_group is not None:
+        return t.bn_group
+    return SMALL_RANK_BATCH if device.type == "cpu" and t.sync_bn == "auto" else 0
+
+
 def build_train_model(cfg: Config, num_classes: int, device: torch.device) -> nn.Module:
     """The bare model on `device`: the same initial weights on every rank, SyncBatchNorm where it works."""
     torch.manual_seed(cfg.train.seed)
@@ -777,10 +789,10 @@ def build_train_model(cfg: Config, num_classes: int, device: torch.device) -> nn
         else:  # torch's SyncBatchNorm runs on CUDA only; the same statistics through the process group
             model = convert_to_global_batchnorm(model)
         log.info("BatchNorm statistics over the global batch (train.sync_bn=%s)", cfg.train.sync_bn)
-    elif has_bn and 0 < cfg.train.bn_group < cfg.train.batch_size:
-        model = convert_to_grouped_batchnorm(model, cfg.train.bn_group)
-        log.info("BatchNorm statistics over each group of %d of a rank's %d samples (train.bn_group)",
-                 cfg.train.bn_group, cfg.train.batch_size)
+    elif has_bn and 0 < (group := batchnorm_group(cfg.train, device)) < cfg.train.batch_size:
+        model = convert_to_grouped_batchnorm(model, group)
+        log.info("BatchNorm statistics over each group of %d of a rank's %d samples (train.bn_group=%s)",
+                 group, cfg.train.batch_size, "unset: as ranks of 4 on CPU" if cfg.train.bn_group is None else group)
     elif has_bn and world > 1:
         log.info("BatchNorm statistics over each rank's %d samples (train.sync_bn=%s; 'on' for the global "
                  "batch's)", cfg.train.batch_size, cfg.train.sync_bn)

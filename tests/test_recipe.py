@@ -180,11 +180,25 @@ def test_bn_group_converts_the_models_batchnorm_only_where_it_splits_a_ranks_bat
     from seg_dist.models.norms import GroupedBatchNorm2d
     from seg_dist.trainer import build_train_model
 
-    for batch, group, wanted in ((8, 4, True), (4, 4, False), (8, 0, False)):
+    for batch, group, wanted in ((8, "4", True), (4, "4", False), (8, "0", False), (8, "null", True),
+                                 (4, "null", False)):
         cfg = load_config(None, ["model.width=4", "model.depth=2", f"train.batch_size={batch}",
                                  f"train.bn_group={group}"])
         model = build_train_model(cfg, 3, torch.device("cpu"))
-        assert any(isinstance(m, GroupedBatchNorm2d) for m in model.modules()) is wanted
+        assert any(isinstance(m, GroupedBatchNorm2d) for m in model.modules()) is wanted, (batch, group)
+
+
+@pytest.mark.parametrize(("overrides", "device", "wanted"), [
+    ([], "cpu", 4),  # one CPU process of 8 normalises as two ranks of 4 do
+    (["train.sync_bn=off"], "cpu", 0),  # each rank's own batch, as asked
+    (["train.sync_bn=on"], "cpu", 0),  # global statistics: on one process, its whole batch
+    ([], "cuda", 0),  # auto is global on GPUs: one GPU's batch is the global batch
+    (["train.bn_group=2"], "cuda", 2),  # an explicit group wins everywhere
+])
+def test_unset_bn_group_groups_by_four_on_cpu_under_auto_only(overrides, device, wanted):
+    from seg_dist.trainer import batchnorm_group
+
+    assert batchnorm_group(load_config(None, overrides).train, torch.device(device)) == wanted
 
 
 def test_global_batchnorm_on_two_cpu_ranks_equals_batchnorm_over_the_whole_batch(tmp_path):

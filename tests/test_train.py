@@ -256,15 +256,19 @@ def test_compiled_step_trains_like_the_eager_one(tiny_shards, tmp_path):
         torch.testing.assert_close(compiled[key], value, rtol=0, atol=2 * 3e-3 * 3, msg=key)
 
 
-def test_two_ranks_with_global_statistics_take_one_process_steps(tiny_shards, tmp_path):
-    # The same global batches on any number of ranks (the loader), BatchNorm and loss over the global
-    # batch: 2 ranks x 4 must train as 1 process x 8 does, up to float rounding.
-    exact = ("train.epochs=1", "train.amp=off", "train.sync_bn=on", "loss.global_batch=true")
+@pytest.mark.parametrize("batchnorm", [
+    "train.sync_bn=on",  # statistics over the global batch of 8 on both
+    "train.sync_bn=auto",  # the CPU default: each rank's 4 on two ranks, groups of 4 on one process
+])
+def test_two_ranks_take_one_process_steps(tiny_shards, tmp_path, batchnorm):
+    # The same global batches on any number of ranks (the loader), the same BatchNorm statistics and the loss
+    # over the global batch: 2 ranks x 4 must train as 1 process x 8 does, up to float rounding.
+    exact = ("train.epochs=1", "train.amp=off", batchnorm, "loss.global_batch=true")
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     two = spawn_train(2, tiny_overrides(tiny_shards, tmp_path / "two", *exact), tmp_path / "a")
     one = spawn_train(1, tiny_overrides(tiny_shards, tmp_path / "one", *exact, "train.batch_size=8"), tmp_path / "b")
     gap = max((two[0]["model"][k] - v).abs().max().item() for k, v in one[0]["model"].items() if v.is_floating_point())
-    # AdamW turns rounding in tiny gradients into visible steps: 8 steps apart by 0.016 at most. With each rank's
-    # own statistics and loss (sync_bn=off, global_batch=false) the gap is 0.42.
+    # AdamW turns rounding in tiny gradients into visible steps: 8 steps apart by 0.016 at most. With BatchNorm
+    # over each rank's 4 on two ranks and over all 8 on one (sync_bn=off, bn_group=0) the gap is 0.42.
     assert gap < 0.05
