@@ -791,8 +791,9 @@ def build_train_model(cfg: Config, num_classes: int, device: torch.device) -> nn
         log.info("BatchNorm statistics over the global batch (train.sync_bn=%s)", cfg.train.sync_bn)
     elif has_bn and 0 < (group := batchnorm_group(cfg.train, device)) < cfg.train.batch_size:
         model = convert_to_grouped_batchnorm(model, group)
+        how = "unset: as ranks of that many do on CPU" if cfg.train.bn_group is None else group
         log.info("BatchNorm statistics over each group of %d of a rank's %d samples (train.bn_group=%s)",
-                 group, cfg.train.batch_size, "unset: as ranks of 4 on CPU" if cfg.train.bn_group is None else group)
+                 group, cfg.train.batch_size, how)
     elif has_bn and world > 1:
         log.info("BatchNorm statistics over each rank's %d samples (train.sync_bn=%s; 'on' for the global "
                  "batch's)", cfg.train.batch_size, cfg.train.sync_bn)
