@@ -498,10 +498,21 @@ def check(cfg: Config) -> None:
 # --- typed conversion ---------------------------------------------------------------------------
 
 
+_WORDS = {int: ("an integer", "integer", "integers"), float: ("a number", "number", "numbers"),
+          str: ("a string", "string", "strings"), bool: ("true or false", "true/false", "true/false values"),
+          type(None): ("null (unset)", "null", "nulls")}
+
+
 def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is not None:
-        return str(tp).replace("typing.", "")
-    return getattr(tp, "__name__", str(tp))
+    """An annotation in a user's words: `int | None` -> "an integer or null (unset)"."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"a list of {_WORDS.get(args[0], (None, None, str(args[0])))[2]}"
+    if origin is tuple:
+        return "[" + ", ".join(_WORDS.get(a, (None, str(a)))[1] for a in args) + "]"
+    return _WORDS.get(tp, (getattr(tp, "__name__", str(tp)),))[0]
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -521,11 +532,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r}: expected a list ({_type_name(tp)})")
+            raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
         args = typing.get_args(tp)
         if origin is tuple:
             if len(args) != len(value):
-                raise ConfigError(f"{key}={value!r}: expected {len(args)} values ({_type_name(tp)})")
+                raise ConfigError(f"{key}={value!r}: expected {len(args)} values, {_type_name(tp)}")
             pairs = enumerate(zip(value, args, strict=True))
             return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in pairs)
         return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]

@@ -3,7 +3,9 @@
 The lock is an `flock` on an open file, so the kernel drops it when the holding process ends in any way
 (`kill -9`, an OOM kill, a SLURM requeue, a torchrun restart): a stale lock never blocks the next run,
 and no timeout has to guess whether the holder is still alive. The file's text names the holder for
-the refusal message; it is left in place, as removing it would race with the next run taking it.
+the refusal message; it is left in place, as removing it would race with the next run taking it. The one
+exception is a run that fails before it writes anything into a folder it created (`abandon`): the folder
+goes too, so a mistyped data.root leaves no empty run directory behind.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ LOCK = ".lock"
 class RunDirLock:
     """Held from `claim` until `release` or the end of the process."""
 
-    def __init__(self, run_dir: Path, handle: IO[str]) -> None:
-        self.run_dir, self._handle = run_dir, handle
+    def __init__(self, run_dir: Path, handle: IO[str], created: bool = False) -> None:
+        self.run_dir, self._handle, self.created = run_dir, handle, created
 
     @classmethod
     def claim(cls, run_dir: str | Path) -> RunDirLock:
@@ -34,6 +36,7 @@ class RunDirLock:
         run_dir = Path(run_dir)
         if run_dir.exists() and not run_dir.is_dir():
             raise UserError(f"run.dir={run_dir} is a file, not a folder: choose another run.dir")
+        created = not run_dir.exists()
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             handle = open(run_dir / LOCK, "a+")  # noqa: SIM115 (held for the run's length)
@@ -54,12 +57,20 @@ class RunDirLock:
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}{f', SLURM job {job}' if job else ''}, "
                      f"since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         handle.flush()
-        return cls(run_dir, handle)
+        return cls(run_dir, handle, created)
 
     def release(self) -> None:
         with contextlib.suppress(OSError):
             fcntl.flock(self._handle, fcntl.LOCK_UN)
         self._handle.close()
+
+    def abandon(self) -> None:
+        """Release; and if this claim created run.dir and it still holds nothing but the lock, remove it."""
+        if self.created and [p.name for p in self.run_dir.iterdir()] == [LOCK]:
+            with contextlib.suppress(OSError):  # a run that raced in keeps what it made
+                (self.run_dir / LOCK).unlink()
+                self.run_dir.rmdir()
+        self.release()
 
     def __del__(self) -> None:
         if not self._handle.closed:

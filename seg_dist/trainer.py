@@ -444,6 +444,16 @@ def startup_stages(meter: StepMeter) -> list[tuple[str, float]]:
 def setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device) -> tuple[Run, TrainState]:
     """Data, model, loss, optimiser, schedule and scaler, resumed from a checkpoint if there is one."""
     lock = claim_run_dir(cfg, denv)
+    try:
+        return _setup_run(cfg, denv, device, lock)
+    except BaseException:
+        if lock is not None:
+            lock.abandon()
+        raise
+
+
+def _setup_run(cfg: Config, denv: distributed.DistEnv, device: torch.device,
+               lock: RunDirLock | None) -> tuple[Run, TrainState]:
     manifest = load_manifest(cfg)
     found = saved_checkpoint(cfg)
     cfg, saved_inputs = continued_inputs(cfg, manifest, found)

@@ -30,6 +30,11 @@ def test_defaults_and_overrides_are_typed():
         ("train.batchsize=3", "did you mean train.batch_size"),
         ("trian.epochs=3", "did you mean train"),
         ("train.batch_size=abc", "train.batch_size='abc': expected an integer"),
+        # Types in words, not Python's annotations.
+        ("train.bn_group=abc", "train.bn_group='abc': expected an integer or null (unset)"),
+        ("data.image_size=[1,2,3]", "data.image_size=[1, 2, 3]: expected an integer or [integer, integer]"),
+        ("data.augment.scale=[1]", "expected 2 values, [number, number]"),
+        ("data.mean=3", "data.mean=3: expected a list of numbers or null (unset)"),
         ("train.sync_bn=1", "expected one of auto, on, off"),
         ("train.amp=fp8", "expected one of off, bf16, fp16, auto"),
         ("data.mean=[1,2]", "set both"),
@@ -38,7 +43,7 @@ def test_defaults_and_overrides_are_typed():
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, [override])
 
 

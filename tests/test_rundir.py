@@ -87,6 +87,18 @@ def test_a_run_dir_that_cannot_hold_a_run_is_one_line(tiny_shards, tmp_path):
     assert file.read_text() == "mine"
 
 
+def test_a_run_that_fails_before_writing_leaves_no_run_dir(tmp_path):
+    missing = tmp_path / "shrads"  # a mistyped data.root
+    with pytest.raises(UserError, match=str(missing)):
+        train(_cfg(missing, tmp_path / "runs" / "new"), distributed.DistEnv(), CPU)
+    assert not (tmp_path / "runs" / "new").exists()
+    mine = tmp_path / "mine"  # a folder the user made stays, even empty
+    mine.mkdir()
+    with pytest.raises(UserError, match=str(missing)):
+        train(_cfg(missing, mine), distributed.DistEnv(), CPU)
+    assert [p.name for p in mine.iterdir()] == [".lock"]
+
+
 def test_the_default_run_dir_is_the_datasets_own():
     assert load_config(None, ["data.root=shards/cityscapes"]).run.dir == "runs/cityscapes"
     assert load_config(None, ["data.root=/data/voc/", "run.dir=auto"]).run.dir == "runs/voc"
