@@ -674,7 +674,8 @@ def announce(run: Run, state: TrainState) -> None:
         atomic.write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
         log.info("%s: %s parameters, %d classes, %d ranks on %s, started by %s, amp %s, global batch %s",
                  cfg.model.name, f"{count_parameters(run.nets.bare):,}", d.classes.num_classes, denv.world_size,
-                 run.device.type, denv.describe(), precision.name(run.opt.amp_dtype), d.batches.describe())
+                 run.device.type, denv.describe(), precision.describe(cfg.train.amp, run.device, run.opt.amp_dtype),
+                 d.batches.describe())
         log.info("run.dir %s: %s", run_dir, plan_text(run, state))
         if shards.rotation_invariant(d.manifest):
             unturned = rot90 == 0 and cfg.data.augment.rot90 is None

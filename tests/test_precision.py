@@ -17,6 +17,15 @@ def test_modes_on_cpu():
         precision.resolve_amp("half", CPU)
 
 
+def test_the_start_line_says_why():
+    assert precision.describe("off", CPU, None) == "fp32 (train.amp=off)"
+    assert precision.describe("bf16", CPU, torch.bfloat16) == "bf16 (train.amp=bf16)"
+    assert "no native bf16" in precision.describe("auto", CPU, None)
+    assert precision.describe("auto", CPU, torch.bfloat16).startswith("bf16 (train.amp=auto: this CPU has")
+    cuda = torch.device("cuda")
+    assert "fp16 with loss scaling" in precision.describe("auto", cuda, torch.float16)
+
+
 def test_scaler_only_for_fp16():
     assert precision.grad_scaler(CPU, torch.float16).is_enabled()
     assert not precision.grad_scaler(CPU, torch.bfloat16).is_enabled()
